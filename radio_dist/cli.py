@@ -1,0 +1,267 @@
+"""The `radio-dist` command line.
+
+    radio-dist cache-teachers --store ./store                       # built-in photos, two real teachers, local Ray
+    radio-dist cache-teachers --config jobs/configs/cache_sample.yaml --set store.shard_size=64
+    radio-dist cache-teachers --source ./photos --store s3://bucket/store --teachers efficientnet_lite0
+    radio-dist teachers list
+    radio-dist store info ./store [--json]
+    radio-dist store verify ./store
+    radio-dist bench cache --json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from radio_dist.config import ConfigError, apply_overrides, read_yaml, validate
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Cache vision teachers; distill students.")
+teachers_app = typer.Typer(no_args_is_help=True, help="Registered teacher families.")
+store_app = typer.Typer(no_args_is_help=True, help="Inspect and check a feature store.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (figures in the README).")
+app.add_typer(teachers_app, name="teachers")
+app.add_typer(store_app, name="store")
+app.add_typer(bench_app, name="bench")
+
+err = Console(stderr=True)
+out = Console()
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+StoreArg = Annotated[str, typer.Argument(help="Store root: local path or fsspec URL (s3://bucket/prefix).")]
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {msg}", highlight=False)
+    raise typer.Exit(code)
+
+
+def source_from_arg(arg: str) -> dict[str, Any]:
+    """`--source` shorthand: 'sample-photos', a .parquet/.csv list of URIs, or a folder / s3:// prefix."""
+    if arg == "sample-photos":
+        return {"kind": "sample-photos"}
+    if arg.lower().endswith((".parquet", ".csv")):
+        return {"kind": "list", "path": arg}
+    return {"kind": "folder", "path": arg}
+
+
+def build_cache_config(
+    config: Path | None, source: str | None, store: str | None, teachers: str | None, views: int | None,
+    limit: int | None, overrides: list[str],
+) -> Any:
+    from radio_dist.pipeline import CacheJobConfig
+    from radio_dist.teacher import preset_spec
+
+    data = read_yaml(config) if config else {}
+    if source is not None:
+        data["source"] = {**source_from_arg(source), **{k: v for k, v in data.get("source", {}).items()
+                                                        if k not in {"kind", "path"}}}
+    if store is not None:
+        data.setdefault("store", {})["url"] = store
+    if teachers is not None:
+        names = [n.strip() for n in teachers.split(",") if n.strip()]
+        try:
+            data["teachers"] = [preset_spec(n).model_dump(mode="json") for n in names]
+        except (KeyError, ValueError) as e:
+            raise ConfigError(f"--teachers: {e.args[0]}") from None
+    if views is not None:
+        data.setdefault("source", {})["views"] = views
+    if limit is not None:
+        data.setdefault("source", {})["limit"] = limit
+    apply_overrides(data, overrides)
+    if "url" not in data.get("store", {}):
+        raise ConfigError("no store given: pass --store PATH_OR_URL (or set store.url in the config file)")
+    return validate(CacheJobConfig, data, str(config) if config else "command line")
+
+
+@app.command("cache-teachers")
+def cache_teachers(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML job file (see jobs/configs/).")] = None,
+    source: Annotated[
+        str | None, typer.Option(help="'sample-photos', a folder or s3:// prefix, or a .parquet/.csv list of URIs.")
+    ] = None,
+    store: Annotated[str | None, typer.Option(help="Store root: local path or s3://bucket/prefix.")] = None,
+    teachers: Annotated[
+        str | None, typer.Option(help="Comma-separated teacher presets (see `radio-dist teachers list`).")
+    ] = None,
+    views: Annotated[int | None, typer.Option(help="sample-photos: expand into N distinct views.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N inputs.")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Config override key.path=value (repeatable).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run teachers once per image and write PHI-S targets to the store (resumes an interrupted run)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from radio_dist.pipeline import run_cache
+    from radio_dist.sources import SourceError
+    from radio_dist.store import StoreError
+
+    try:
+        cfg = build_cache_config(config, source, store, teachers, views, limit, set_ or [])
+    except ConfigError as e:
+        _fail(str(e))
+    progress = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(), console=err, transient=False,
+    )
+    task = None
+
+    def on_event(kind: str, ev: dict[str, Any]) -> None:
+        nonlocal task
+        if kind == "listed":
+            err.print(f"listed {ev['items']} inputs from {cfg.source.kind.value} source", highlight=False)
+        elif kind == "todo":
+            err.print(
+                f"to cache: {ev['todo']}  (already in store: {ev['skipped']}, duplicate content: {ev['duplicates']})",
+                highlight=False,
+            )
+            if ev["todo"]:
+                progress.start()
+                task = progress.add_task("caching", total=ev["todo"], info="")
+        elif kind == "phis":
+            disp = "n/a" if ev["dispersion"] is None else f"{ev['dispersion']:.3f}"
+            progress.console.print(
+                f"PHI-S fitted for {ev['teacher']}: {ev['rotation']} rotation, alpha={ev['alpha']:.4g}, "
+                f"summary dispersion={disp}", highlight=False,
+            )
+        elif kind == "shard" and task is not None:
+            progress.update(task, completed=ev["ok"] + ev["error"],
+                            info=f"ok {ev['ok']} err {ev['error']} {ev['bytes'] / 1e6:.1f} MB")
+
+    try:
+        summary = run_cache(cfg, on_event)
+    except (SourceError, StoreError, ConfigError) as e:
+        progress.stop()
+        _fail(str(e))
+    finally:
+        progress.stop()
+    if as_json:
+        print(json.dumps({"store": cfg.store.url, **summary.to_dict()}, indent=1))
+        return
+    t = Table(title=f"cache-teachers -> {cfg.store.url}", show_header=False)
+    t.add_row("images ok / error / skipped", f"{summary.ok} / {summary.error} / {summary.skipped}")
+    t.add_row("duplicate content dropped", str(summary.duplicates))
+    t.add_row("images/s (pipeline)", f"{summary.images_per_s:.1f}")
+    t.add_row("bytes written", f"{summary.bytes_written / 1e6:.2f} MB in {summary.shards} shard(s)")
+    for name, fw in summary.teacher_forwards.items():
+        t.add_row(f"teacher {name}", f"{fw['images']} images in {fw['calls']} forward calls")
+    t.add_row("wall time", f"{summary.seconds:.1f} s")
+    out.print(t)
+    for e in summary.errors[:10]:
+        err.print(f"  error row: {e['error']}", highlight=False)
+
+
+@teachers_app.command("list")
+def teachers_list(as_json: JsonOpt = False) -> None:
+    """Registered teacher families and their ready-to-run presets."""
+    from radio_dist.teacher import registered_teachers
+
+    rows = []
+    for fam, entry in sorted(registered_teachers().items()):
+        preset = entry.default_spec() if entry.default_spec else None
+        rows.append({"family": fam, "preset": preset.name if preset else None, "description": entry.description})
+    if as_json:
+        print(json.dumps(rows, indent=1))
+        return
+    t = Table("family", "preset (store name)", "description")
+    for r in rows:
+        t.add_row(r["family"], r["preset"] or "- (needs a weights file)", r["description"])
+    out.print(t)
+
+
+def _open_store(url: str) -> Any:
+    from radio_dist.store import FeatureStore, StoreError
+
+    store = FeatureStore(url)
+    try:
+        store.meta()
+    except StoreError as e:
+        _fail(str(e))
+    return store
+
+
+@store_app.command("info")
+def store_info_cmd(store: StoreArg, as_json: JsonOpt = False) -> None:
+    """Rows ok/error, teachers, shapes, bytes per image."""
+    from radio_dist.store import store_info
+
+    info = store_info(_open_store(store))
+    if as_json:
+        print(json.dumps(info, indent=1))
+        return
+    t = Table(title=f"store {info['url']}", show_header=False)
+    t.add_row("rows ok / error", f"{info['rows_ok']} / {info['rows_error']}")
+    t.add_row("shards (orphans)", f"{info['shards']} ({info['orphan_shards']})")
+    t.add_row("partitions", ", ".join(f"{k}={v}px" for k, v in info["partitions"].items()))
+    for name, ti in info["teachers"].items():
+        shapes = "; ".join(
+            f"{p}: dense {tuple(o['dense'])}, summary {tuple(o['summary']) if o['summary'] else '-'}"
+            for p, o in ti["outputs"].items()
+        )
+        t.add_row(f"teacher {name}", f"{ti['family']} {ti['fingerprint'][:12]}  {shapes}  "
+                                     f"PHI-S {ti['phis_rotation']}  disp {ti['summary_dispersion']}")
+    t.add_row("bytes per image", f"{info['bytes_per_image'] / 1e3:.1f} kB")
+    t.add_row("bytes total", f"{info['bytes_total'] / 1e6:.2f} MB")
+    out.print(t)
+
+
+@store_app.command("verify")
+def store_verify_cmd(
+    store: StoreArg,
+    data: Annotated[bool, typer.Option(help="Recompute every row's checksum (reads all data).")] = True,
+    as_json: JsonOpt = False,
+) -> None:
+    """Checksums, counts, uniqueness, shapes, PHI-S files; exits non-zero on any problem."""
+    from radio_dist.store import verify_store
+
+    report = verify_store(_open_store(store), check_data=data)
+    if as_json:
+        print(json.dumps(report, indent=1))
+    else:
+        for p in report["problems"]:
+            err.print(f"[red]problem:[/] {p}", highlight=False)
+        for n in report["notes"]:
+            err.print(f"note: {n}", highlight=False)
+        state = "[green]OK[/]" if report["ok"] else "[red]FAILED[/]"
+        out.print(f"{state}: {report['rows']} rows, {report['unique_ids']} unique ids, {report['shards']} shards, "
+                  f"{report['rows_checksummed']} rows checksummed", highlight=False)
+    if not report["ok"]:
+        raise typer.Exit(1)
+
+
+@bench_app.command("cache")
+def bench_cache_cmd(
+    images: Annotated[int, typer.Option(help="Images in the run (sample-photo views).")] = 256,
+    batch_size: Annotated[int, typer.Option(help="Teacher batch size, same for both measurements.")] = 32,
+    resolution: Annotated[int, typer.Option(help="Canonical view / teacher input size (px).")] = 224,
+    workdir: Annotated[Path | None, typer.Option(help="Where the benchmark store goes (default: a temp dir).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Teacher-only forward loop vs the full caching pipeline on the same images."""
+    from radio_dist.bench import bench_cache
+
+    res = bench_cache(images=images, batch_size=batch_size, resolution=resolution, workdir=workdir,
+                      log=lambda m: err.print(m, highlight=False))
+    if as_json:
+        print(json.dumps(res, indent=1))
+        return
+    t = Table(title="bench cache", show_header=False)
+    for k, v in res.items():
+        t.add_row(k, f"{v:.3f}" if isinstance(v, float) else str(v))
+    out.print(t)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

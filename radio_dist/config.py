@@ -1,0 +1,101 @@
+"""Config plumbing shared by every component.
+
+Each component owns a pydantic model (``SourceConfig`` in ``sources``, ``TeacherSpec`` in ``teacher``,
+``StoreConfig`` in ``store`` ...). This module holds the strict base class, YAML loading with errors that
+name the bad key, and ``key.path=value`` overrides for the CLI.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class StrictModel(BaseModel):
+    """Base of every config model: unknown keys are rejected, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=False)
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the input and the fix."""
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid config ({err.error_count()} problem(s)):"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  - {loc}: unknown key '{e['loc'][-1]}' — remove it or fix its spelling")
+        else:
+            value = e.get("input")
+            shown = repr(value) if not isinstance(value, dict) else "{...}"
+            if len(shown) > 80:
+                shown = shown[:77] + "..."
+            lines.append(f"  - {loc}: {e['msg']} (got {shown})")
+    return "\n".join(lines)
+
+
+def validate(model: type[M], data: Any, source: str) -> M:
+    """``model.model_validate(data)`` with a readable error naming ``source`` and every bad key."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist — pass the path of a YAML job file")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{p}: not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested dict, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.path=value (e.g. store.shard_size=64)")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: empty key segment in {key!r}")
+        node: Any = data
+        for i, part in enumerate(parts[:-1]):
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"override {item!r}: {'.'.join(parts[: i + 1])} is not a valid index")
+                node = node[int(part)]
+            else:
+                node = node.setdefault(part, {})
+            if not isinstance(node, dict | list):
+                raise ConfigError(f"override {item!r}: {'.'.join(parts[: i + 1])} is not a mapping")
+        value = yaml.safe_load(raw) if raw.strip() else None
+        last = parts[-1]
+        if isinstance(node, list):
+            if not last.isdigit() or int(last) >= len(node):
+                raise ConfigError(f"override {item!r}: {key} is not a valid index")
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return data
+
+
+def load_model(model: type[M], path: str | Path | None, overrides: list[str] | None = None) -> M:
+    """Load ``model`` from an optional YAML file plus overrides; errors name the file and key."""
+    data = read_yaml(path) if path is not None else {}
+    apply_overrides(data, overrides or [])
+    return validate(model, data, str(path) if path is not None else "config")

@@ -1,0 +1,440 @@
+"""Image sources: list inputs, read their bytes, give them stable ids, decode them, cut canonical views.
+
+Everything here runs inside Ray Data tasks, so it is pure, picklable and fails only through two
+exceptions: ``SourceError`` (the whole source is unusable: stop before any work) and ``ImageError`` (one
+input is bad: the pipeline records an error row and carries on). Ids hash the *bytes*, so the same picture
+found at two paths is cached once, and a re-run recognises what is already in the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import posixpath
+import re
+import warnings
+from dataclasses import dataclass
+from enum import Enum
+from functools import cache
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+from pydantic import Field, model_validator
+
+from radio_dist.config import StrictModel
+
+SAMPLE_PREFIX = "sample-photos:"
+# Real photos that ship inside installed packages and load without a network (checked by the tests).
+_SKIMAGE = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "stereo_motorcycle", "retina",
+            "immunohistochemistry", "camera", "moon")
+_SKLEARN = ("china", "flower")
+_MATPLOTLIB = ("grace_hopper",)
+SAMPLE_PHOTOS: tuple[str, ...] = _SKIMAGE + _SKLEARN + _MATPLOTLIB
+
+
+class SourceKind(str, Enum):
+    folder = "folder"
+    list = "list"
+    sample_photos = "sample-photos"
+
+
+class SourceError(ValueError):
+    """The source as a whole is unusable; the message names the path and what to do."""
+
+
+class ImageError(ValueError):
+    """One input is bad; the message starts with its uri. The pipeline turns it into an error row."""
+
+
+class SourceConfig(StrictModel):
+    """Where the images come from and which of them are acceptable."""
+
+    kind: SourceKind = Field(SourceKind.sample_photos, description="folder | list | sample-photos")
+    path: str | None = Field(
+        None,
+        description="kind=folder: a local directory or fsspec URL (s3://bucket/prefix); "
+        "kind=list: a .parquet or .csv file (local or fsspec URL) listing the images",
+    )
+    column: str = Field("uri", description="kind=list: column holding the URIs; relative paths are "
+                        "resolved against the list file's folder")
+    recursive: bool = Field(True, description="kind=folder: also list files in sub-folders")
+    views: int = Field(0, ge=0, description="kind=sample-photos: expand the photos into this many distinct "
+                       "deterministic views (whole photos first, then random crops); 0 = each photo once")
+    limit: int | None = Field(None, ge=1, description="take only the first N items (after sorting)")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="passed to fsspec, e.g. {'client_kwargs': {'endpoint_url': ...}}"
+    )
+    min_side: int = Field(16, ge=1, description="images whose shorter side is below this become error rows")
+    max_pixels: int = Field(100_000_000, ge=1, description="images with more pixels than this become error "
+                            "rows (checked from the header, before decoding: decompression bombs)")
+
+    @model_validator(mode="after")
+    def _path_matches_kind(self) -> SourceConfig:
+        if self.kind in (SourceKind.folder, SourceKind.list) and not self.path:
+            what = "a folder (local or s3://bucket/prefix)" if self.kind is SourceKind.folder else \
+                "a .parquet or .csv list file"
+            raise ValueError(f"source.kind={self.kind.value} needs source.path: set it to {what}")
+        if self.kind is SourceKind.sample_photos and self.path:
+            raise ValueError("source.kind=sample-photos takes no path: remove source.path, or set "
+                             "source.kind=folder / list to read your own images")
+        return self
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    """One input: what the manifest records as its source, and the crop (if any) applied to it."""
+
+    uri: str
+    view: str = ""  # canonical JSON {"x0","y0","x1","y1"} as fractions of width/height, "" = whole image
+
+
+@dataclass
+class DecodedImage:
+    rgb: np.ndarray  # uint8 [H, W, 3]
+    mode: str  # original PIL mode
+    width: int  # after EXIF orientation
+    height: int
+
+
+# ---------------------------------------------------------------- sample photos
+
+
+def _load_photo_uncached(name: str) -> np.ndarray:
+    if name in _SKIMAGE:
+        import skimage.data
+
+        img = getattr(skimage.data, name)()
+        img = img[0] if isinstance(img, tuple) else img  # stereo_motorcycle: (left, right, disparity)
+    elif name in _SKLEARN:
+        from sklearn.datasets import load_sample_image
+
+        img = load_sample_image(f"{name}.jpg")
+    else:
+        from matplotlib import cbook
+
+        with Image.open(cbook.get_sample_data(f"{name}.jpg", asfileobj=False)) as im:
+            img = np.asarray(im.convert("RGB"))
+    img = np.ascontiguousarray(img, dtype=np.uint8)
+    if img.ndim == 3 and img.shape[2] != 3:
+        img = np.ascontiguousarray(img[..., :3])
+    return img
+
+
+@cache
+def _sample_pnm(name: str) -> bytes:
+    """The photo as PPM/PGM: raw pixels behind a tiny header, so its bytes (and id) never depend on zlib."""
+    if name not in SAMPLE_PHOTOS:
+        raise SourceError(f"unknown sample photo {name!r}: choose one of {', '.join(SAMPLE_PHOTOS)}")
+    try:
+        img = _load_photo_uncached(name)
+    except Exception as err:  # a package missing its data file, or one that wants the network
+        raise SourceError(f"sample photo {name!r} failed to load offline ({type(err).__name__}: {err}); "
+                          "install the package that ships it or use kind=folder") from None
+    magic = b"P5" if img.ndim == 2 else b"P6"
+    return magic + f"\n{img.shape[1]} {img.shape[0]}\n255\n".encode() + img.tobytes()
+
+
+def _pnm_shape(data: bytes) -> tuple[int, int, int]:
+    head = data[:64].split(maxsplit=4)
+    return int(head[2]), int(head[1]), 1 if head[0] == b"P5" else 3
+
+
+def load_sample_photo(name: str) -> np.ndarray:
+    """A built-in real photo as uint8 HxWx3 (colour) or HxW (greyscale). Raises SourceError if unknown."""
+    data = _sample_pnm(name)
+    h, w, c = _pnm_shape(data)
+    pixels = np.frombuffer(data, dtype=np.uint8, count=h * w * c, offset=len(data) - h * w * c)
+    return pixels.reshape((h, w) if c == 1 else (h, w, 3)).copy()
+
+
+def _unit(index: int, k: int) -> float:
+    """A uniform number in [0, 1) from a hash: the same on every machine and numpy version."""
+    digest = hashlib.sha256(f"radio-dist-view:{index}:{k}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def _view_crop(index: int, width: int, height: int) -> str:
+    """A deterministic random crop for view ``index``: 0.35-1.0 of the shorter side, aspect 3/4..4/3."""
+    side = (0.35 + 0.65 * _unit(index, 0)) * min(width, height)
+    aspect = math.exp(math.log(3 / 4) + _unit(index, 1) * math.log(16 / 9))
+    cw, ch = min(width, side * math.sqrt(aspect)), min(height, side / math.sqrt(aspect))
+    x0, y0 = _unit(index, 2) * (width - cw), _unit(index, 3) * (height - ch)
+    box = {"x0": x0 / width, "y0": y0 / height, "x1": (x0 + cw) / width, "y1": (y0 + ch) / height}
+    return canonical_json({k: min(1.0, round(v, 6)) for k, v in box.items()})
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+def _sample_items(views: int) -> list[SourceItem]:
+    names = SAMPLE_PHOTOS
+    if views == 0:
+        return [SourceItem(SAMPLE_PREFIX + n) for n in names]
+    items = []
+    for i in range(views):
+        name = names[i % len(names)]
+        if i < len(names):
+            items.append(SourceItem(SAMPLE_PREFIX + name))
+        else:
+            h, w, _ = _pnm_shape(_sample_pnm(name))
+            items.append(SourceItem(f"{SAMPLE_PREFIX}{name}#view={i}", _view_crop(i, w, h)))
+    return items
+
+
+# ---------------------------------------------------------------- listing
+
+
+def _fs(path: str, storage_options: dict[str, Any]):
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(path, **storage_options)
+    except Exception as err:
+        raise SourceError(f"{path}: cannot open its filesystem ({type(err).__name__}: {err}); "
+                          "check the URL scheme and source.storage_options") from None
+
+
+def _is_local(fs) -> bool:
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
+def _folder_items(cfg: SourceConfig) -> list[SourceItem]:
+    path = str(cfg.path)
+    fs, root = _fs(path, cfg.storage_options)
+    root = root.rstrip("/") or "/"
+    try:
+        if not fs.isdir(root):
+            if fs.exists(root):
+                raise SourceError(f"{path} is a file, not a folder: point source.path at a folder, or use "
+                                  "source.kind=list for a .parquet/.csv list of images")
+            raise SourceError(f"{path}: folder does not exist; check source.path (and storage_options)")
+        found = fs.find(root, maxdepth=None if cfg.recursive else 1, withdirs=False, detail=True)
+    except SourceError:
+        raise
+    except Exception as err:
+        raise SourceError(f"{path}: cannot list folder ({type(err).__name__}: {err}); check the path, "
+                          "permissions and source.storage_options") from None
+    uris = []
+    for p, info in found.items():
+        rel = p[len(root):].lstrip("/") if p.startswith(root) else posixpath.basename(p)
+        if info.get("type") != "file" or any(part.startswith(".") for part in rel.split("/")):
+            continue  # hidden files/folders (.DS_Store, .git) and sockets/fifos are not inputs
+        uris.append(p if _is_local(fs) else fs.unstrip_protocol(p))
+    if not uris:
+        raise SourceError(f"{path}: folder has no (non-hidden) files; put images there or fix source.path")
+    return [SourceItem(u) for u in sorted(uris)]
+
+
+def _resolve(entry: str, list_path: str) -> str:
+    """Relative entries are relative to the list file's folder; absolute paths and URLs stay as they are."""
+    if entry.startswith(SAMPLE_PREFIX) or "://" in entry or os.path.isabs(entry):
+        return entry
+    if "://" in list_path:
+        proto, rest = list_path.split("://", 1)
+        return f"{proto}://{posixpath.normpath(posixpath.join(posixpath.dirname(rest), entry))}"
+    return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(list_path)), entry))
+
+
+def _list_items(cfg: SourceConfig) -> list[SourceItem]:
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.dataset as pads
+
+    path = str(cfg.path)
+    lower = path.lower()
+    fs, stripped = _fs(path, cfg.storage_options)
+    try:
+        if not fs.exists(stripped):
+            raise SourceError(f"{path}: list file does not exist; check source.path (and storage_options)")
+        if lower.endswith((".parquet", ".pq")):
+            table = pads.dataset(stripped, filesystem=fs, format="parquet").to_table()
+        elif lower.endswith((".csv", ".csv.gz", ".tsv")):
+            opts = pacsv.ConvertOptions(column_types={cfg.column: pa.string()})
+            parse = pacsv.ParseOptions(delimiter="\t" if lower.endswith(".tsv") else ",")
+            with fs.open(stripped, "rb", compression="infer") as f:
+                table = pacsv.read_csv(f, parse_options=parse, convert_options=opts)
+        else:
+            raise SourceError(f"{path}: unsupported list format; use a .parquet or .csv file")
+    except SourceError:
+        raise
+    except Exception as err:
+        raise SourceError(f"{path}: cannot read list file ({type(err).__name__}: {err})") from None
+    if cfg.column not in table.column_names:
+        raise SourceError(f"{path}: no column {cfg.column!r} (columns: {', '.join(table.column_names)}); "
+                          "set source.column to the one holding the image URIs")
+    values = table.column(cfg.column).cast(pa.string()).to_pylist()
+    uris = {_resolve(v.strip(), path) for v in values if v is not None and v.strip()}
+    if not uris:
+        raise SourceError(f"{path}: column {cfg.column!r} lists no URIs; add rows or pick another column")
+    return [SourceItem(u) for u in sorted(uris)]
+
+
+def list_items(cfg: SourceConfig) -> list[SourceItem]:
+    """The source's items in a deterministic order, ``limit`` applied.
+
+    Folders and lists are sorted by uri (duplicates in a list collapse); sample-photo views keep their
+    generation order so that a ``limit`` still spans different photos. Folders keep every non-hidden
+    regular file, whatever its extension: a stray non-image must surface as an error row, not vanish.
+    """
+    if cfg.kind is SourceKind.folder:
+        items = _folder_items(cfg)
+    elif cfg.kind is SourceKind.list:
+        items = _list_items(cfg)
+    else:
+        items = _sample_items(cfg.views)
+    return items[: cfg.limit] if cfg.limit else items
+
+
+# ---------------------------------------------------------------- bytes and ids
+
+
+def read_bytes(uri: str, storage_options: dict | None = None) -> bytes:
+    """The input's bytes. Sample photos come back as PPM/PGM (the ``#view=`` suffix only names the item)."""
+    if uri.startswith(SAMPLE_PREFIX):
+        name = uri[len(SAMPLE_PREFIX):].split("#", 1)[0]
+        try:
+            return _sample_pnm(name)
+        except SourceError as err:
+            raise ImageError(f"{uri}: {err}") from None
+    import fsspec
+
+    try:
+        with fsspec.open(uri, "rb", **(storage_options or {})) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise ImageError(f"{uri}: file not found") from None
+    except IsADirectoryError:
+        raise ImageError(f"{uri}: is a directory, not a file") from None
+    except PermissionError as err:
+        raise ImageError(f"{uri}: permission denied ({err})") from None
+    except Exception as err:
+        raise ImageError(f"{uri}: cannot read ({type(err).__name__}: {err})") from None
+
+
+def image_id(data: bytes, view: str = "") -> str:
+    """Content id: the first 32 hex chars of sha256(bytes [+ NUL + view]). Same picture, same id."""
+    h = hashlib.sha256(data)
+    if view:
+        h.update(b"\0" + view.encode())
+    return h.hexdigest()[:32]
+
+
+# ---------------------------------------------------------------- decoding
+
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I;16BS", "I;16LS")
+_WITH_ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def _scale_to_u8(a: np.ndarray, mode: str) -> np.ndarray:
+    """Scale (not clip) high-bit-depth pixels to 8 bits: 16-bit ranges map 0..65535 -> 0..255."""
+    if mode in _SIXTEEN_BIT or (mode == "I" and a.min() >= 0 and a.max() <= 65535):
+        return ((a.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    a = np.nan_to_num(a.astype(np.float64))  # 32-bit int or float: stretch the actual range
+    lo, hi = float(a.min()), float(a.max())
+    if mode == "F" and lo >= 0 and hi <= 1:
+        lo, hi = 0.0, 1.0
+    return np.round((a - lo) * (255 / (hi - lo if hi > lo else 1))).clip(0, 255).astype(np.uint8)
+
+
+def _to_rgb(im: Image.Image) -> np.ndarray:
+    mode = im.mode
+    if mode == "RGB":
+        return np.asarray(im)
+    if mode in _SIXTEEN_BIT or mode in ("I", "F"):
+        grey = _scale_to_u8(np.asarray(im), mode)
+        return np.repeat(grey[..., None], 3, axis=2)
+    palette_alpha = mode == "P" and ("transparency" in im.info or getattr(im.palette, "mode", "") == "RGBA")
+    if mode in _WITH_ALPHA or palette_alpha:
+        rgba = np.asarray(im.convert("RGBA")).astype(np.uint32)
+        alpha = rgba[..., 3:4]
+        return ((rgba[..., :3] * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)  # over white
+    return np.asarray(im.convert("RGB"))  # L, 1, P, CMYK, YCbCr, RGBX, ...
+
+
+def decode_image(data: bytes, uri: str, min_side: int = 16, max_pixels: int = 100_000_000) -> DecodedImage:
+    """Decode to uint8 RGB, or raise ImageError naming ``uri`` and what is wrong.
+
+    The size is checked from the header before any pixel is decoded, so a decompression bomb costs
+    nothing; the full load then surfaces truncation (LOAD_TRUNCATED_IMAGES stays off).
+    """
+    if not data:
+        raise ImageError(f"{uri}: empty file (0 bytes)")
+    if Image.MAX_IMAGE_PIXELS is not None and 2 * Image.MAX_IMAGE_PIXELS < max_pixels:
+        Image.MAX_IMAGE_PIXELS = max_pixels  # never let PIL's own bomb limit undercut the configured one
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PIL's DecompressionBombWarning, EXIF/palette notes: handled here
+        try:
+            im = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:
+            raise ImageError(f"{uri}: not an image (cannot identify image file)") from None
+        except Image.DecompressionBombError as err:
+            m = re.search(r"\((\d+) pixels\)", str(err))
+            size = f"has {int(m.group(1)) / 1e6:.0f} MP" if m else "is too large"
+            raise ImageError(f"{uri}: image {size}, more than max_pixels={max_pixels} "
+                             "(decompression bomb?)") from None
+        except Exception as err:
+            raise ImageError(f"{uri}: corrupt image header ({type(err).__name__}: {err})") from None
+        with im:
+            w, h = im.size
+            if w * h > max_pixels:
+                raise ImageError(f"{uri}: image is {w}x{h} px = {w * h / 1e6:.3g} MP, "
+                                 f"more than max_pixels={max_pixels}")
+            if min(w, h) < min_side:
+                raise ImageError(f"{uri}: image is {w}x{h} px, smaller than min_side={min_side}")
+            mode = im.mode
+            try:
+                im.seek(0)  # multi-frame GIF/TIFF: the first frame
+                im.load()
+            except Exception as err:
+                msg = str(err)
+                what = "truncated" if "truncat" in msg or isinstance(err, EOFError) else "corrupt image data"
+                raise ImageError(f"{uri}: {what} ({type(err).__name__}: {msg})") from None
+            try:
+                im2 = ImageOps.exif_transpose(im)
+            except Exception:
+                im2 = im  # unreadable EXIF: keep the stored orientation rather than drop the image
+            try:
+                rgb = np.ascontiguousarray(_to_rgb(im2), dtype=np.uint8)
+            except Exception as err:
+                raise ImageError(f"{uri}: cannot convert mode {mode} to RGB ({type(err).__name__}: "
+                                 f"{err})") from None
+    return DecodedImage(rgb=rgb, mode=mode, width=rgb.shape[1], height=rgb.shape[0])
+
+
+# ---------------------------------------------------------------- canonical view
+
+
+def parse_view(view: str) -> tuple[float, float, float, float]:
+    """(x0, y0, x1, y1) fractions from a view string; ImageError if it is not a valid crop."""
+    try:
+        box = json.loads(view)
+        x0, y0, x1, y1 = (float(box[k]) for k in ("x0", "y0", "x1", "y1"))
+    except Exception:
+        raise ImageError(f"invalid view {view!r}: expected JSON with x0, y0, x1, y1 fractions") from None
+    if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
+        raise ImageError(f"invalid view {view!r}: need 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1")
+    return x0, y0, x1, y1
+
+
+def canonical_view(rgb: np.ndarray, size: int, view: str = "") -> tuple[np.ndarray, dict[str, Any]]:
+    """Crop the view, resize its shorter side to ``size`` and centre-crop a square, in one resampling.
+
+    Returns the uint8 [size, size, 3] pixels and the geometry: the kept square in original pixel
+    coordinates, which is what later shift/crop alignment of student and teacher grids needs.
+    """
+    if rgb.ndim == 2:
+        rgb = np.repeat(rgb[..., None], 3, axis=2)
+    h, w = rgb.shape[:2]
+    x0, y0, x1, y1 = parse_view(view) if view else (0.0, 0.0, 1.0, 1.0)
+    cx0, cy0, cw, ch = x0 * w, y0 * h, (x1 - x0) * w, (y1 - y0) * h
+    side = min(cw, ch)
+    box = (cx0 + (cw - side) / 2, cy0 + (ch - side) / 2, cx0 + (cw + side) / 2, cy0 + (ch + side) / 2)
+    out = Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8)).resize(
+        (size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0
+    )
+    return np.asarray(out, dtype=np.uint8), {"crop": [float(v) for v in box], "size": int(size)}

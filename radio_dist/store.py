@@ -1,0 +1,548 @@
+"""The feature store: Zarr v3 shards + a Parquet manifest + JSON/safetensors metadata under one fsspec root.
+
+Layout::
+
+    ROOT/store.json                 format, partitions, per-teacher fingerprint, output shapes, PHI-S, dispersion
+    ROOT/phis/<teacher>.safetensors PHI-S parameters (see radio_dist.phis)
+    ROOT/shards/<shard>/            one immutable Zarr v3 group per shard, written whole by one writer
+    ROOT/manifest/<shard>.parquet   the commit: written only after the shard's data is durable
+
+A shard is visible only through its manifest part, so a crash at any moment leaves only whole, committed
+shards visible; a shard directory without a manifest part is an orphan that readers never touch. Shard ids
+are derived from the image ids they hold, so a retried write (Ray tasks are at-least-once) targets the same
+shard and is skipped once committed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+from pydantic import Field, field_validator
+
+from radio_dist.config import StrictModel
+from radio_dist.phis import PhiS
+
+FORMAT = "radio-dist-store/1"
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("source", pa.string()),
+        ("view", pa.string()),
+        ("status", pa.string()),  # ok | error
+        ("error", pa.string()),
+        ("shard", pa.string()),
+        ("index", pa.int32()),  # row in the shard's arrays; -1 for error rows
+        ("width", pa.int32()),  # original image size (0 when unknown)
+        ("height", pa.int32()),
+        ("mode", pa.string()),  # original PIL mode
+        ("geometry", pa.string()),  # JSON {partition: {"crop": [x0,y0,x1,y1], "size": px}}
+        ("checksum", pa.string()),  # sha256 over the row's slices of every array ("" for error rows)
+        ("committed_at", pa.float64()),
+    ]
+)
+ROW_FIELDS = ("id", "source", "view", "status", "error", "width", "height", "mode", "geometry")
+
+
+class StoreConfig(StrictModel):
+    url: str = Field(description="Store root: a local path or an fsspec URL (s3://bucket/prefix).")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options (S3 endpoint, credentials, ...)."
+    )
+    shard_size: int = Field(256, ge=1, description="Images per shard (aim for shards of ~100s of MB at scale).")
+    chunk_bytes: int = Field(1 << 20, ge=1, description="Target uncompressed bytes per Zarr chunk (>= 1 MB).")
+
+    @field_validator("url")
+    @classmethod
+    def _url_ok(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("store url must not be empty")
+        return v.rstrip("/") or "/"
+
+
+class StoreError(RuntimeError):
+    """The store is missing, malformed or incompatible with the job; the message says what to do."""
+
+
+class StoreMismatchError(StoreError):
+    """The store was built with other teachers / partitions / PHI-S than the job asks for."""
+
+
+def array_key(teacher: str, partition: str, kind: str) -> str:
+    return f"{teacher}/{partition}/{kind}"
+
+
+def image_key(partition: str) -> str:
+    return f"images/{partition}"
+
+
+def row_checksum(arrays: dict[str, np.ndarray], i: int) -> str:
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(arrays[name][i]).tobytes())
+    return h.hexdigest()
+
+
+def shard_id_for(ids: Iterable[str]) -> str:
+    return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:24]
+
+
+@dataclass
+class ShardResult:
+    shard: str
+    n_ok: int
+    n_error: int
+    nbytes: int
+    skipped: bool = False  # already committed (a retried task): nothing was written
+
+
+class FeatureStore:
+    """Reader/writer of one store root. Cheap to construct and picklable (sent to Ray tasks)."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+        self.url = url.rstrip("/") or "/"
+        self.storage_options = dict(storage_options or {})
+        self._fs: fsspec.AbstractFileSystem | None = None
+
+    @classmethod
+    def from_config(cls, cfg: StoreConfig) -> FeatureStore:
+        return cls(cfg.url, cfg.storage_options)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"url": self.url, "storage_options": self.storage_options}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["url"], state["storage_options"])  # type: ignore[misc]
+
+    # -- paths ---------------------------------------------------------------------------------------------
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        if self._fs is None:
+            self._fs, self._root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        return self._fs
+
+    @property
+    def root(self) -> str:
+        _ = self.fs
+        return self._root
+
+    @property
+    def is_local(self) -> bool:
+        return "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+
+    def _path(self, *parts: str) -> str:
+        return "/".join([self.root.rstrip("/"), *parts])
+
+    def exists(self) -> bool:
+        return bool(self.fs.exists(self._path("store.json")))
+
+    # -- small atomic files ----------------------------------------------------------------------------------
+    def _put_atomic(self, rel: str, data: bytes) -> None:
+        """Write a whole object so readers see all of it or none (rename locally; one PUT on object stores)."""
+        path = self._path(rel)
+        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        if self.is_local:
+            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        else:
+            self.fs.pipe_file(path, data)
+
+    def _get(self, rel: str) -> bytes:
+        return bytes(self.fs.cat_file(self._path(rel)))
+
+    # -- metadata --------------------------------------------------------------------------------------------
+    def meta(self) -> dict[str, Any]:
+        if not self.exists():
+            raise StoreError(
+                f"{self.url} is not a radio-dist store (no store.json) — build one with "
+                "`radio-dist cache-teachers --store URL`"
+            )
+        meta = json.loads(self._get("store.json"))
+        if meta.get("format") != FORMAT:
+            raise StoreError(f"{self.url}: unsupported store format {meta.get('format')!r} (expected {FORMAT})")
+        return meta
+
+    def write_meta(self, meta: dict[str, Any]) -> None:
+        meta = {**meta, "format": FORMAT}
+        self._put_atomic("store.json", json.dumps(meta, indent=1, sort_keys=True).encode())
+
+    def init_or_check(self, partitions: dict[str, int], teachers: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """Create the store's metadata, or check an existing store matches this job (refuse otherwise).
+
+        ``teachers`` maps name -> {"fingerprint", "family", "spec"}.
+        """
+        if not self.exists():
+            meta = {
+                "created_at": time.time(),
+                "partitions": partitions,
+                "dense_dtype": "float16",
+                "teachers": {k: dict(v) for k, v in teachers.items()},
+            }
+            self.write_meta(meta)
+            return self.meta()
+        meta = self.meta()
+        problems = []
+        if meta["partitions"] != partitions:
+            problems.append(f"partitions: store has {meta['partitions']}, job asks for {partitions}")
+        have, want = set(meta["teachers"]), set(teachers)
+        if have != want:
+            problems.append(f"teachers: store has {sorted(have)}, job asks for {sorted(want)}")
+        for name in sorted(have & want):
+            a, b = meta["teachers"][name]["fingerprint"], teachers[name]["fingerprint"]
+            if a != b:
+                problems.append(
+                    f"teacher {name!r}: fingerprint {a} in the store, {b} for the job "
+                    "(its spec or weights changed)"
+                )
+        if problems:
+            raise StoreMismatchError(
+                f"store {self.url} was built with other settings than this job:\n  - "
+                + "\n  - ".join(problems)
+                + "\nUse a new --store, or run with the settings the store was built with."
+            )
+        return meta
+
+    def save_phis(self, teacher: str, phis: PhiS, dispersion: float | None, outputs: dict[str, Any],
+                  fit_images: int) -> None:
+        """Record a teacher's PHI-S parameters, summary dispersion and output shapes (before any commit)."""
+        from safetensors.numpy import save
+
+        blob = save({k: np.ascontiguousarray(v) for k, v in phis.to_arrays().items()})
+        rel = f"phis/{teacher}.safetensors"
+        self._put_atomic(rel, blob)
+        meta = self.meta()
+        meta["teachers"][teacher].update(
+            {
+                "phis": {
+                    "file": rel,
+                    "sha256": hashlib.sha256(blob).hexdigest(),
+                    "rotation": phis.rotation_kind,
+                    "alpha": float(phis.alpha),
+                    "fit_images": int(fit_images),
+                },
+                "summary_dispersion": None if dispersion is None else float(dispersion),
+                "outputs": outputs,
+            }
+        )
+        self.write_meta(meta)
+
+    def phis(self, teacher: str) -> PhiS:
+        from safetensors.numpy import load
+
+        meta = self.meta()
+        info = meta["teachers"].get(teacher, {}).get("phis")
+        if info is None:
+            raise StoreError(f"{self.url}: no PHI-S parameters for teacher {teacher!r} yet")
+        return PhiS.from_arrays(load(self._get(info["file"])))
+
+    def has_phis(self) -> bool:
+        return self.exists() and all("phis" in t for t in self.meta()["teachers"].values())
+
+    # -- manifest --------------------------------------------------------------------------------------------
+    def manifest_parts(self) -> list[str]:
+        pattern = self._path("manifest", "*.parquet")
+        return sorted(p for p in self.fs.glob(pattern) if ".tmp-" not in p)
+
+    def manifest(self, columns: list[str] | None = None) -> pa.Table:
+        """All committed rows (concatenation of manifest parts)."""
+        parts = self.manifest_parts()
+        if not parts:
+            return MANIFEST_SCHEMA.empty_table() if columns is None else MANIFEST_SCHEMA.empty_table().select(columns)
+        tables = [pq.read_table(io.BytesIO(b), columns=columns) for b in self.fs.cat(parts).values()]
+        return pa.concat_tables(tables)
+
+    def committed_ids(self) -> set[str]:
+        return set(self.manifest(columns=["id"]).column("id").to_pylist())
+
+    # -- shards ----------------------------------------------------------------------------------------------
+    def _zarr_store(self, shard: str) -> Any:
+        if self.is_local:
+            return zarr.storage.LocalStore(self._path("shards", shard))
+        return zarr.storage.FsspecStore.from_url(f"{self.url}/shards/{shard}", storage_options=self.storage_options)
+
+    def is_committed(self, shard: str) -> bool:
+        return bool(self.fs.exists(self._path("manifest", f"{shard}.parquet")))
+
+    def shard_writer(self, ids: Iterable[str], chunk_bytes: int = 1 << 20) -> ShardWriter:
+        return ShardWriter(self, shard_id_for(ids), chunk_bytes)
+
+    def open_shard(self, shard: str) -> zarr.Group:
+        return zarr.open_group(self._zarr_store(shard), mode="r")
+
+    def read_shard(self, shard: str, names: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Arrays of one committed shard, as stored (uint8 images, float16 dense, float32 summary)."""
+        if not self.is_committed(shard):
+            raise StoreError(f"{self.url}: shard {shard} is not committed")
+        group = self.open_shard(shard)
+        keys = names if names is not None else list(_array_names(group))
+        return {k: np.asarray(group[k][...]) for k in keys}
+
+    def read_targets(
+        self, shard: str, teacher: str, partition: str, space: str = "phis"
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """(dense [N,h,w,C] float32, summary [N,C] float32 | None) of a shard, in PHI-S or teacher space."""
+        if space not in {"phis", "teacher"}:
+            raise ValueError(f"space must be 'phis' or 'teacher', got {space!r}")
+        group = self.open_shard(shard)
+        dense = np.asarray(group[array_key(teacher, partition, "dense")][...], dtype=np.float32)
+        skey = array_key(teacher, partition, "summary")
+        summary = np.asarray(group[skey][...], dtype=np.float32) if skey in _array_names(group) else None
+        if space == "teacher":
+            dense = np.asarray(self.phis(teacher).inverse(dense), dtype=np.float32)
+        return dense, summary
+
+    def shard_dirs(self) -> list[str]:
+        base = self._path("shards")
+        if not self.fs.exists(base):
+            return []
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(base, detail=False))
+
+    def nbytes(self, rel: str = "") -> int:
+        path = self._path(rel) if rel else self.root
+        return int(self.fs.du(path)) if self.fs.exists(path) else 0
+
+
+def _array_names(group: zarr.Group, prefix: str = "") -> Iterator[str]:
+    for name, member in group.members():
+        full = f"{prefix}{name}"
+        if isinstance(member, zarr.Group):
+            yield from _array_names(member, full + "/")
+        else:
+            yield full
+
+
+@dataclass
+class ShardWriter:
+    """Context manager that writes one shard whole and commits it on a clean exit.
+
+    Usage::
+
+        with store.shard_writer(ids) as w:
+            w.add_array("images/low", imgs)           # ok rows only, in ok-row order
+            w.add_rows(rows)                          # every row (ok and error), manifest fields
+    On an exception nothing is committed; an orphaned directory may remain and is ignored by readers.
+    """
+
+    store: FeatureStore
+    shard: str
+    chunk_bytes: int = 1 << 20
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    result: ShardResult | None = None
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def add_array(self, name: str, arr: np.ndarray) -> None:
+        if name in self.arrays:
+            raise ValueError(f"shard {self.shard}: array {name!r} added twice")
+        self.arrays[name] = np.ascontiguousarray(arr)
+
+    def add_rows(self, rows: list[dict[str, Any]]) -> None:
+        self.rows.extend(rows)
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.result = self.commit()
+
+    def commit(self) -> ShardResult:
+        ok = [r for r in self.rows if r["status"] == "ok"]
+        n_err = len(self.rows) - len(ok)
+        for name, arr in self.arrays.items():
+            if arr.shape[0] != len(ok):
+                raise ValueError(f"shard {self.shard}: array {name!r} has {arr.shape[0]} rows, {len(ok)} ok rows")
+        ids = [r["id"] for r in self.rows]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"shard {self.shard}: duplicate image ids in one shard")
+        if self.store.is_committed(self.shard):  # a retried task: the first attempt already committed
+            return ShardResult(self.shard, len(ok), n_err, 0, skipped=True)
+        nbytes = 0
+        if ok:
+            group = zarr.open_group(self.store._zarr_store(self.shard), mode="w")
+            for name, arr in self.arrays.items():
+                per_row = max(1, arr[0].nbytes)
+                k = int(min(len(ok), max(1, -(-self.chunk_bytes // per_row))))
+                za = group.create_array(
+                    name, shape=arr.shape, dtype=arr.dtype, chunks=(k, *arr.shape[1:]), compressors=None
+                )
+                za[...] = arr
+                nbytes += arr.nbytes
+            if self.store.is_local:
+                _fsync_tree(self.store._path("shards", self.shard))
+        now = time.time()
+        table_rows = []
+        ok_i = 0
+        for r in self.rows:
+            is_ok = r["status"] == "ok"
+            table_rows.append(
+                {
+                    **{k: r.get(k) for k in ROW_FIELDS},
+                    "error": r.get("error") or None,
+                    "shard": self.shard,
+                    "index": ok_i if is_ok else -1,
+                    "checksum": row_checksum(self.arrays, ok_i) if is_ok else "",
+                    "committed_at": now,
+                }
+            )
+            ok_i += int(is_ok)
+        table = pa.Table.from_pylist(table_rows, schema=MANIFEST_SCHEMA)
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        self.store._put_atomic(f"manifest/{self.shard}.parquet", buf.getvalue())  # the commit
+        return ShardResult(self.shard, len(ok), n_err, nbytes + buf.tell())
+
+
+def _fsync_tree(path: str) -> None:
+    """Make a local shard durable before its commit record is written."""
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(dirpath, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def store_info(store: FeatureStore) -> dict[str, Any]:
+    """Summary for `radio-dist store info`: rows, teachers, shapes, bytes per image."""
+    meta = store.meta()
+    man = store.manifest(columns=["id", "status", "shard"])
+    status = man.column("status").to_pylist()
+    n_ok = sum(s == "ok" for s in status)
+    shard_bytes = store.nbytes("shards")
+    teachers = {}
+    for name, t in meta["teachers"].items():
+        teachers[name] = {
+            "family": t.get("family"),
+            "fingerprint": t["fingerprint"],
+            "outputs": t.get("outputs", {}),
+            "phis_rotation": t.get("phis", {}).get("rotation"),
+            "phis_alpha": t.get("phis", {}).get("alpha"),
+            "summary_dispersion": t.get("summary_dispersion"),
+        }
+    return {
+        "url": store.url,
+        "format": meta["format"],
+        "partitions": meta["partitions"],
+        "rows": len(status),
+        "rows_ok": n_ok,
+        "rows_error": len(status) - n_ok,
+        "shards": len(set(man.column("shard").to_pylist())),
+        "orphan_shards": len(set(store.shard_dirs()) - {p.rsplit("/", 1)[-1][: -len(".parquet")]
+                                                        for p in store.manifest_parts()}),
+        "teachers": teachers,
+        "bytes_shards": shard_bytes,
+        "bytes_total": store.nbytes(),
+        "bytes_per_image": (shard_bytes / n_ok) if n_ok else 0.0,
+    }
+
+
+def verify_store(store: FeatureStore, check_data: bool = True) -> dict[str, Any]:
+    """Check counts, uniqueness, shapes, checksums and PHI-S files; ``ok`` is False on any problem."""
+    problems: list[str] = []
+    notes: list[str] = []
+    meta = store.meta()
+    for name, t in meta["teachers"].items():
+        info = t.get("phis")
+        if info is None:
+            problems.append(f"teacher {name!r}: no PHI-S parameters recorded")
+            continue
+        try:
+            blob = store._get(info["file"])
+        except FileNotFoundError:
+            problems.append(f"teacher {name!r}: PHI-S file {info['file']} is missing")
+            continue
+        if hashlib.sha256(blob).hexdigest() != info["sha256"]:
+            problems.append(f"teacher {name!r}: PHI-S file {info['file']} checksum mismatch")
+    expected: dict[str, tuple[int, ...]] = {}
+    for p, size in meta["partitions"].items():
+        expected[image_key(p)] = (size, size, 3)
+    for name, t in meta["teachers"].items():
+        for p, shapes in t.get("outputs", {}).items():
+            expected[array_key(name, p, "dense")] = tuple(shapes["dense"])
+            if shapes.get("summary"):
+                expected[array_key(name, p, "summary")] = tuple(shapes["summary"])
+    seen: dict[str, str] = {}
+    n_rows = checked = 0
+    parts = store.manifest_parts()
+    for part in parts:
+        shard = part.rsplit("/", 1)[-1][: -len(".parquet")]
+        try:
+            table = pq.read_table(io.BytesIO(store.fs.cat_file(part)))
+        except Exception as e:  # a corrupt commit record is itself the finding
+            problems.append(f"manifest part {part}: unreadable ({e})")
+            continue
+        if not MANIFEST_SCHEMA.equals(table.schema, check_metadata=False):
+            problems.append(f"manifest part {part}: unexpected schema")
+            continue
+        rows = table.to_pylist()
+        n_rows += len(rows)
+        for r in rows:
+            if r["shard"] != shard:
+                problems.append(f"row {r['id']}: shard {r['shard']} recorded in part of shard {shard}")
+            if r["id"] in seen:
+                problems.append(f"image id {r['id']} committed twice (shards {seen[r['id']]} and {shard})")
+            seen[r["id"]] = shard
+        ok_rows = [r for r in rows if r["status"] == "ok"]
+        if not ok_rows:
+            continue
+        try:
+            group = store.open_shard(shard)
+            names = set(_array_names(group))
+        except Exception as e:
+            problems.append(f"shard {shard}: committed but unreadable ({e})")
+            continue
+        missing = set(expected) - names
+        if missing:
+            problems.append(f"shard {shard}: missing arrays {sorted(missing)}")
+            continue
+        arrays = {}
+        for k in sorted(names):
+            arr = group[k]
+            if arr.shape[0] != len(ok_rows):
+                problems.append(f"shard {shard}: {k} has {arr.shape[0]} rows, manifest has {len(ok_rows)} ok rows")
+            if k in expected and tuple(arr.shape[1:]) != expected[k]:
+                problems.append(f"shard {shard}: {k} shape {arr.shape[1:]} != {expected[k]} in store.json")
+            if check_data:
+                arrays[k] = np.asarray(arr[...])
+        if check_data and all(a.shape[0] == len(ok_rows) for a in arrays.values()):
+            for r in ok_rows:
+                if row_checksum(arrays, r["index"]) != r["checksum"]:
+                    problems.append(f"shard {shard}: checksum mismatch for image {r['id']} (row {r['index']})")
+                checked += 1
+    committed = {p.rsplit("/", 1)[-1][: -len(".parquet")] for p in parts}
+    orphans = sorted(set(store.shard_dirs()) - committed)
+    if orphans:
+        notes.append(f"{len(orphans)} uncommitted shard dir(s) from interrupted writes (invisible to readers)")
+    return {
+        "ok": not problems,
+        "problems": problems,
+        "notes": notes,
+        "rows": n_rows,
+        "unique_ids": len(seen),
+        "shards": len(parts),
+        "rows_checksummed": checked,
+    }

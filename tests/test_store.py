@@ -1,0 +1,189 @@
+"""Store conformance: every backend subclasses ``StoreConformance`` and passes the same tests.
+
+Here: the local-disk backend. Crash safety is tested with a real writer process killed by SIGKILL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from radio_dist.phis import Moments, fit_phis
+from radio_dist.store import (
+    FeatureStore,
+    StoreError,
+    StoreMismatchError,
+    array_key,
+    image_key,
+    store_info,
+    verify_store,
+)
+
+TEACHERS = {"t1": {"fingerprint": "f" * 32, "family": "demo", "spec": {"x": 1}}}
+PARTS = {"low": 16}
+
+
+def make_rows(ids: list[str], errors: tuple[str, ...] = ()) -> list[dict]:
+    return [
+        {
+            "id": i, "source": f"/data/{i}.jpg", "view": "", "status": "error" if i in errors else "ok",
+            "error": f"/data/{i}.jpg: broken" if i in errors else None, "width": 32, "height": 24, "mode": "RGB",
+            "geometry": json.dumps({"low": {"crop": [4, 0, 28, 24], "size": 16}}),
+        }
+        for i in ids
+    ]
+
+
+def make_arrays(n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        image_key("low"): rng.integers(0, 255, (n, 16, 16, 3), dtype=np.uint8),
+        array_key("t1", "low", "dense"): rng.standard_normal((n, 2, 2, 8)).astype(np.float16),
+        array_key("t1", "low", "summary"): rng.standard_normal((n, 8)).astype(np.float32),
+    }
+
+
+def prepared(store: FeatureStore) -> FeatureStore:
+    store.init_or_check(PARTS, TEACHERS)
+    phis = fit_phis(Moments.from_features(np.random.default_rng(1).standard_normal((500, 8)) * 3 + 1))
+    store.save_phis("t1", phis, 0.5, {"low": {"dense": [2, 2, 8], "summary": [8]}}, fit_images=500)
+    return store
+
+
+def write(store: FeatureStore, ids: list[str], errors: tuple[str, ...] = (), seed: int = 0):
+    rows = make_rows(ids, errors)
+    n_ok = len(ids) - len(errors)
+    with store.shard_writer(ids) as w:
+        for k, v in make_arrays(n_ok, seed).items():
+            w.add_array(k, v)
+        w.add_rows(rows)
+    return w.result
+
+
+class StoreConformance:
+    """Subclasses provide a ``store`` fixture returning an empty FeatureStore of their backend."""
+
+    def test_missing_store_is_a_clear_error(self, store):
+        with pytest.raises(StoreError, match="not a radio-dist store"):
+            store.meta()
+
+    def test_meta_roundtrip_and_refusal(self, store):
+        prepared(store)
+        assert store.init_or_check(PARTS, TEACHERS)["teachers"]["t1"]["fingerprint"] == "f" * 32
+        other = {"t1": {**TEACHERS["t1"], "fingerprint": "0" * 32}}
+        with pytest.raises(StoreMismatchError, match="teacher 't1': fingerprint f+ in the store"):
+            store.init_or_check(PARTS, other)
+        with pytest.raises(StoreMismatchError, match="partitions"):
+            store.init_or_check({"low": 32}, TEACHERS)
+        with pytest.raises(StoreMismatchError, match="teachers"):
+            store.init_or_check(PARTS, {**TEACHERS, "t2": TEACHERS["t1"]})
+
+    def test_commit_read_roundtrip(self, store):
+        prepared(store)
+        res = write(store, ["a", "b", "c", "d"], errors=("c",))
+        assert (res.n_ok, res.n_error, res.skipped) == (3, 1, False)
+        man = store.manifest().to_pylist()
+        assert sorted(r["id"] for r in man) == ["a", "b", "c", "d"]
+        by_id = {r["id"]: r for r in man}
+        assert by_id["c"]["status"] == "error" and by_id["c"]["index"] == -1 and "broken" in by_id["c"]["error"]
+        assert [by_id[i]["index"] for i in "abd"] == [0, 1, 2]
+        data = store.read_shard(res.shard)
+        expect = make_arrays(3)
+        for k, v in expect.items():
+            np.testing.assert_array_equal(data[k], v)
+        dense, summ = store.read_targets(res.shard, "t1", "low")
+        assert dense.dtype == np.float32 and summ.shape == (3, 8)
+        teacher_space, _ = store.read_targets(res.shard, "t1", "low", space="teacher")
+        np.testing.assert_allclose(teacher_space, store.phis("t1").inverse(dense.astype(np.float64)), rtol=1e-5,
+                                   atol=1e-5)
+        assert verify_store(store)["ok"]
+
+    def test_exception_leaves_nothing_visible(self, store):
+        prepared(store)
+        with pytest.raises(RuntimeError):
+            with store.shard_writer(["x", "y"]) as w:
+                for k, v in make_arrays(2).items():
+                    w.add_array(k, v)
+                w.add_rows(make_rows(["x", "y"]))
+                raise RuntimeError("crash before commit")
+        assert store.committed_ids() == set()
+        assert verify_store(store)["ok"]
+
+    def test_retried_write_is_idempotent(self, store):
+        prepared(store)
+        first = write(store, ["a", "b"])
+        again = write(store, ["b", "a"])  # same ids, other order: same shard, already committed
+        assert again.skipped and again.shard == first.shard
+        assert store.manifest().num_rows == 2
+
+    def test_verify_finds_duplicates_and_corruption(self, store):
+        prepared(store)
+        write(store, ["a", "b"])
+        write(store, ["b", "c"], seed=1)
+        report = verify_store(store)
+        assert not report["ok"] and any("committed twice" in p for p in report["problems"])
+
+    def test_verify_finds_bad_checksum(self, store):
+        prepared(store)
+        res = write(store, ["a", "b"])
+        group = store.open_shard(res.shard)
+        import zarr
+
+        arr = zarr.open_array(store._zarr_store(res.shard), path=array_key("t1", "low", "summary"), mode="r+")
+        arr[0, 0] = arr[0, 0] + 1.0
+        del group
+        report = verify_store(store)
+        assert not report["ok"] and any("checksum mismatch" in p for p in report["problems"])
+
+    def test_info(self, store):
+        prepared(store)
+        write(store, ["a", "b", "c"], errors=("b",))
+        info = store_info(store)
+        assert (info["rows_ok"], info["rows_error"], info["shards"]) == (2, 1, 1)
+        assert info["teachers"]["t1"]["outputs"]["low"]["dense"] == [2, 2, 8]
+        per_image = 16 * 16 * 3 + 2 * 2 * 8 * 2 + 8 * 4
+        # data plus the shard's small Zarr metadata documents (a few kB per shard, shared by its rows)
+        assert per_image <= info["bytes_per_image"] < per_image + 4096 / 2
+
+
+class TestLocalStore(StoreConformance):
+    @pytest.fixture
+    def store(self, tmp_path):
+        return FeatureStore(str(tmp_path / "store"))
+
+
+WRITER = """
+import sys, numpy as np
+sys.path.insert(0, {tests!r})
+from test_store import prepared, write
+from radio_dist.store import FeatureStore
+store = prepared(FeatureStore({url!r}))
+print("ready", flush=True)
+for s in range(10_000):
+    write(store, [f"img{{s}}-{{k}}" for k in range(8)], seed=s)
+"""
+
+
+def test_sigkill_mid_write_leaves_only_whole_shards(tmp_path):
+    """A writer killed at arbitrary moments never leaves a partial shard visible to readers."""
+    url = str(tmp_path / "store")
+    code = WRITER.format(tests=str(Path(__file__).parent), url=url)
+    for delay in (0.7, 1.3, 2.1):
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        time.sleep(delay)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    store = FeatureStore(url)
+    report = verify_store(store)
+    assert report["ok"], report["problems"]
+    assert report["rows"] > 0 and report["rows"] == report["unique_ids"] == report["rows_checksummed"]
+    assert report["rows"] % 8 == 0  # shards are all-or-nothing
