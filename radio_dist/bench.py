@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from radio_dist.pipeline import DEFAULT_TEACHERS, CacheJobConfig, run_cache
-from radio_dist.sources import SourceConfig, canonical_view, decode_image, list_items, read_bytes
-from radio_dist.store import FeatureStore, store_info
+from radio_dist.sources import SourceConfig, SourceKind, canonical_view, decode_image, list_items, read_bytes
+from radio_dist.store import FeatureStore, StoreConfig, store_info
 from radio_dist.teacher import create_teacher, preset_spec
 
 
@@ -51,10 +51,15 @@ def teacher_only_rate(images: np.ndarray, teacher_names: list[str], batch_size: 
 
 
 def bench_cache(
-    images: int = 256, batch_size: int = 32, resolution: int = 224, workdir: Path | None = None,
-    teachers: tuple[str, ...] = DEFAULT_TEACHERS, log: Callable[[str], None] = print,
+    images: int = 1024,
+    batch_size: int = 32,
+    resolution: int = 224,
+    fit_images: int = 64,
+    workdir: Path | None = None,
+    teachers: tuple[str, ...] = DEFAULT_TEACHERS,
+    log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    source = SourceConfig(kind="sample-photos", views=images)
+    source = SourceConfig(kind=SourceKind.sample_photos, views=images)
     log(f"preloading {images} views at {resolution}px ...")
     pre = _preload(source, resolution)
     log("teacher-only loop ...")
@@ -71,8 +76,11 @@ def bench_cache(
         s.runtime.batch_size = batch_size
         specs.append(s)
     cfg = CacheJobConfig(
-        source=source, teachers=specs, store={"url": store_url, "shard_size": 128},
+        source=source,
+        teachers=specs,
+        store=StoreConfig(url=store_url, shard_size=128),
         pipeline={"partitions": {"low": resolution}},
+        phis={"fit_images": fit_images},
     )
     log("full pipeline (Ray Data) ...")
     summary = run_cache(cfg)
@@ -91,8 +99,13 @@ def bench_cache(
         "pipeline_images_per_s": pipe,
         "ratio": pipe / t_only if t_only else 0.0,
         "bytes_per_image": info["bytes_per_image"],
+        "steady_state_images_per_s": (summary.pipeline_images - summary.first_shard_images)
+        / max(1e-9, summary.pipeline_seconds - summary.first_shard_seconds),
         "pipeline_seconds": summary.pipeline_seconds,
-        "startup_and_listing_seconds": summary.seconds - summary.pipeline_seconds,
+        "pipeline_first_shard_seconds": summary.first_shard_seconds,
+        "pipeline_images": summary.pipeline_images,
+        "phis_fit_phase_seconds": summary.fit_seconds,
+        "startup_and_listing_seconds": summary.seconds - summary.pipeline_seconds - summary.fit_seconds,
         "teacher_forwards_per_image": {
             t: fw["images"] / max(1, summary.ok) for t, fw in summary.teacher_forwards.items()
         },

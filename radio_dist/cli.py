@@ -1,12 +1,12 @@
 """The `radio-dist` command line.
 
-    radio-dist cache-teachers --store ./store                       # built-in photos, two real teachers, local Ray
-    radio-dist cache-teachers --config jobs/configs/cache_sample.yaml --set store.shard_size=64
-    radio-dist cache-teachers --source ./photos --store s3://bucket/store --teachers efficientnet_lite0
-    radio-dist teachers list
-    radio-dist store info ./store [--json]
-    radio-dist store verify ./store
-    radio-dist bench cache --json
+radio-dist cache-teachers --store ./store                       # built-in photos, two real teachers, local Ray
+radio-dist cache-teachers --config jobs/configs/cache_sample.yaml --set store.shard_size=64
+radio-dist cache-teachers --source ./photos --store s3://bucket/store --teachers efficientnet_lite0
+radio-dist teachers list
+radio-dist store info ./store [--json]
+radio-dist store verify ./store
+radio-dist bench cache --json
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -30,14 +30,14 @@ app.add_typer(teachers_app, name="teachers")
 app.add_typer(store_app, name="store")
 app.add_typer(bench_app, name="bench")
 
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 out = Console()
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 StoreArg = Annotated[str, typer.Argument(help="Store root: local path or fsspec URL (s3://bucket/prefix).")]
 
 
-def _fail(msg: str, code: int = 2) -> None:
+def _fail(msg: str, code: int = 2) -> NoReturn:
     err.print(f"[bold red]error:[/] {msg}", highlight=False)
     raise typer.Exit(code)
 
@@ -52,16 +52,23 @@ def source_from_arg(arg: str) -> dict[str, Any]:
 
 
 def build_cache_config(
-    config: Path | None, source: str | None, store: str | None, teachers: str | None, views: int | None,
-    limit: int | None, overrides: list[str],
+    config: Path | None,
+    source: str | None,
+    store: str | None,
+    teachers: str | None,
+    views: int | None,
+    limit: int | None,
+    overrides: list[str],
 ) -> Any:
     from radio_dist.pipeline import CacheJobConfig
     from radio_dist.teacher import preset_spec
 
     data = read_yaml(config) if config else {}
     if source is not None:
-        data["source"] = {**source_from_arg(source), **{k: v for k, v in data.get("source", {}).items()
-                                                        if k not in {"kind", "path"}}}
+        data["source"] = {
+            **source_from_arg(source),
+            **{k: v for k, v in data.get("source", {}).items() if k not in {"kind", "path"}},
+        }
     if store is not None:
         data.setdefault("store", {})["url"] = store
     if teachers is not None:
@@ -82,9 +89,12 @@ def build_cache_config(
 
 @app.command("cache-teachers")
 def cache_teachers(
-    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML job file (see jobs/configs/).")] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="YAML job file (see jobs/configs/).")
+    ] = None,
     source: Annotated[
-        str | None, typer.Option(help="'sample-photos', a folder or s3:// prefix, or a .parquet/.csv list of URIs.")
+        str | None,
+        typer.Option(help="'sample-photos', a folder or s3:// prefix, or a .parquet/.csv list of URIs."),
     ] = None,
     store: Annotated[str | None, typer.Option(help="Store root: local path or s3://bucket/prefix.")] = None,
     teachers: Annotated[
@@ -109,8 +119,13 @@ def cache_teachers(
     except ConfigError as e:
         _fail(str(e))
     progress = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-        TimeRemainingColumn(), console=err, transient=False,
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(),
+        console=err,
+        transient=False,
     )
     task = None
 
@@ -130,11 +145,15 @@ def cache_teachers(
             disp = "n/a" if ev["dispersion"] is None else f"{ev['dispersion']:.3f}"
             progress.console.print(
                 f"PHI-S fitted for {ev['teacher']}: {ev['rotation']} rotation, alpha={ev['alpha']:.4g}, "
-                f"summary dispersion={disp}", highlight=False,
+                f"summary dispersion={disp}",
+                highlight=False,
             )
         elif kind == "shard" and task is not None:
-            progress.update(task, completed=ev["ok"] + ev["error"],
-                            info=f"ok {ev['ok']} err {ev['error']} {ev['bytes'] / 1e6:.1f} MB")
+            progress.update(
+                task,
+                completed=ev["ok"] + ev["error"],
+                info=f"ok {ev['ok']} err {ev['error']} {ev['bytes'] / 1e6:.1f} MB",
+            )
 
     try:
         summary = run_cache(cfg, on_event)
@@ -155,8 +174,8 @@ def cache_teachers(
         t.add_row(f"teacher {name}", f"{fw['images']} images in {fw['calls']} forward calls")
     t.add_row("wall time", f"{summary.seconds:.1f} s")
     out.print(t)
-    for e in summary.errors[:10]:
-        err.print(f"  error row: {e['error']}", highlight=False)
+    for row in summary.errors[:10]:
+        err.print(f"  error row: {row['error']}", highlight=False)
 
 
 @teachers_app.command("list")
@@ -167,7 +186,9 @@ def teachers_list(as_json: JsonOpt = False) -> None:
     rows = []
     for fam, entry in sorted(registered_teachers().items()):
         preset = entry.default_spec() if entry.default_spec else None
-        rows.append({"family": fam, "preset": preset.name if preset else None, "description": entry.description})
+        rows.append(
+            {"family": fam, "preset": preset.name if preset else None, "description": entry.description}
+        )
     if as_json:
         print(json.dumps(rows, indent=1))
         return
@@ -206,8 +227,11 @@ def store_info_cmd(store: StoreArg, as_json: JsonOpt = False) -> None:
             f"{p}: dense {tuple(o['dense'])}, summary {tuple(o['summary']) if o['summary'] else '-'}"
             for p, o in ti["outputs"].items()
         )
-        t.add_row(f"teacher {name}", f"{ti['family']} {ti['fingerprint'][:12]}  {shapes}  "
-                                     f"PHI-S {ti['phis_rotation']}  disp {ti['summary_dispersion']}")
+        t.add_row(
+            f"teacher {name}",
+            f"{ti['family']} {ti['fingerprint'][:12]}  {shapes}  "
+            f"PHI-S {ti['phis_rotation']}  disp {ti['summary_dispersion']}",
+        )
     t.add_row("bytes per image", f"{info['bytes_per_image'] / 1e3:.1f} kB")
     t.add_row("bytes total", f"{info['bytes_total'] / 1e6:.2f} MB")
     out.print(t)
@@ -231,25 +255,39 @@ def store_verify_cmd(
         for n in report["notes"]:
             err.print(f"note: {n}", highlight=False)
         state = "[green]OK[/]" if report["ok"] else "[red]FAILED[/]"
-        out.print(f"{state}: {report['rows']} rows, {report['unique_ids']} unique ids, {report['shards']} shards, "
-                  f"{report['rows_checksummed']} rows checksummed", highlight=False)
+        out.print(
+            f"{state}: {report['rows']} rows, {report['unique_ids']} unique ids, {report['shards']} shards, "
+            f"{report['rows_checksummed']} rows checksummed",
+            highlight=False,
+        )
     if not report["ok"]:
         raise typer.Exit(1)
 
 
 @bench_app.command("cache")
 def bench_cache_cmd(
-    images: Annotated[int, typer.Option(help="Images in the run (sample-photo views).")] = 256,
+    images: Annotated[int, typer.Option(help="Images in the run (sample-photo views).")] = 1024,
+    fit_images: Annotated[
+        int, typer.Option(help="PHI-S fit sample (its one-time phase is timed apart).")
+    ] = 64,
     batch_size: Annotated[int, typer.Option(help="Teacher batch size, same for both measurements.")] = 32,
     resolution: Annotated[int, typer.Option(help="Canonical view / teacher input size (px).")] = 224,
-    workdir: Annotated[Path | None, typer.Option(help="Where the benchmark store goes (default: a temp dir).")] = None,
+    workdir: Annotated[
+        Path | None, typer.Option(help="Where the benchmark store goes (default: a temp dir).")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Teacher-only forward loop vs the full caching pipeline on the same images."""
     from radio_dist.bench import bench_cache
 
-    res = bench_cache(images=images, batch_size=batch_size, resolution=resolution, workdir=workdir,
-                      log=lambda m: err.print(m, highlight=False))
+    res = bench_cache(
+        images=images,
+        batch_size=batch_size,
+        resolution=resolution,
+        fit_images=fit_images,
+        workdir=workdir,
+        log=lambda m: err.print(m, highlight=False),
+    )
     if as_json:
         print(json.dumps(res, indent=1))
         return

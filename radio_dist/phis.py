@@ -196,8 +196,10 @@ class PhiS:
         if self.mean.shape != (c,) or self.eigvals.shape != (c,):
             raise ValueError(f"PhiS mean/eigvals must be [C]; got {self.mean.shape} and {self.eigvals.shape}")
         if self.eigvecs.shape != (c, c) or self.rotation.shape != (c, c):
-            raise ValueError(f"PhiS eigvecs/rotation must be [{c}, {c}]; got "
-                             f"{self.eigvecs.shape} and {self.rotation.shape}")
+            raise ValueError(
+                f"PhiS eigvecs/rotation must be [{c}, {c}]; got "
+                f"{self.eigvecs.shape} and {self.rotation.shape}"
+            )
         if self.rotation_kind not in _KINDS:
             raise ValueError(f"rotation_kind must be one of {_KINDS}, got {self.rotation_kind!r}")
         if not (math.isfinite(self.alpha) and self.alpha > 0):
@@ -238,8 +240,10 @@ class PhiS:
         def make() -> tuple[torch.Tensor, torch.Tensor]:
             # torch.tensor copies, so arrays that Ray hands over read-only (zero-copy) are fine.
             w = self.inverse_weight if inverse else self.weight
-            return (torch.tensor(w, dtype=torch.float32, device=device),
-                    torch.tensor(self.mean, dtype=torch.float32, device=device))
+            return (
+                torch.tensor(w, dtype=torch.float32, device=device),
+                torch.tensor(self.mean, dtype=torch.float32, device=device),
+            )
 
         return self._cached(("torch", inverse, str(device)), make)
 
@@ -305,8 +309,10 @@ def fit_phis(m: Moments, seed: int = 0) -> PhiS:
     v = v * np.where(pivot < 0, -1.0, 1.0)[None, :]
     scale = max(1.0, float(np.max(np.abs(m.mean))))
     if float(lam.mean()) <= (64 * np.finfo(np.float64).eps * scale) ** 2:
-        raise ValueError(f"cannot fit PHI-S: features are constant (total variance {float(lam.sum()):.3g} "
-                         f"over {m.count} vectors of dim {m.dim})")
+        raise ValueError(
+            f"cannot fit PHI-S: features are constant (total variance {float(lam.sum()):.3g} "
+            f"over {m.count} vectors of dim {m.dim})"
+        )
     h = hadamard_matrix(m.dim)
     kind = "hadamard"
     if h is None:

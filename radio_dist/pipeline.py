@@ -20,9 +20,10 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
+import torch
 from pydantic import Field, field_validator
 
 from radio_dist.config import StrictModel
@@ -66,7 +67,9 @@ class PipelineConfig(StrictModel):
             raise ValueError("at least one partition is needed, e.g. {low: 224}")
         for name, size in v.items():
             if not name.isidentifier() or size < 16:
-                raise ValueError(f"partition {name!r}: name must be an identifier and size >= 16 px (got {size})")
+                raise ValueError(
+                    f"partition {name!r}: name must be an identifier and size >= 16 px (got {size})"
+                )
         return v
 
 
@@ -76,7 +79,9 @@ class PhisConfig(StrictModel):
 
 
 class RayConfig(StrictModel):
-    address: str | None = Field(None, description="Ray address; None starts (or joins via RAY_ADDRESS) a local one.")
+    address: str | None = Field(
+        None, description="Ray address; None starts (or joins via RAY_ADDRESS) a local one."
+    )
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local instance (default: all).")
     num_gpus: int | None = Field(None, ge=0, description="GPUs of a local instance (default: detected).")
     progress_bars: bool = Field(False, description="Show Ray Data's own operator progress bars too.")
@@ -114,14 +119,22 @@ class CacheSummary:
     shards: int = 0
     bytes_written: int = 0
     seconds: float = 0.0
-    pipeline_seconds: float = 0.0  # decode + teachers + PHI-S + write (after listing and Ray start-up)
+    pipeline_seconds: float = 0.0  # decode + teachers + PHI-S + write of the images after the fit sample
+    pipeline_images: int = 0  # images (ok + error) processed in that phase
+    first_shard_seconds: float = 0.0  # main phase: start -> first commit (actor start-up, model load, fill)
+    first_shard_images: int = 0
+    fit_seconds: float = 0.0  # one-time PHI-S phase: fit sample through the teachers, fit, normalize, write
     phis_fitted: bool = False
     teacher_forwards: dict[str, dict[str, int]] = field(default_factory=dict)
     errors: list[dict[str, str]] = field(default_factory=list)  # first few error rows (source, message)
 
     @property
     def images_per_s(self) -> float:
-        return (self.ok + self.error) / self.pipeline_seconds if self.pipeline_seconds > 0 else 0.0
+        """Steady-state rate (after the one-time PHI-S fit phase, if that phase processed anything else)."""
+        if self.pipeline_images and self.pipeline_seconds > 0:
+            return self.pipeline_images / self.pipeline_seconds
+        total = self.pipeline_seconds + self.fit_seconds
+        return (self.ok + self.error) / total if total > 0 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "images_per_s": self.images_per_s}
@@ -168,7 +181,12 @@ class DecodeStage:
         status, error, width, height, mode, geometry = [], [], [], [], [], []
         images = {p: np.zeros((n, s, s, 3), np.uint8) for p, s in self.partitions.items()}
         for i in range(n):
-            uri, view, iid, err = str(batch["uri"][i]), str(batch["view"][i]), str(batch["id"][i]), str(batch["error"][i])
+            uri, view, iid, err = (
+                str(batch["uri"][i]),
+                str(batch["view"][i]),
+                str(batch["id"][i]),
+                str(batch["error"][i]),
+            )
             w = h = 0
             m = ""
             geo: dict[str, Any] = {}
@@ -176,7 +194,9 @@ class DecodeStage:
                 try:
                     data = read_bytes(uri, self.source.storage_options)
                     if image_id(data, view) != iid:
-                        raise ImageError(f"{uri}: content changed while caching (id mismatch); re-run the job")
+                        raise ImageError(
+                            f"{uri}: content changed while caching (id mismatch); re-run the job"
+                        )
                     img = decode_image(data, uri, self.source.min_side, self.source.max_pixels)
                     w, h, m = img.width, img.height, img.mode
                     for p, size in self.partitions.items():
@@ -192,8 +212,12 @@ class DecodeStage:
             mode.append(m)
             geometry.append(json.dumps(geo))
         out.update(
-            status=np.array(status), error=np.array(error), width=np.array(width, np.int32),
-            height=np.array(height, np.int32), mode=np.array(mode), geometry=np.array(geometry),
+            status=np.array(status),
+            error=np.array(error),
+            width=np.array(width, np.int32),
+            height=np.array(height, np.int32),
+            mode=np.array(mode),
+            geometry=np.array(geometry),
         )
         for p in self.partitions:
             out[_col("img", p)] = images[p]
@@ -204,8 +228,6 @@ class TeacherStage:
     """Actor UDF: one teacher, loaded once; adds its dense (+ summary) columns for every partition."""
 
     def __init__(self, spec: TeacherSpec, partitions: dict[str, int], phis: PhiS | None) -> None:
-        import torch
-
         torch.set_num_threads(spec.runtime.threads or max(1, round(spec.runtime.num_cpus)))
         device = "cuda" if spec.runtime.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.teacher = create_teacher(spec, device)
@@ -218,8 +240,13 @@ class TeacherStage:
         self.shapes: dict[str, tuple[tuple[int, ...], int | None]] = {}
         for p in self.partitions:
             s = self.sizes[p]
-            out = self.teacher(np.zeros((1, s, s, 3), np.uint8), resolution=self.teacher.input_resolution(p, s))
-            self.shapes[p] = (tuple(out.dense.shape[1:]), None if out.summary is None else out.summary.shape[1])
+            out = self.teacher(
+                np.zeros((1, s, s, 3), np.uint8), resolution=self.teacher.input_resolution(p, s)
+            )
+            self.shapes[p] = (
+                tuple(out.dense.shape[1:]),
+                None if out.summary is None else out.summary.shape[1],
+            )
         self.teacher.forward_images = self.teacher.forward_calls = 0
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -237,7 +264,7 @@ class TeacherStage:
                 out = self.teacher(np.asarray(batch[_col("img", p)])[ok], resolution=res)
                 dense = out.dense
                 if self.phis is not None:
-                    dense = self.phis.forward(dense).clamp_(-65000, 65000)
+                    dense = cast(torch.Tensor, self.phis.forward(dense)).clamp_(-65000, 65000)
                 dense_out[ok] = dense.cpu().numpy()
                 if summ_out is not None and out.summary is not None:
                     summ_out[ok] = out.summary.cpu().numpy()
@@ -263,8 +290,11 @@ class NormalizeStage:
         for key in list(batch):
             if key.startswith("dense__"):
                 teacher = key.split("__")[1]
-                y = np.clip(self.phis[teacher].forward(np.asarray(batch[key], np.float64)), -65000, 65000)
-                batch[key] = y.astype(np.float16)
+                y = cast(
+                    torch.Tensor,
+                    self.phis[teacher].forward(torch.from_numpy(np.array(batch[key], np.float32))),
+                )
+                batch[key] = y.clamp_(-65000, 65000).numpy().astype(np.float16)
         return batch
 
 
@@ -298,14 +328,19 @@ class WriteStage:
         ok = status == "ok"
         rows = [
             {
-                "id": str(batch["id"][i]), "source": str(batch["uri"][i]), "view": str(batch["view"][i]),
-                "status": str(status[i]), "error": str(batch["error"][i]) or None,
-                "width": int(batch["width"][i]), "height": int(batch["height"][i]), "mode": str(batch["mode"][i]),
+                "id": str(batch["id"][i]),
+                "source": str(batch["uri"][i]),
+                "view": str(batch["view"][i]),
+                "status": str(status[i]),
+                "error": str(batch["error"][i]) or None,
+                "width": int(batch["width"][i]),
+                "height": int(batch["height"][i]),
+                "mode": str(batch["mode"][i]),
                 "geometry": str(batch["geometry"][i]),
             }
             for i in range(len(status))
         ]
-        with self.store.shard_writer([r["id"] for r in rows], self.chunk_bytes) as w:
+        with self.store.shard_writer([str(r["id"]) for r in rows], self.chunk_bytes) as w:
             if ok.any():
                 for p in self.partitions:
                     w.add_array(image_key(p), np.asarray(batch[_col("img", p)])[ok])
@@ -319,8 +354,11 @@ class WriteStage:
         res = w.result
         assert res is not None
         stats: dict[str, Any] = {
-            "shard": np.array([res.shard]), "n_ok": np.array([res.n_ok]), "n_error": np.array([res.n_error]),
-            "nbytes": np.array([res.nbytes]), "skipped": np.array([res.skipped]),
+            "shard": np.array([res.shard]),
+            "n_ok": np.array([res.n_ok]),
+            "n_error": np.array([res.n_error]),
+            "nbytes": np.array([res.nbytes]),
+            "skipped": np.array([res.skipped]),
             "errors": np.array([json.dumps([(r["source"], r["error"]) for r in rows if r["error"]][:5])]),
         }
         for t in self.teachers:
@@ -364,9 +402,7 @@ def _configure_data(cfg: RayConfig) -> None:
 
 def teacher_records(specs: list[TeacherSpec]) -> dict[str, dict[str, Any]]:
     """name -> {fingerprint, family, spec}: what the store records and later checks against."""
-    return {
-        s.name: {"fingerprint": fingerprint(s), "family": s.family, "spec": s.identity()} for s in specs
-    }
+    return {s.name: {"fingerprint": fingerprint(s), "family": s.family, "spec": s.identity()} for s in specs}
 
 
 def _teacher_stages(ds: Any, cfg: CacheJobConfig, phis: dict[str, PhiS] | None) -> Any:
@@ -377,7 +413,9 @@ def _teacher_stages(ds: Any, cfg: CacheJobConfig, phis: dict[str, PhiS] | None) 
         ds = ds.map_batches(
             TeacherStage,
             fn_constructor_kwargs={
-                "spec": spec, "partitions": cfg.pipeline.partitions, "phis": phis[spec.name] if phis else None,
+                "spec": spec,
+                "partitions": cfg.pipeline.partitions,
+                "phis": phis[spec.name] if phis else None,
             },
             batch_size=rt.batch_size,
             batch_format="numpy",
@@ -391,24 +429,35 @@ def _teacher_stages(ds: Any, cfg: CacheJobConfig, phis: dict[str, PhiS] | None) 
 def _decoded(items: list[dict[str, str]], cfg: CacheJobConfig) -> Any:
     import ray.data
 
-    ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // cfg.pipeline.decode_batch_size)))
+    ds = ray.data.from_items(
+        items, override_num_blocks=max(1, -(-len(items) // cfg.pipeline.decode_batch_size))
+    )
     return ds.map_batches(
         DecodeStage(cfg.source, cfg.pipeline.partitions),
-        batch_size=cfg.pipeline.decode_batch_size, batch_format="numpy",
-        compute=ray.data.TaskPoolStrategy(size=cfg.pipeline.decode_tasks), num_cpus=cfg.pipeline.decode_num_cpus,
+        batch_size=cfg.pipeline.decode_batch_size,
+        batch_format="numpy",
+        compute=ray.data.TaskPoolStrategy(size=cfg.pipeline.decode_tasks),
+        num_cpus=cfg.pipeline.decode_num_cpus,
     )
 
 
-def _write(ds: Any, cfg: CacheJobConfig, summary: CacheSummary, progress: ProgressFn | None) -> None:
+def _write(ds: Any, cfg: CacheJobConfig, summary: CacheSummary, progress: ProgressFn | None) -> float | None:
+    """Run the pipeline ending in the shard writer; returns when the first shard committed (perf_counter)."""
     import ray.data
 
+    first: float | None = None
     names = [t.name for t in cfg.teachers]
     out = ds.map_batches(
         WriteStage(cfg.store, names, list(cfg.pipeline.partitions)),
-        batch_size=cfg.store.shard_size, batch_format="numpy", compute=ray.data.TaskPoolStrategy(),
+        batch_size=cfg.store.shard_size,
+        batch_format="numpy",
+        compute=ray.data.TaskPoolStrategy(),
         num_cpus=cfg.pipeline.write_num_cpus,
     )
     for row in out.iter_rows():
+        if first is None:
+            first = time.perf_counter()
+            summary.first_shard_images = int(row["n_ok"]) + int(row["n_error"])
         summary.shards += 1
         summary.ok += int(row["n_ok"])
         summary.error += int(row["n_error"])
@@ -421,6 +470,7 @@ def _write(ds: Any, cfg: CacheJobConfig, summary: CacheSummary, progress: Progre
             summary.errors.extend({"source": s, "error": e} for s, e in json.loads(row["errors"]))
         if progress:
             progress("shard", {"ok": summary.ok, "error": summary.error, "bytes": summary.bytes_written})
+    return first
 
 
 def _fit_phis(
@@ -434,7 +484,8 @@ def _fit_phis(
         t = spec.name
         parts = [
             Moments.from_arrays({k.split("__", 1)[1]: np.asarray(r[k]) for k in r if k.startswith(f"{t}__")})
-            for r in rows if f"{t}__count" in r
+            for r in rows
+            if f"{t}__count" in r
         ]
         if not parts:
             raise RuntimeError(
@@ -462,8 +513,10 @@ def _fit_phis(
             disp = float(angular_dispersion(np.concatenate(summaries)))
         store.save_phis(t, phis[t], disp, outputs, fit_images=int(m.count))
         if progress:
-            progress("phis", {"teacher": t, "alpha": phis[t].alpha, "rotation": phis[t].rotation_kind,
-                              "dispersion": disp})
+            progress(
+                "phis",
+                {"teacher": t, "alpha": phis[t].alpha, "rotation": phis[t].rotation_kind, "dispersion": disp},
+            )
     return phis
 
 
@@ -486,8 +539,12 @@ def run_cache(cfg: CacheJobConfig, progress: ProgressFn | None = None) -> CacheS
     ids_ds = ray.data.from_items(
         [{"uri": it.uri, "view": it.view} for it in items],
         override_num_blocks=max(1, min(200, -(-len(items) // cfg.pipeline.id_batch_size))),
-    ).map_batches(IdStage(cfg.source.storage_options),
-                  batch_size=cfg.pipeline.id_batch_size, batch_format="numpy", compute=ray.data.TaskPoolStrategy())
+    ).map_batches(
+        IdStage(cfg.source.storage_options),
+        batch_size=cfg.pipeline.id_batch_size,
+        batch_format="numpy",
+        compute=ray.data.TaskPoolStrategy(),
+    )
     hashed = sorted(ids_ds.take_all(), key=lambda r: (r["uri"], r["view"]))
     committed = store.committed_ids()
     todo: list[dict[str, str]] = []
@@ -515,11 +572,16 @@ def run_cache(cfg: CacheJobConfig, progress: ProgressFn | None = None) -> CacheS
         ds_fit = _teacher_stages(_decoded(fit, cfg), cfg, None).materialize()
         phis = _fit_phis(ds_fit, cfg, store, progress)
         summary.phis_fitted = True
-        norm = ds_fit.map_batches(NormalizeStage(phis), batch_size=64,
-                                  batch_format="numpy", compute=ray.data.TaskPoolStrategy())
+        norm = ds_fit.map_batches(
+            NormalizeStage(phis), batch_size=64, batch_format="numpy", compute=ray.data.TaskPoolStrategy()
+        )
         _write(norm, cfg, summary, progress)
+    t2 = time.perf_counter()
+    summary.fit_seconds = t2 - t1
     if todo:
-        _write(_teacher_stages(_decoded(todo, cfg), cfg, phis), cfg, summary, progress)
-    summary.pipeline_seconds = time.perf_counter() - t1
+        first = _write(_teacher_stages(_decoded(todo, cfg), cfg, phis), cfg, summary, progress)
+        summary.pipeline_images = len(todo)
+        summary.first_shard_seconds = (first or t2) - t2
+    summary.pipeline_seconds = time.perf_counter() - t2
     summary.seconds = time.perf_counter() - t0
     return summary

@@ -29,8 +29,18 @@ from radio_dist.config import StrictModel
 
 SAMPLE_PREFIX = "sample-photos:"
 # Real photos that ship inside installed packages and load without a network (checked by the tests).
-_SKIMAGE = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "stereo_motorcycle", "retina",
-            "immunohistochemistry", "camera", "moon")
+_SKIMAGE = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "hubble_deep_field",
+    "stereo_motorcycle",
+    "retina",
+    "immunohistochemistry",
+    "camera",
+    "moon",
+)
 _SKLEARN = ("china", "flower")
 _MATPLOTLIB = ("grace_hopper",)
 SAMPLE_PHOTOS: tuple[str, ...] = _SKIMAGE + _SKLEARN + _MATPLOTLIB
@@ -59,28 +69,44 @@ class SourceConfig(StrictModel):
         description="kind=folder: a local directory or fsspec URL (s3://bucket/prefix); "
         "kind=list: a .parquet or .csv file (local or fsspec URL) listing the images",
     )
-    column: str = Field("uri", description="kind=list: column holding the URIs; relative paths are "
-                        "resolved against the list file's folder")
+    column: str = Field(
+        "uri",
+        description="kind=list: column holding the URIs; relative paths are "
+        "resolved against the list file's folder",
+    )
     recursive: bool = Field(True, description="kind=folder: also list files in sub-folders")
-    views: int = Field(0, ge=0, description="kind=sample-photos: expand the photos into this many distinct "
-                       "deterministic views (whole photos first, then random crops); 0 = each photo once")
+    views: int = Field(
+        0,
+        ge=0,
+        description="kind=sample-photos: expand the photos into this many distinct "
+        "deterministic views (whole photos first, then random crops); 0 = each photo once",
+    )
     limit: int | None = Field(None, ge=1, description="take only the first N items (after sorting)")
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="passed to fsspec, e.g. {'client_kwargs': {'endpoint_url': ...}}"
     )
     min_side: int = Field(16, ge=1, description="images whose shorter side is below this become error rows")
-    max_pixels: int = Field(100_000_000, ge=1, description="images with more pixels than this become error "
-                            "rows (checked from the header, before decoding: decompression bombs)")
+    max_pixels: int = Field(
+        100_000_000,
+        ge=1,
+        description="images with more pixels than this become error "
+        "rows (checked from the header, before decoding: decompression bombs)",
+    )
 
     @model_validator(mode="after")
     def _path_matches_kind(self) -> SourceConfig:
         if self.kind in (SourceKind.folder, SourceKind.list) and not self.path:
-            what = "a folder (local or s3://bucket/prefix)" if self.kind is SourceKind.folder else \
-                "a .parquet or .csv list file"
+            what = (
+                "a folder (local or s3://bucket/prefix)"
+                if self.kind is SourceKind.folder
+                else "a .parquet or .csv list file"
+            )
             raise ValueError(f"source.kind={self.kind.value} needs source.path: set it to {what}")
         if self.kind is SourceKind.sample_photos and self.path:
-            raise ValueError("source.kind=sample-photos takes no path: remove source.path, or set "
-                             "source.kind=folder / list to read your own images")
+            raise ValueError(
+                "source.kind=sample-photos takes no path: remove source.path, or set "
+                "source.kind=folder / list to read your own images"
+            )
         return self
 
 
@@ -132,8 +158,10 @@ def _sample_pnm(name: str) -> bytes:
     try:
         img = _load_photo_uncached(name)
     except Exception as err:  # a package missing its data file, or one that wants the network
-        raise SourceError(f"sample photo {name!r} failed to load offline ({type(err).__name__}: {err}); "
-                          "install the package that ships it or use kind=folder") from None
+        raise SourceError(
+            f"sample photo {name!r} failed to load offline ({type(err).__name__}: {err}); "
+            "install the package that ships it or use kind=folder"
+        ) from None
     magic = b"P5" if img.ndim == 2 else b"P6"
     return magic + f"\n{img.shape[1]} {img.shape[0]}\n255\n".encode() + img.tobytes()
 
@@ -195,8 +223,10 @@ def _fs(path: str, storage_options: dict[str, Any]):
     try:
         return fsspec.core.url_to_fs(path, **storage_options)
     except Exception as err:
-        raise SourceError(f"{path}: cannot open its filesystem ({type(err).__name__}: {err}); "
-                          "check the URL scheme and source.storage_options") from None
+        raise SourceError(
+            f"{path}: cannot open its filesystem ({type(err).__name__}: {err}); "
+            "check the URL scheme and source.storage_options"
+        ) from None
 
 
 def _is_local(fs) -> bool:
@@ -210,18 +240,22 @@ def _folder_items(cfg: SourceConfig) -> list[SourceItem]:
     try:
         if not fs.isdir(root):
             if fs.exists(root):
-                raise SourceError(f"{path} is a file, not a folder: point source.path at a folder, or use "
-                                  "source.kind=list for a .parquet/.csv list of images")
+                raise SourceError(
+                    f"{path} is a file, not a folder: point source.path at a folder, or use "
+                    "source.kind=list for a .parquet/.csv list of images"
+                )
             raise SourceError(f"{path}: folder does not exist; check source.path (and storage_options)")
         found = fs.find(root, maxdepth=None if cfg.recursive else 1, withdirs=False, detail=True)
     except SourceError:
         raise
     except Exception as err:
-        raise SourceError(f"{path}: cannot list folder ({type(err).__name__}: {err}); check the path, "
-                          "permissions and source.storage_options") from None
+        raise SourceError(
+            f"{path}: cannot list folder ({type(err).__name__}: {err}); check the path, "
+            "permissions and source.storage_options"
+        ) from None
     uris = []
     for p, info in found.items():
-        rel = p[len(root):].lstrip("/") if p.startswith(root) else posixpath.basename(p)
+        rel = p[len(root) :].lstrip("/") if p.startswith(root) else posixpath.basename(p)
         if info.get("type") != "file" or any(part.startswith(".") for part in rel.split("/")):
             continue  # hidden files/folders (.DS_Store, .git) and sockets/fifos are not inputs
         uris.append(p if _is_local(fs) else fs.unstrip_protocol(p))
@@ -265,8 +299,10 @@ def _list_items(cfg: SourceConfig) -> list[SourceItem]:
     except Exception as err:
         raise SourceError(f"{path}: cannot read list file ({type(err).__name__}: {err})") from None
     if cfg.column not in table.column_names:
-        raise SourceError(f"{path}: no column {cfg.column!r} (columns: {', '.join(table.column_names)}); "
-                          "set source.column to the one holding the image URIs")
+        raise SourceError(
+            f"{path}: no column {cfg.column!r} (columns: {', '.join(table.column_names)}); "
+            "set source.column to the one holding the image URIs"
+        )
     values = table.column(cfg.column).cast(pa.string()).to_pylist()
     uris = {_resolve(v.strip(), path) for v in values if v is not None and v.strip()}
     if not uris:
@@ -296,7 +332,7 @@ def list_items(cfg: SourceConfig) -> list[SourceItem]:
 def read_bytes(uri: str, storage_options: dict | None = None) -> bytes:
     """The input's bytes. Sample photos come back as PPM/PGM (the ``#view=`` suffix only names the item)."""
     if uri.startswith(SAMPLE_PREFIX):
-        name = uri[len(SAMPLE_PREFIX):].split("#", 1)[0]
+        name = uri[len(SAMPLE_PREFIX) :].split("#", 1)[0]
         try:
             return _sample_pnm(name)
         except SourceError as err:
@@ -375,15 +411,17 @@ def decode_image(data: bytes, uri: str, min_side: int = 16, max_pixels: int = 10
         except Image.DecompressionBombError as err:
             m = re.search(r"\((\d+) pixels\)", str(err))
             size = f"has {int(m.group(1)) / 1e6:.0f} MP" if m else "is too large"
-            raise ImageError(f"{uri}: image {size}, more than max_pixels={max_pixels} "
-                             "(decompression bomb?)") from None
+            raise ImageError(
+                f"{uri}: image {size}, more than max_pixels={max_pixels} (decompression bomb?)"
+            ) from None
         except Exception as err:
             raise ImageError(f"{uri}: corrupt image header ({type(err).__name__}: {err})") from None
         with im:
             w, h = im.size
             if w * h > max_pixels:
-                raise ImageError(f"{uri}: image is {w}x{h} px = {w * h / 1e6:.3g} MP, "
-                                 f"more than max_pixels={max_pixels}")
+                raise ImageError(
+                    f"{uri}: image is {w}x{h} px = {w * h / 1e6:.3g} MP, more than max_pixels={max_pixels}"
+                )
             if min(w, h) < min_side:
                 raise ImageError(f"{uri}: image is {w}x{h} px, smaller than min_side={min_side}")
             mode = im.mode
@@ -401,8 +439,9 @@ def decode_image(data: bytes, uri: str, min_side: int = 16, max_pixels: int = 10
             try:
                 rgb = np.ascontiguousarray(_to_rgb(im2), dtype=np.uint8)
             except Exception as err:
-                raise ImageError(f"{uri}: cannot convert mode {mode} to RGB ({type(err).__name__}: "
-                                 f"{err})") from None
+                raise ImageError(
+                    f"{uri}: cannot convert mode {mode} to RGB ({type(err).__name__}: {err})"
+                ) from None
     return DecodedImage(rgb=rgb, mode=mode, width=rgb.shape[1], height=rgb.shape[0])
 
 

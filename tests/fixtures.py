@@ -41,8 +41,12 @@ def png_bytes(width: int, height: int, rows: int | None = None, value: int = 128
     comp, row = zlib.compressobj(), b"\0" + bytes([value]) * width
     idat = b"".join(comp.compress(row) for _ in range(height if rows is None else rows)) + comp.flush()
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat)
-            + _png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", idat)
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 @lru_cache(maxsize=2)

@@ -217,6 +217,7 @@ def test_angular_dispersion_matches_reference_and_orders_clusters():
     assert angular_dispersion(np.tile(center, (5, 1))) == pytest.approx(0.0, abs=1e-12)
     # antipodal-ish rows exercise the clipping of arccos' argument
     assert angular_dispersion(np.array([[1.0, 0.0], [1.0, 0.0], [-1.0, 1e-9]])) == pytest.approx(
-        reference_dispersion(np.array([[1.0, 0.0], [1.0, 0.0], [-1.0, 1e-9]])), rel=1e-6)
+        reference_dispersion(np.array([[1.0, 0.0], [1.0, 0.0], [-1.0, 1e-9]])), rel=1e-6
+    )
     with pytest.raises(ValueError, match="at least 2"):
         angular_dispersion(np.ones((1, 4)))

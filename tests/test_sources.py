@@ -216,8 +216,13 @@ def test_list_file_resolves_relative_paths_against_its_folder(tmp_path, fmt):
     photos = write_good_photos(tmp_path / "imgs", 2)
     other = tmp_path / "elsewhere.jpg"
     other.write_bytes(photos[0].read_bytes())
-    rows = ["../imgs/" + photos[0].name, "../imgs/" + photos[1].name, str(other),
-            "sample-photos:moon", "../imgs/" + photos[0].name]
+    rows = [
+        "../imgs/" + photos[0].name,
+        "../imgs/" + photos[1].name,
+        str(other),
+        "sample-photos:moon",
+        "../imgs/" + photos[0].name,
+    ]
     (tmp_path / "lists").mkdir()
     path = tmp_path / "lists" / f"l.{fmt}"
     table = pa.table({"file": rows, "label": list(range(len(rows)))})
@@ -259,8 +264,11 @@ def test_unusable_sources_raise_source_error_naming_the_path(tmp_path):
 
 
 def test_read_bytes_failures_are_image_errors_naming_the_uri(tmp_path):
-    for uri, what in [(str(tmp_path / "gone.jpg"), "file not found"), (str(tmp_path), "is a directory"),
-                      ("sample-photos:unicorn", "unknown sample photo")]:
+    for uri, what in [
+        (str(tmp_path / "gone.jpg"), "file not found"),
+        (str(tmp_path), "is a directory"),
+        ("sample-photos:unicorn", "unknown sample photo"),
+    ]:
         with pytest.raises(ImageError, match="^" + uri + ": ") as info:
             read_bytes(uri)
         assert what in str(info.value)

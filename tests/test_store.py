@@ -34,8 +34,14 @@ PARTS = {"low": 16}
 def make_rows(ids: list[str], errors: tuple[str, ...] = ()) -> list[dict]:
     return [
         {
-            "id": i, "source": f"/data/{i}.jpg", "view": "", "status": "error" if i in errors else "ok",
-            "error": f"/data/{i}.jpg: broken" if i in errors else None, "width": 32, "height": 24, "mode": "RGB",
+            "id": i,
+            "source": f"/data/{i}.jpg",
+            "view": "",
+            "status": "error" if i in errors else "ok",
+            "error": f"/data/{i}.jpg: broken" if i in errors else None,
+            "width": 32,
+            "height": 24,
+            "mode": "RGB",
             "geometry": json.dumps({"low": {"crop": [4, 0, 28, 24], "size": 16}}),
         }
         for i in ids
@@ -93,7 +99,9 @@ class StoreConformance:
         man = store.manifest().to_pylist()
         assert sorted(r["id"] for r in man) == ["a", "b", "c", "d"]
         by_id = {r["id"]: r for r in man}
-        assert by_id["c"]["status"] == "error" and by_id["c"]["index"] == -1 and "broken" in by_id["c"]["error"]
+        assert (
+            by_id["c"]["status"] == "error" and by_id["c"]["index"] == -1 and "broken" in by_id["c"]["error"]
+        )
         assert [by_id[i]["index"] for i in "abd"] == [0, 1, 2]
         data = store.read_shard(res.shard)
         expect = make_arrays(3)
@@ -102,8 +110,9 @@ class StoreConformance:
         dense, summ = store.read_targets(res.shard, "t1", "low")
         assert dense.dtype == np.float32 and summ.shape == (3, 8)
         teacher_space, _ = store.read_targets(res.shard, "t1", "low", space="teacher")
-        np.testing.assert_allclose(teacher_space, store.phis("t1").inverse(dense.astype(np.float64)), rtol=1e-5,
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            teacher_space, store.phis("t1").inverse(dense.astype(np.float64)), rtol=1e-5, atol=1e-5
+        )
         assert verify_store(store)["ok"]
 
     def test_exception_leaves_nothing_visible(self, store):

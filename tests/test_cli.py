@@ -1,0 +1,99 @@
+"""The CLI as a user drives it (typer's CliRunner in-process; the caching run uses the shared local Ray)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+import zarr
+from fixtures import write_good_photos
+from typer.testing import CliRunner
+
+from radio_dist.cli import app
+from radio_dist.config import ConfigError, load_model
+from radio_dist.pipeline import CacheJobConfig
+from radio_dist.store import FeatureStore, array_key
+
+runner = CliRunner()
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_teachers_list():
+    res = runner.invoke(app, ["teachers", "list", "--json"])
+    assert res.exit_code == 0, res.output
+    rows = {r["family"]: r for r in json.loads(res.stdout)}
+    assert rows["efficientnet_lite0"]["preset"] == "effnet_lite0" and rows["timm"]["preset"] is None
+
+
+def test_example_job_config_validates():
+    cfg = load_model(CacheJobConfig, REPO / "jobs/configs/cache_sample.yaml")
+    assert [t.name for t in cfg.teachers] == ["effnet_lite0", "mobilenet_v2"]
+
+
+def test_unknown_key_is_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    data = yaml.safe_load((REPO / "jobs/configs/cache_sample.yaml").read_text())
+    data["teachers"][1]["runtime"]["batchsize"] = 8
+    bad.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=r"teachers\.1\.runtime\.batchsize: unknown key 'batchsize'"):
+        load_model(CacheJobConfig, bad)
+    res = runner.invoke(app, ["cache-teachers", "--config", str(bad)])
+    assert res.exit_code == 2 and "unknown key 'batchsize'" in res.output
+
+
+def test_cache_teachers_needs_a_store_and_known_teachers():
+    res = runner.invoke(app, ["cache-teachers"])
+    assert res.exit_code == 2 and "--store" in res.output
+    res = runner.invoke(app, ["cache-teachers", "--store", "/tmp/x", "--teachers", "resnet9000"])
+    assert res.exit_code == 2 and "unknown teacher family 'resnet9000'" in res.output
+
+
+def test_store_commands_on_a_non_store(tmp_path):
+    res = runner.invoke(app, ["store", "info", str(tmp_path)])
+    assert res.exit_code == 2 and "not a radio-dist store" in res.output
+
+
+def test_cache_info_verify_from_a_folder(tmp_path, ray_local):
+    photos = tmp_path / "photos"
+    write_good_photos(photos, 6)
+    (photos / "notes.txt").write_text("not an image")
+    store = str(tmp_path / "store")
+    res = runner.invoke(
+        app,
+        [
+            "cache-teachers",
+            "--source",
+            str(photos),
+            "--store",
+            store,
+            "--set",
+            "pipeline.partitions.low=64",
+            "--set",
+            "phis.fit_images=4",
+            "--set",
+            "store.shard_size=4",
+            "--json",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert (summary["ok"], summary["error"]) == (6, 1)
+    assert any("notes.txt" in e["error"] for e in summary["errors"])
+
+    res = runner.invoke(app, ["store", "info", store, "--json"])
+    info = json.loads(res.stdout)
+    assert (info["rows_ok"], info["rows_error"]) == (6, 1)
+    assert info["teachers"]["mobilenet_v2"]["outputs"]["low"]["dense"] == [2, 2, 1280]
+    assert info["bytes_per_image"] > 64 * 64 * 3
+
+    res = runner.invoke(app, ["store", "verify", store])
+    assert res.exit_code == 0 and "OK" in res.stdout
+    # flip one stored value: verify must fail and say where
+    fs = FeatureStore(store)
+    shard = next(r["shard"] for r in fs.manifest().to_pylist() if r["status"] == "ok")
+    arr = zarr.open_array(fs._zarr_store(shard), path=array_key("mobilenet_v2", "low", "dense"), mode="r+")
+    arr[0, 0, 0, 0] = arr[0, 0, 0, 0] + 1
+    res = runner.invoke(app, ["store", "verify", store])
+    assert res.exit_code == 1 and f"shard {shard}: checksum mismatch" in res.output

@@ -1,0 +1,180 @@
+"""`cache-teachers` end to end: real Ray (local), real teachers and photos, real Zarr/Parquet store.
+
+The run over a folder of good and bad files is shared by several tests (module fixture): a caching run
+costs ~30 s on two cores, mostly Ray actor start-up and model loading.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fixtures import FIXTURE_MAX_PIXELS, make_bad_inputs, write_good_photos
+
+from radio_dist.pipeline import CacheJobConfig, run_cache
+from radio_dist.store import FeatureStore, StoreMismatchError, store_info, verify_store
+from radio_dist.teacher import create_teacher, preset_spec
+
+TEACHERS = ["efficientnet_lite0", "mobilenet_v2"]
+
+
+def job(source: dict, store: str, **kw) -> CacheJobConfig:
+    specs = []
+    for n in TEACHERS:
+        s = preset_spec(n)
+        s.runtime.batch_size = 4
+        specs.append(s)
+    return CacheJobConfig.model_validate(
+        {
+            "source": source,
+            "teachers": [s.model_dump(mode="json") for s in specs],
+            "store": {"url": store, "shard_size": 5},
+            "pipeline": {"partitions": {"low": 96}},
+            "phis": {"fit_images": 12},
+            **kw,
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory, ray_local):
+    folder = tmp_path_factory.mktemp("inputs")
+    expected = make_bad_inputs(folder)
+    expected.pop("bomb.png", None)  # 144 MP of one colour: covered by test_sources, slow to hash here
+    (folder / "bomb.png").unlink(missing_ok=True)
+    good = write_good_photos(folder / "good", 10)
+    expected.update({f"good/{p.name}": "ok" for p in good})
+    (folder / "dup").mkdir()
+    (folder / "dup" / "copy.png").write_bytes(good[0].read_bytes())  # same content, other path
+    # a CSV list of URIs (relative to the list file), including one that cannot be read
+    names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    expected["missing.jpg"] = "error"
+    (folder / "list.csv").write_text("uri\n" + "\n".join([*names, "missing.jpg"]) + "\n")
+    url = str(tmp_path_factory.mktemp("stores") / "store")
+    cfg = job({"kind": "list", "path": str(folder / "list.csv"), "max_pixels": FIXTURE_MAX_PIXELS}, url)
+    summary = run_cache(cfg)
+    return cfg, summary, expected, folder
+
+
+def test_every_input_becomes_exactly_one_row(cached):
+    cfg, summary, expected, folder = cached
+    store = FeatureStore(cfg.store.url)
+    rows = {Path(r["source"]).relative_to(folder).as_posix(): r for r in store.manifest().to_pylist()}
+    assert summary.duplicates == 1  # dup/copy.png has the bytes of good/photo_0000_*: one row for both
+    good0 = next(n for n in expected if n.startswith("good/photo_0000"))
+    assert ("dup/copy.png" in rows) != (good0 in rows)
+    rows.setdefault(good0, rows.pop("dup/copy.png", None))
+    for name, status in expected.items():
+        assert rows[name]["status"] == status, (name, rows[name]["error"])
+        if status == "error":
+            assert str(folder / name) in rows[name]["error"]  # the message names the input
+    assert summary.ok == sum(s == "ok" for s in expected.values())
+    assert summary.error == sum(s == "error" for s in expected.values())
+    report = verify_store(store)
+    assert report["ok"], report["problems"]
+    assert report["rows"] == report["unique_ids"] == len(expected)
+
+
+def test_each_teacher_runs_once_per_image(cached):
+    _, summary, _, _ = cached
+    for name in ("effnet_lite0", "mobilenet_v2"):
+        assert summary.teacher_forwards[name]["images"] == summary.ok
+        assert summary.teacher_forwards[name]["calls"] <= -(-summary.ok // 4) + 3  # batched, not per image
+
+
+def test_targets_are_phis_normalized_and_invert_to_the_teacher(cached):
+    cfg, _, _, _ = cached
+    store = FeatureStore(cfg.store.url)
+    info = store_info(store)
+    assert info["teachers"]["effnet_lite0"]["outputs"]["low"] == {"dense": [3, 3, 1280], "summary": [1280]}
+    man = [r for r in store.manifest().to_pylist() if r["status"] == "ok"]
+    shard = man[0]["shard"]
+    data = store.read_shard(shard)
+    for spec in (preset_spec(n) for n in TEACHERS):
+        dense, summary = store.read_targets(shard, spec.name, "low")
+        assert data[f"{spec.name}/low/dense"].dtype == np.float16
+        teacher_space, _ = store.read_targets(shard, spec.name, "low", space="teacher")
+        ref = create_teacher(spec)(data["images/low"], resolution=96)
+        cos = torch.nn.functional.cosine_similarity(torch.from_numpy(teacher_space), ref.dense, dim=-1)
+        assert cos.min() > 0.999, cos.min()  # fp16 PHI-S storage round-trips to the teacher's features
+        torch.testing.assert_close(torch.from_numpy(summary), ref.summary, rtol=1e-4, atol=1e-4)
+    # over every stored row, PHI-S space has mean ~0 and per-dimension variance ~1 on average
+    all_dense = np.concatenate(
+        [store.read_targets(s, "mobilenet_v2", "low")[0] for s in sorted({r["shard"] for r in man})]
+    ).reshape(-1, 1280)
+    assert abs(all_dense.mean()) < 0.1 and 0.7 < all_dense.var(axis=0).mean() < 1.3
+
+
+def test_rerun_skips_everything_committed(cached):
+    cfg, first, expected, _ = cached
+    again = run_cache(cfg)
+    assert again.skipped == len(expected) and again.ok == again.error == again.shards == 0
+    assert all(fw["images"] == 0 for fw in again.teacher_forwards.values())
+    assert verify_store(FeatureStore(cfg.store.url))["rows"] == len(expected)
+
+
+def test_store_refuses_a_job_with_other_teachers(cached):
+    cfg, _, _, _ = cached
+    other = cfg.model_copy(deep=True)
+    other.teachers[0].mean = (0.4, 0.4, 0.4)
+    with pytest.raises(StoreMismatchError, match="teacher 'effnet_lite0': fingerprint"):
+        run_cache(other)
+
+
+def _radio_dist(*args: str) -> list[str]:
+    return [str(Path(sys.executable).parent / "radio-dist"), *args]
+
+
+def test_sigkill_then_rerun_finishes_without_recompute_or_duplicates(tmp_path):
+    """Kill the whole job (driver + its local Ray) mid-run; the re-run only computes what was not committed."""
+    store_url = str(tmp_path / "store")
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(json.dumps(job({"kind": "sample-photos", "views": 60}, store_url).model_dump(mode="json")))
+    cmd = _radio_dist(
+        "cache-teachers",
+        "--config",
+        str(cfg),
+        "--set",
+        "store.shard_size=4",
+        "--set",
+        "ray.num_cpus=2",
+        "--json",
+    )
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    store = FeatureStore(store_url)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if store.exists() and len(store.manifest_parts()) >= 5:  # fit sample written + some of the rest
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    # Ray workers are not in the driver's process group: they die with it (fate sharing) but a write
+    # already in flight may still commit. Count once the store has been quiet for a few seconds.
+    committed, quiet_since = len(store.committed_ids()), time.time()
+    while time.time() - quiet_since < 5 and time.time() < deadline + 60:
+        time.sleep(0.5)
+        now = len(store.committed_ids())
+        if now != committed:
+            committed, quiet_since = now, time.time()
+    assert 0 < committed < 60
+    assert verify_store(store)["ok"]
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    summary = json.loads(rerun.stdout)
+    assert summary["skipped"] == committed
+    assert summary["ok"] + summary["error"] == 60 - committed
+    for fw in summary["teacher_forwards"].values():
+        assert fw["images"] == summary["ok"]  # nothing committed was recomputed
+    report = verify_store(store)
+    assert report["ok"], report["problems"]
+    assert report["rows"] == report["unique_ids"] == 60

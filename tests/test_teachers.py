@@ -1,0 +1,100 @@
+"""Teacher contract: registry, real offline weights, the timm adapter with a local weights file, fingerprints."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from radio_dist.sources import load_sample_photo
+from radio_dist.teacher import (
+    TeacherSpec,
+    WeightsSpec,
+    create_teacher,
+    fingerprint,
+    preset_spec,
+    register_teacher,
+    registered_teachers,
+)
+
+
+def photo_batch(size: int = 224) -> np.ndarray:
+    names = ["chelsea", "coffee"]
+    return np.stack(
+        [np.asarray(Image.fromarray(load_sample_photo(n)).resize((size, size), Image.BICUBIC)) for n in names]
+    )
+
+
+def test_registry_lists_families_and_refuses_duplicates():
+    entries = registered_teachers()
+    assert {"efficientnet_lite0", "mobilenet_v2", "timm"} <= set(entries)
+    with pytest.raises(ValueError, match="already registered"):
+        register_teacher("timm", description="again")(entries["timm"].factory)
+    with pytest.raises(KeyError, match="unknown teacher family 'nope'"):
+        create_teacher(TeacherSpec(name="x", family="nope"))
+
+
+@pytest.mark.parametrize("family", ["efficientnet_lite0", "mobilenet_v2"])
+def test_real_imagenet_teachers(family):
+    """The packaged weights are really loaded: the cat photo is classified as a cat (ImageNet 281-285)."""
+    teacher = create_teacher(preset_spec(family))
+    out = teacher(photo_batch())
+    assert out.dense.shape == (2, 7, 7, 1280) and out.summary.shape == (2, 1280)
+    torch.testing.assert_close(out.summary, out.dense.mean(dim=(1, 2)))
+    logits = teacher.model.classifier(out.summary)
+    assert 281 <= int(logits[0].argmax()) <= 285
+    assert teacher.forward_calls == 1 and teacher.forward_images == 2
+    out384 = teacher(photo_batch(), resolution=384)  # resized inside the teacher
+    assert out384.dense.shape == (2, 12, 12, 1280)
+
+
+def test_bad_input_shape_is_refused():
+    teacher = create_teacher(preset_spec("mobilenet_v2"))
+    with pytest.raises(ValueError, match="uint8 NHWC"):
+        teacher(np.zeros((1, 3, 32, 32), np.float32))
+
+
+def tiny_vit_spec(**kw) -> TeacherSpec:
+    return TeacherSpec(
+        name="vit",
+        family="timm",
+        arch="vit_tiny_patch16_224",
+        summary="cls",
+        options={"img_size": 64, "depth": 2, "reg_tokens": 2, "no_embed_class": True},
+        **kw,
+    )
+
+
+def test_timm_adapter_with_local_weights_file(tmp_path):
+    random_init = create_teacher(tiny_vit_spec(weights=WeightsSpec(kind="none", seed=3)))
+    path = tmp_path / "vit.pth"
+    torch.save(random_init.model.state_dict(), path)
+    from_file = create_teacher(tiny_vit_spec(weights=WeightsSpec(kind="file", path=str(path))))
+    x = photo_batch(64)
+    a, b = random_init(x), from_file(x)
+    assert a.dense.shape == (2, 4, 4, 192)  # CLS + 2 registers dropped, 64/16 = 4
+    torch.testing.assert_close(a.dense, b.dense)
+    torch.testing.assert_close(a.summary, b.summary)
+    # seeded random init is identical in every process/actor
+    again = create_teacher(tiny_vit_spec(weights=WeightsSpec(kind="none", seed=3)))
+    torch.testing.assert_close(again(x).dense, a.dense)
+
+
+def test_missing_weights_file_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        create_teacher(tiny_vit_spec(weights=WeightsSpec(kind="file", path=str(tmp_path / "missing.pth"))))
+
+
+def test_fingerprint_covers_spec_and_weights(tmp_path):
+    path = tmp_path / "w.pth"
+    torch.save({"a": torch.zeros(3)}, path)
+    spec = tiny_vit_spec(weights=WeightsSpec(kind="file", path=str(path)))
+    fp = fingerprint(spec)
+    assert fp == fingerprint(
+        spec.model_copy(update={"runtime": spec.runtime.model_copy(update={"pool_size": 4})})
+    )
+    torch.save({"a": torch.ones(3)}, path)  # same path, other weights
+    assert fingerprint(spec) != fp
+    assert fingerprint(spec.model_copy(update={"mean": (0.5, 0.5, 0.5)})) != fingerprint(spec)
+    assert fingerprint(preset_spec("efficientnet_lite0")) != fingerprint(preset_spec("mobilenet_v2"))
