@@ -227,14 +227,15 @@ class DecodeStage:
 class TeacherStage:
     """Actor UDF: one teacher, loaded once; adds its dense (+ summary) columns for every partition."""
 
-    def __init__(self, spec: TeacherSpec, partitions: dict[str, int], phis: PhiS | None) -> None:
+    def __init__(self, spec: TeacherSpec, partitions: dict[str, int], store: StoreConfig | None) -> None:
+        """``store`` given: normalize with the store's PHI-S (read here, not shipped through Ray)."""
         torch.set_num_threads(spec.runtime.threads or max(1, round(spec.runtime.num_cpus)))
         device = "cuda" if spec.runtime.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.teacher = create_teacher(spec, device)
         self.spec = spec
         self.partitions = [p for p in partitions if spec.only_partitions is None or p in spec.only_partitions]
         self.sizes = partitions
-        self.phis = phis
+        self.phis = FeatureStore.from_config(store).phis(spec.name) if store is not None else None
         # Output shapes per partition from one probe forward (not counted), so an all-error batch still
         # yields columns of the right shape and dtype.
         self.shapes: dict[str, tuple[tuple[int, ...], int | None]] = {}
@@ -405,7 +406,7 @@ def teacher_records(specs: list[TeacherSpec]) -> dict[str, dict[str, Any]]:
     return {s.name: {"fingerprint": fingerprint(s), "family": s.family, "spec": s.identity()} for s in specs}
 
 
-def _teacher_stages(ds: Any, cfg: CacheJobConfig, phis: dict[str, PhiS] | None) -> Any:
+def _teacher_stages(ds: Any, cfg: CacheJobConfig, normalize: bool) -> Any:
     import ray.data
 
     for spec in cfg.teachers:
@@ -415,7 +416,7 @@ def _teacher_stages(ds: Any, cfg: CacheJobConfig, phis: dict[str, PhiS] | None) 
             fn_constructor_kwargs={
                 "spec": spec,
                 "partitions": cfg.pipeline.partitions,
-                "phis": phis[spec.name] if phis else None,
+                "store": cfg.store if normalize else None,
             },
             batch_size=rt.batch_size,
             batch_format="numpy",
@@ -563,13 +564,10 @@ def run_cache(cfg: CacheJobConfig, progress: ProgressFn | None = None) -> CacheS
         progress("todo", {"todo": len(todo), "skipped": summary.skipped, "duplicates": summary.duplicates})
 
     t1 = time.perf_counter()
-    phis: dict[str, PhiS] | None = None
-    if store.has_phis():
-        phis = {t.name: store.phis(t.name) for t in cfg.teachers}
-    elif todo:
+    if todo and not store.has_phis():
         todo.sort(key=lambda r: r["id"])
         fit, todo = todo[: cfg.phis.fit_images], todo[cfg.phis.fit_images :]
-        ds_fit = _teacher_stages(_decoded(fit, cfg), cfg, None).materialize()
+        ds_fit = _teacher_stages(_decoded(fit, cfg), cfg, normalize=False).materialize()
         phis = _fit_phis(ds_fit, cfg, store, progress)
         summary.phis_fitted = True
         norm = ds_fit.map_batches(
@@ -579,7 +577,7 @@ def run_cache(cfg: CacheJobConfig, progress: ProgressFn | None = None) -> CacheS
     t2 = time.perf_counter()
     summary.fit_seconds = t2 - t1
     if todo:
-        first = _write(_teacher_stages(_decoded(todo, cfg), cfg, phis), cfg, summary, progress)
+        first = _write(_teacher_stages(_decoded(todo, cfg), cfg, normalize=True), cfg, summary, progress)
         summary.pipeline_images = len(todo)
         summary.first_shard_seconds = (first or t2) - t2
     summary.pipeline_seconds = time.perf_counter() - t2
