@@ -37,6 +37,30 @@ def _preload(source: SourceConfig, size: int) -> np.ndarray:
     return np.stack(views)
 
 
+def _teacher_only_child(source: SourceConfig, size: int, teacher_names: list[str], batch_size: int) -> float:
+    return teacher_only_rate(_preload(source, size), teacher_names, batch_size)
+
+
+def teacher_only_rate_in_subprocess(
+    source: SourceConfig, size: int, teacher_names: list[str], batch_size: int
+) -> float:
+    """The limit, measured in a fresh process with the same allocator environment the actors get."""
+    import multiprocessing as mp
+
+    env = preset_spec(teacher_names[0]).runtime.env
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # read by glibc at process start: set before spawning
+    try:
+        with mp.get_context("spawn").Pool(1) as pool:
+            return float(pool.apply(_teacher_only_child, (source, size, teacher_names, batch_size)))
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def teacher_only_rate(images: np.ndarray, teacher_names: list[str], batch_size: int) -> float:
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
@@ -60,10 +84,8 @@ def bench_cache(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     source = SourceConfig(kind=SourceKind.sample_photos, views=images)
-    log(f"preloading {images} views at {resolution}px ...")
-    pre = _preload(source, resolution)
-    log("teacher-only loop ...")
-    t_only = teacher_only_rate(pre, list(teachers), batch_size)
+    log(f"teacher-only loop over {images} preloaded views at {resolution}px ...")
+    t_only = teacher_only_rate_in_subprocess(source, resolution, list(teachers), batch_size)
     log(f"  {t_only:.1f} images/s")
     tmp = None
     if workdir is None:
@@ -78,7 +100,7 @@ def bench_cache(
     cfg = CacheJobConfig(
         source=source,
         teachers=specs,
-        store=StoreConfig(url=store_url, shard_size=128),
+        store=StoreConfig(url=store_url, shard_size=64),
         pipeline={"partitions": {"low": resolution}},
         phis={"fit_images": fit_images},
     )

@@ -60,7 +60,7 @@ def build_cache_config(
     limit: int | None,
     overrides: list[str],
 ) -> Any:
-    from radio_dist.pipeline import CacheJobConfig
+    from radio_dist.pipeline import DEFAULT_TEACHERS, CacheJobConfig
     from radio_dist.teacher import preset_spec
 
     data = read_yaml(config) if config else {}
@@ -77,6 +77,8 @@ def build_cache_config(
             data["teachers"] = [preset_spec(n).model_dump(mode="json") for n in names]
         except (KeyError, ValueError) as e:
             raise ConfigError(f"--teachers: {e.args[0]}") from None
+    if "teachers" not in data:  # materialize the default list so `--set teachers.0.runtime...` works
+        data["teachers"] = [preset_spec(n).model_dump(mode="json") for n in DEFAULT_TEACHERS]
     if views is not None:
         data.setdefault("source", {})["views"] = views
     if limit is not None:

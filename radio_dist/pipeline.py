@@ -384,7 +384,15 @@ def _init_ray(cfg: RayConfig) -> None:
     if cfg.address:
         kwargs["address"] = cfg.address
     else:
-        kwargs.update(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=False)
+        # Task workers (decode/write) must not be killed as soon as they idle: with actors holding most of
+        # a small machine's CPUs, Ray's default soft limit (= num_cpus workers) recycles them after 1 s and
+        # every new worker re-imports torch & co. — that churn cost more CPU than the teachers on 2 cores.
+        kwargs.update(
+            num_cpus=cfg.num_cpus,
+            num_gpus=cfg.num_gpus,
+            include_dashboard=False,
+            _system_config={"num_workers_soft_limit": 32, "idle_worker_killing_time_threshold_ms": 600_000},
+        )
     ray.init(**kwargs)
 
 
@@ -423,6 +431,7 @@ def _teacher_stages(ds: Any, cfg: CacheJobConfig, normalize: bool) -> Any:
             compute=ray.data.ActorPoolStrategy(size=rt.pool_size),
             num_cpus=rt.num_cpus,
             num_gpus=rt.num_gpus,
+            runtime_env={"env_vars": dict(rt.env)} if rt.env else None,
         )
     return ds
 
