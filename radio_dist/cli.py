@@ -200,6 +200,10 @@ def teachers_list(as_json: JsonOpt = False) -> None:
     out.print(t)
 
 
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
 def _open_store(url: str) -> Any:
     from radio_dist.store import FeatureStore, StoreError
 
@@ -232,7 +236,7 @@ def store_info_cmd(store: StoreArg, as_json: JsonOpt = False) -> None:
         t.add_row(
             f"teacher {name}",
             f"{ti['family']} {ti['fingerprint'][:12]}  {shapes}  "
-            f"PHI-S {ti['phis_rotation']}  disp {ti['summary_dispersion']}",
+            f"PHI-S {ti['phis_rotation']}  disp {_fmt(ti['summary_dispersion'])}",
         )
     t.add_row("bytes per image", f"{info['bytes_per_image'] / 1e3:.1f} kB")
     t.add_row("bytes total", f"{info['bytes_total'] / 1e6:.2f} MB")
