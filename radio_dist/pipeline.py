@@ -31,6 +31,7 @@ from radio_dist.phis import Moments, PhiS, angular_dispersion, fit_phis
 from radio_dist.sources import (
     ImageError,
     SourceConfig,
+    SourceError,
     SourceItem,
     canonical_view,
     decode_image,
@@ -167,6 +168,9 @@ class IdStage:
             except ImageError as e:
                 ids.append(unreadable_id(str(uri)))
                 errors.append(str(e))
+            except Exception as e:  # a reader bug must not kill the run: record it on the row
+                ids.append(unreadable_id(str(uri)))
+                errors.append(f"{uri}: unexpected {type(e).__name__} while reading: {e}")
         return {"uri": batch["uri"], "view": batch["view"], "id": np.array(ids), "error": np.array(errors)}
 
 
@@ -305,9 +309,11 @@ def moments_stage(batch: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     per_teacher: dict[str, Moments] = {}
     for key in batch:
-        if key.startswith("dense__") and ok.any():
+        if key.startswith("dense__"):
             teacher = key.split("__")[1]
-            m = Moments.from_features(np.asarray(batch[key])[ok])
+            dense = np.asarray(batch[key])
+            # an all-error batch still reports (empty) moments so every batch has the same columns
+            m = Moments.from_features(dense[ok]) if ok.any() else Moments.empty(dense.shape[-1])
             per_teacher[teacher] = per_teacher[teacher].merge(m) if teacher in per_teacher else m
     for teacher, m in per_teacher.items():
         for k, v in m.to_arrays().items():
@@ -497,8 +503,8 @@ def _fit_phis(
             for r in rows
             if f"{t}__count" in r
         ]
-        if not parts:
-            raise RuntimeError(
+        if sum(part.count for part in parts) < 2:
+            raise SourceError(
                 f"PHI-S fit for teacher {t!r}: no decodable image among the first {cfg.phis.fit_images} inputs — "
                 "check the source (see the error rows) or raise phis.fit_images"
             )

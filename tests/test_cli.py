@@ -97,3 +97,24 @@ def test_cache_info_verify_from_a_folder(tmp_path, ray_local):
     arr[0, 0, 0, 0] = arr[0, 0, 0, 0] + 1
     res = runner.invoke(app, ["store", "verify", store])
     assert res.exit_code == 1 and f"shard {shard}: checksum mismatch" in res.output
+
+
+def test_a_source_with_nothing_decodable_fails_clearly(tmp_path, ray_local):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    (bad / "b.txt").write_text("hello")
+    res = runner.invoke(
+        app,
+        [
+            "cache-teachers",
+            "--source",
+            str(bad),
+            "--store",
+            str(tmp_path / "s"),
+            "--set",
+            "pipeline.partitions.low=64",
+        ],
+    )
+    assert res.exit_code == 2, res.output
+    assert "no decodable image among the first" in res.output
