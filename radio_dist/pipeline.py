@@ -233,7 +233,8 @@ class TeacherStage:
 
     def __init__(self, spec: TeacherSpec, partitions: dict[str, int], store: StoreConfig | None) -> None:
         """``store`` given: normalize with the store's PHI-S (read here, not shipped through Ray)."""
-        torch.set_num_threads(spec.runtime.threads or max(1, round(spec.runtime.num_cpus)))
+        self.threads = actor_threads(spec)
+        torch.set_num_threads(self.threads)
         device = "cuda" if spec.runtime.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.teacher = create_teacher(spec, device)
         self.spec = spec
@@ -255,6 +256,9 @@ class TeacherStage:
         self.teacher.forward_images = self.teacher.forward_calls = 0
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        # Ray Data may call the UDF from another thread than __init__; OpenMP's thread count is per thread,
+        # so without this the forward ran with one OpenMP thread per core in every actor (oversubscribed).
+        torch.set_num_threads(self.threads)
         ok = np.asarray(batch["status"]) == "ok"
         n = len(ok)
         name = self.spec.name
@@ -420,6 +424,10 @@ def teacher_records(specs: list[TeacherSpec]) -> dict[str, dict[str, Any]]:
     return {s.name: {"fingerprint": fingerprint(s), "family": s.family, "spec": s.identity()} for s in specs}
 
 
+def actor_threads(spec: TeacherSpec) -> int:
+    return spec.runtime.threads or max(1, round(spec.runtime.num_cpus))
+
+
 def _teacher_stages(ds: Any, cfg: CacheJobConfig, normalize: bool) -> Any:
     import ray.data
 
@@ -437,7 +445,7 @@ def _teacher_stages(ds: Any, cfg: CacheJobConfig, normalize: bool) -> Any:
             compute=ray.data.ActorPoolStrategy(size=rt.pool_size),
             num_cpus=rt.num_cpus,
             num_gpus=rt.num_gpus,
-            runtime_env={"env_vars": dict(rt.env)} if rt.env else None,
+            runtime_env={"env_vars": {"OMP_NUM_THREADS": str(actor_threads(spec)), **rt.env}},
         )
     return ds
 
