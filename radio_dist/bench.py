@@ -26,7 +26,7 @@ import torch
 from radio_dist.pipeline import DEFAULT_TEACHERS, CacheJobConfig, run_cache
 from radio_dist.sources import SourceConfig, SourceKind, canonical_view, decode_image, list_items, read_bytes
 from radio_dist.store import FeatureStore, StoreConfig, store_info
-from radio_dist.teacher import create_teacher, preset_spec
+from radio_dist.teacher import ALLOCATOR_ENV, create_teacher, preset_spec
 
 
 def _preload(source: SourceConfig, size: int) -> np.ndarray:
@@ -47,7 +47,7 @@ def teacher_only_rate_in_subprocess(
     """The limit, measured in a fresh process with the same allocator environment the actors get."""
     import multiprocessing as mp
 
-    env = preset_spec(teacher_names[0]).runtime.env
+    env = ALLOCATOR_ENV  # what every teacher actor runs with by default (TeacherRuntime.env)
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # read by glibc at process start: set before spawning
     try:

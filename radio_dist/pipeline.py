@@ -228,6 +228,11 @@ class DecodeStage:
         return out
 
 
+def phis_targets(phis: PhiS, dense: torch.Tensor) -> torch.Tensor:
+    """Raw teacher features -> stored targets: PHI-S space, clamped to the fp16 range, fp16."""
+    return cast(torch.Tensor, phis.forward(dense)).clamp_(-65000, 65000).half()
+
+
 class TeacherStage:
     """Actor UDF: one teacher, loaded once; adds its dense (+ summary) columns for every partition."""
 
@@ -272,9 +277,9 @@ class TeacherStage:
                 res = self.teacher.input_resolution(p, self.sizes[p])
                 out = self.teacher(np.asarray(batch[_col("img", p)])[ok], resolution=res)
                 dense = out.dense
-                if self.phis is not None:
-                    dense = cast(torch.Tensor, self.phis.forward(dense)).clamp_(-65000, 65000)
-                dense_out[ok] = dense.cpu().numpy()
+                dense_out[ok] = (
+                    (phis_targets(self.phis, dense) if self.phis is not None else dense).cpu().numpy()
+                )
                 if summ_out is not None and out.summary is not None:
                     summ_out[ok] = out.summary.cpu().numpy()
             batch[_col("dense", name, p)] = dense_out
@@ -299,11 +304,8 @@ class NormalizeStage:
         for key in list(batch):
             if key.startswith("dense__"):
                 teacher = key.split("__")[1]
-                y = cast(
-                    torch.Tensor,
-                    self.phis[teacher].forward(torch.from_numpy(np.array(batch[key], np.float32))),
-                )
-                batch[key] = y.clamp_(-65000, 65000).numpy().astype(np.float16)
+                raw = torch.from_numpy(np.array(batch[key], np.float32))
+                batch[key] = phis_targets(self.phis[teacher], raw).numpy()
         return batch
 
 

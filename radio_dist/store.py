@@ -330,9 +330,18 @@ class FeatureStore:
             return []
         return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(base, detail=False))
 
+    def orphan_shards(self) -> list[str]:
+        """Shard directories without a commit (left by interrupted writes; invisible to readers)."""
+        return sorted(set(self.shard_dirs()) - {shard_of_part(p) for p in self.manifest_parts()})
+
     def nbytes(self, rel: str = "") -> int:
         path = self._path(rel) if rel else self.root
         return int(self.fs.du(path)) if self.fs.exists(path) else 0
+
+
+def shard_of_part(path: str) -> str:
+    """Shard id of a manifest part path (``.../manifest/<shard>.parquet``)."""
+    return path.rsplit("/", 1)[-1][: -len(".parquet")]
 
 
 def _arr(group: zarr.Group, name: str) -> Any:
@@ -473,10 +482,7 @@ def store_info(store: FeatureStore) -> dict[str, Any]:
         "rows_ok": n_ok,
         "rows_error": len(status) - n_ok,
         "shards": len(set(man.column("shard").to_pylist())),
-        "orphan_shards": len(
-            set(store.shard_dirs())
-            - {p.rsplit("/", 1)[-1][: -len(".parquet")] for p in store.manifest_parts()}
-        ),
+        "orphan_shards": len(store.orphan_shards()),
         "teachers": teachers,
         "bytes_shards": shard_bytes,
         "bytes_total": store.nbytes(),
@@ -513,7 +519,7 @@ def verify_store(store: FeatureStore, check_data: bool = True) -> dict[str, Any]
     n_rows = checked = 0
     parts = store.manifest_parts()
     for part in parts:
-        shard = part.rsplit("/", 1)[-1][: -len(".parquet")]
+        shard = shard_of_part(part)
         try:
             table = pq.read_table(io.BytesIO(store.fs.cat_file(part)))
         except Exception as e:  # a corrupt commit record is itself the finding
@@ -561,8 +567,7 @@ def verify_store(store: FeatureStore, check_data: bool = True) -> dict[str, Any]
                         f"shard {shard}: checksum mismatch for image {r['id']} (row {r['index']})"
                     )
                 checked += 1
-    committed = {p.rsplit("/", 1)[-1][: -len(".parquet")] for p in parts}
-    orphans = sorted(set(store.shard_dirs()) - committed)
+    orphans = store.orphan_shards()
     if orphans:
         notes.append(
             f"{len(orphans)} uncommitted shard dir(s) from interrupted writes (invisible to readers)"
