@@ -7,6 +7,10 @@ radio-dist teachers list
 radio-dist store info ./store [--json]
 radio-dist store verify ./store
 radio-dist bench cache --json
+radio-dist distill --store ./store --out ./runs/demo            # C-RADIO + 2 smaller students, local Ray Train
+radio-dist distill --config jobs/configs/distill_sample.yaml --set train.epochs=4
+radio-dist eval ./runs/demo --store ./store
+radio-dist bench ingest --json
 """
 
 from __future__ import annotations
@@ -300,6 +304,149 @@ def bench_cache_cmd(
     t = Table(title="bench cache", show_header=False)
     for k, v in res.items():
         t.add_row(k, f"{v:.3f}" if isinstance(v, float) else str(v))
+    out.print(t)
+
+
+def build_distill_config(
+    config: Path | None, store: str | None, out_dir: str | None, overrides: list[str]
+) -> Any:
+    from radio_dist.distill import DistillConfig
+
+    data = read_yaml(config) if config else {}
+    if store is not None:
+        data.setdefault("store", {})["url"] = store
+    if out_dir is not None:
+        data["out"] = out_dir
+    apply_overrides(data, overrides)
+    if "url" not in data.get("store", {}):
+        raise ConfigError("no store given: pass --store PATH_OR_URL (or set store.url in the config file)")
+    if "out" not in data:
+        raise ConfigError("no run directory given: pass --out DIR (or set out in the config file)")
+    return validate(DistillConfig, data, str(config) if config else "command line")
+
+
+@app.command("distill")
+def distill_cmd(
+    store: Annotated[
+        str | None, typer.Option(help="Feature store to train from (local path or s3://).")
+    ] = None,
+    out_dir: Annotated[
+        str | None,
+        typer.Option("--out", help="Run directory: checkpoints, metrics.jsonl, exported students."),
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="YAML job file (see jobs/configs/).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Config override key.path=value (repeatable).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train every student at once from the cached targets (resumes from OUT's last checkpoint)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from radio_dist.distill import run_distill
+    from radio_dist.store import StoreError
+
+    try:
+        cfg = build_distill_config(config, store, out_dir, set_ or [])
+    except ConfigError as e:
+        _fail(str(e))
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=err,
+    )
+    task = None
+
+    def on_metrics(m: dict[str, Any]) -> None:
+        nonlocal task
+        if task is None:
+            progress.start()
+            task = progress.add_task("distill", total=m["total_steps"], info="")
+        losses = "  ".join(
+            f"{s.name} {m[f'{s.name}/total']:.3f}" for s in cfg.students if f"{s.name}/total" in m
+        )
+        progress.update(
+            task, completed=m["global_step"], info=f"epoch {m['epoch']} {m['resolution']}px  {losses}"
+        )
+
+    try:
+        summary = run_distill(cfg, on_metrics=None if as_json else on_metrics)
+    except (StoreError, ConfigError) as e:
+        progress.stop()
+        _fail(str(e))
+    finally:
+        progress.stop()
+    if as_json:
+        print(json.dumps(summary, indent=1, default=str))
+        return
+    t = Table(title=f"distill -> {cfg.out}", show_header=False)
+    t.add_row("students", ", ".join(summary["students"]))
+    t.add_row("teachers", ", ".join(summary["teachers"]))
+    t.add_row("images in store", str(summary["rows"]))
+    t.add_row("steps", str(summary["global_step"]))
+    t.add_row("wall time", f"{summary['wall_s']:.1f} s")
+    last = summary["last"]
+    for s in summary["students"]:
+        parts = {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith(f"{s}/")}
+        t.add_row(f"last loss {s}", "  ".join(f"{k} {v:.3f}" for k, v in sorted(parts.items())))
+    t.add_row("metrics", f"{cfg.out}/metrics.jsonl")
+    t.add_row("exported", f"{cfg.out}/students/<name>  (radio_dist.students.load_student)")
+    out.print(t)
+
+
+@app.command("eval")
+def eval_cmd(
+    run: Annotated[str, typer.Argument(help="A distill run directory (its students/ are evaluated).")],
+    store: Annotated[str, typer.Option(help="The store the students were trained from (teachers, PHI-S).")],
+    images: Annotated[int, typer.Option(help="Held-out images (sample-photo views not in the store).")] = 16,
+    views: Annotated[int, typer.Option(help="Sample-photo views to draw held-out images from.")] = 256,
+    resolutions: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated student resolutions (default 0.5x/1x/1.5x partitions)."),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Cosine fidelity of each student to each teacher on held-out images, at several resolutions."""
+    from radio_dist.evaluate import EvalConfig, evaluate, load_students
+    from radio_dist.sources import SourceConfig
+    from radio_dist.store import FeatureStore, StoreError
+
+    root = Path(run) / "students"
+    paths = sorted(str(p) for p in root.iterdir() if (p / "config.json").is_file()) if root.is_dir() else []
+    if not paths:
+        _fail(f"{run}: no exported students under {root} — run `radio-dist distill --out {run}` first")
+    try:
+        res_list = [int(r) for r in resolutions.split(",")] if resolutions else None
+        cfg = EvalConfig(source=SourceConfig(views=views), images=images, resolutions=res_list)
+        result = evaluate(FeatureStore(store), load_students(paths), cfg, progress=lambda m: err.print(m))
+    except (StoreError, ValueError) as e:
+        _fail(str(e))
+    if as_json:
+        print(json.dumps(result, indent=1))
+        return
+    t = Table(
+        title=f"fidelity on {result['images']} held-out images (cosine to the teacher; untrained in ())"
+    )
+    t.add_column("student")
+    t.add_column("teacher")
+    for r in result["resolutions"]:
+        t.add_column(f"{r}px dense / summary")
+    for name, per_t in result["students"].items():
+        for teacher, per_r in per_t.items():
+            cells = []
+            for r in result["resolutions"]:
+                m = per_r.get(str(r), {})
+                u = result["untrained"].get(name, {}).get(teacher, {}).get(str(r), {})
+                cells.append(
+                    f"{_fmt(m.get('dense_cos'))} ({_fmt(u.get('dense_cos'))}) / "
+                    f"{_fmt(m.get('summary_cos'))} ({_fmt(u.get('summary_cos'))})"
+                )
+            t.add_row(name, teacher, *cells)
     out.print(t)
 
 

@@ -1,0 +1,148 @@
+"""Multi-student distillation with real Ray Train on a real store: resumption counted by sample ids.
+
+The store here is a real Zarr/Parquet store with random targets (``write_synthetic_store``) so that Ray Train's
+start-up, not teacher compute, is what these tests pay; the fidelity test in test_fidelity.py uses real
+teachers on real photos.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fixtures import write_synthetic_store
+
+from radio_dist.distill import DistillConfig, prepare_run, read_metrics, run_distill, sample_audit
+from radio_dist.store import FeatureStore, StoreMismatchError
+from radio_dist.students import load_student
+
+TINY_STUDENTS = [
+    {"name": "cradio", "kind": "cradio", "arch": "tiny", "head_hidden": 32, "cpe_max_grid": 8},
+    {
+        "name": "vit",
+        "kind": "timm",
+        "arch": "vit_tiny_patch16_224",
+        "overrides": {"embed_dim": 32, "depth": 1, "num_heads": 2},
+        "head_hidden": 32,
+    },
+]
+
+
+@pytest.fixture(scope="module")
+def store_url(tmp_path_factory):
+    url = str(tmp_path_factory.mktemp("distill") / "store")
+    write_synthetic_store(url, [10, 7, 12, 9], errors_per_shard=1)  # 34 ok rows in 4 shards
+    return url
+
+
+def make_cfg(store_url: str, out: Path, **train) -> DistillConfig:
+    return DistillConfig.model_validate(
+        {
+            "store": {"url": store_url},
+            "out": str(out),
+            "students": TINY_STUDENTS,
+            "train": {"epochs": 2, "batch_size": 4, "checkpoint_every": 2, "threads": 1, **train},
+            "reader": {"shuffle_shards": 2},
+            "scaling": {"num_workers": 1, "cpus_per_worker": 0.5, "max_failures": 1},
+        }
+    )
+
+
+def assert_exactly_once(out: Path, store_url: str, epochs: int) -> None:
+    ok_ids = {r["id"] for r in FeatureStore(store_url).manifest().to_pylist() if r["status"] == "ok"}
+    audit = sample_audit(str(out))
+    assert sorted(audit) == list(range(epochs))
+    for epoch, counts in audit.items():
+        dup = {k: v for k, v in counts.items() if v != 1}
+        print(
+            f"epoch {epoch}: {len(counts)} ids seen, {len(ok_ids - set(counts))} lost, {len(dup)} duplicated"
+        )
+        assert set(counts) == ok_ids, f"epoch {epoch}: lost {sorted(ok_ids - set(counts))[:5]}"
+        assert not dup, f"epoch {epoch}: seen more than once: {dup}"
+
+
+def test_refuses_a_store_that_does_not_match(store_url, tmp_path):
+    cfg = make_cfg(store_url, tmp_path / "run")
+    run = prepare_run(cfg)
+    assert run["teachers"] == ["t1", "t2"] and run["rows"] == 34
+    bad = DistillConfig.model_validate(
+        {**cfg.model_dump(), "expect": {"t1": {"fingerprint": "something-else"}}}
+    )
+    with pytest.raises(
+        StoreMismatchError, match="teacher 't1': fingerprint fp-t1 in the store, something-else"
+    ):
+        prepare_run(bad)
+    with pytest.raises(StoreMismatchError, match="PHI-S parameters sha256"):
+        prepare_run(
+            DistillConfig.model_validate({**cfg.model_dump(), "expect": {"t2": {"phis_sha256": "0" * 64}}})
+        )
+    with pytest.raises(StoreMismatchError, match="teacher 'dino' is not in the store"):
+        prepare_run(DistillConfig.model_validate({**cfg.model_dump(), "teachers": ["t1", "dino"]}))
+    with pytest.raises(StoreMismatchError, match="partition 'high' is not in the store"):
+        prepare_run(DistillConfig.model_validate({**cfg.model_dump(), "partitions": ["high"]}))
+
+
+def test_killed_worker_resumes_and_sees_every_sample_once(ray_local, store_url, tmp_path):
+    """Two workers; one is SIGKILLed mid-epoch; Ray Train restarts both from the last checkpoint."""
+    out = tmp_path / "run"
+    cfg = make_cfg(store_url, out, resolutions={"low": [32, 48]})
+    cfg = DistillConfig.model_validate(
+        {
+            **cfg.model_dump(),
+            "scaling": {"num_workers": 2, "cpus_per_worker": 0.5, "max_failures": 1},
+            "debug": {"kill_at_step": 4, "kill_rank": 1},
+        }
+    )
+    summary = run_distill(cfg)
+    assert (out / "killed-4").exists()  # the fault really happened
+    starts = [
+        json.loads(x)["start"]
+        for x in (out / "samples" / "rank-1.jsonl").read_text().splitlines()
+        if "start" in x
+    ]
+    assert starts[0] == [0, 0] and len(starts) == 2 and starts[1] != [0, 0]  # resumed, not restarted
+    assert_exactly_once(out, store_url, epochs=2)
+    metrics = read_metrics(str(out))
+    assert metrics[-1]["global_step"] == summary["global_step"] > 4
+    assert {m["resolution"] for m in metrics} <= {32, 48}
+    for name in ("cradio", "vit"):
+        assert np.isfinite(metrics[-1][f"{name}/total"])
+
+
+def test_stopped_job_relaunched_finishes_the_epoch_and_exports(ray_local, store_url, tmp_path):
+    out = tmp_path / "run"
+    cfg = make_cfg(store_url, out, epochs=1, checkpoint_every=3)
+    stopping = DistillConfig.model_validate(
+        {
+            **cfg.model_dump(),
+            "debug": {"stop_after_step": 5},
+            "scaling": {**cfg.scaling.model_dump(), "max_failures": 0},
+        }
+    )
+    with pytest.raises(Exception, match="stop_after_step"):
+        run_distill(stopping)
+    assert not (out / "students").exists()
+    run_distill(stopping)  # the same job again: resumes from step 6 (checkpoint after 6 steps), finishes
+    assert_exactly_once(out, store_url, epochs=1)
+    starts = [
+        json.loads(x)["start"]
+        for x in (out / "samples" / "rank-0.jsonl").read_text().splitlines()
+        if "start" in x
+    ]
+    assert starts == [[0, 0], [0, 6]]
+    # export: one call loads a student that returns per-teacher summary + dense, de-normalized on request
+    student = load_student(str(out / "students" / "cradio"))
+    imgs = np.random.default_rng(0).integers(0, 255, (2, 32, 32, 3), dtype=np.uint8)
+    res = student(imgs)
+    assert set(res) == {"t1", "t2"}
+    assert res["t1"]["summary"].shape == (2, 8) and res["t1"]["dense"].shape == (2, 2, 2, 8)
+    raw = student(imgs, denormalize=True)["t1"]["dense"]
+    phis = FeatureStore(store_url).phis("t1")
+    torch.testing.assert_close(
+        raw, torch.as_tensor(phis.inverse(res["t1"]["dense"].numpy())).float(), rtol=1e-4, atol=1e-4
+    )
+    cfgjson = json.loads((out / "students" / "cradio" / "config.json").read_text())
+    assert cfgjson["extra"]["fingerprints"] == {"t1": "fp-t1", "t2": "fp-t2"}
