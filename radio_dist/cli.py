@@ -307,12 +307,44 @@ def bench_cache_cmd(
     out.print(t)
 
 
+@bench_app.command("ingest")
+def bench_ingest_cmd(
+    store: Annotated[
+        str | None,
+        typer.Option(help="Bench this store (default: a fresh one with random demo-shaped targets)."),
+    ] = None,
+    images: Annotated[int, typer.Option(help="Images in the generated store.")] = 1024,
+    batch_size: Annotated[int, typer.Option(help="Samples per step.")] = 32,
+    steps: Annotated[int, typer.Option(help="Timed training steps per measurement.")] = 6,
+    as_json: JsonOpt = False,
+) -> None:
+    """Store reader vs raw reads of the same bytes; S students trained together vs one by one."""
+    from radio_dist.bench import bench_ingest
+
+    res = bench_ingest(
+        store_url=store,
+        images=images,
+        batch_size=batch_size,
+        steps=steps,
+        log=lambda m: err.print(m, highlight=False),
+    )
+    if as_json:
+        print(json.dumps(res, indent=1))
+        return
+    t = Table(title="bench ingest", show_header=False)
+    for k, v in res.items():
+        t.add_row(k, f"{v:.3f}" if isinstance(v, float) else str(v))
+    out.print(t)
+
+
 def build_distill_config(
     config: Path | None, store: str | None, out_dir: str | None, overrides: list[str]
 ) -> Any:
-    from radio_dist.distill import DistillConfig
+    from radio_dist.distill import DistillConfig, default_students
 
     data = read_yaml(config) if config else {}
+    if "students" not in data:  # materialize the default family so `--set students.0.arch=...` works
+        data["students"] = [s.model_dump(mode="json") for s in default_students()]
     if store is not None:
         data.setdefault("store", {})["url"] = store
     if out_dir is not None:

@@ -154,7 +154,12 @@ class DistillConfig(StrictModel):
     train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation and method switches.")
     reader: ReaderConfig = Field(default_factory=ReaderConfig, description="Store reading.")
     scaling: ScalingSettings = Field(default_factory=ScalingSettings, description="Ray Train workers.")
-    ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster connection.")
+    ray: RayConfig = Field(
+        # Ray Train's placement-group monitor polls the state API, which a dashboard-less local instance lacks,
+        # and would flood the terminal; worker logs stay in Ray's session logs and errors reach the driver.
+        default_factory=lambda: RayConfig(log_to_driver=False),
+        description="Ray cluster connection.",
+    )
     debug: DebugSettings = Field(default_factory=DebugSettings, description="Fault injection (tests).")
 
     @model_validator(mode="after")

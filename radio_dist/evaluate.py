@@ -4,7 +4,9 @@ For each held-out image (a source's images whose ids are not in the store), each
 store is run live on the image's canonical view of a partition — the same view and resolution its cached
 targets come from. Each student sees that view resized to every evaluation resolution; its dense output,
 mapped back to teacher space with the store's PHI-S, is resampled to the teacher's grid and compared token by
-token (cosine), its summary by cosine. An untrained student of the same spec is scored alongside as the
+token (cosine, in PHI-S space and in teacher space), its summary by cosine. Two floors are scored alongside:
+an untrained student of the same spec, and the "mean predictor" (the store's average targets) — beating
+the latter is what shows a student learned something about each image. An untrained student of the same spec is scored alongside as the
 floor. A student that only works at the resolution it saw most (mode switching) shows up as a collapse of
 fidelity at the other resolutions.
 """
@@ -106,9 +108,10 @@ def evaluate(
     part_of = {r: _nearest_partition(partitions, r) for r in resolutions}
     images = held_out_images(store, cfg.source, cfg.images)
     teachers_used = sorted({t for s in students.values() for t in s.teacher_names})
-    models = {**{name: s for name, s in students.items()}}
+    models = dict(students)
     floors = {name: untrained_like(s) for name, s in students.items()}
-    sums: dict[tuple[str, str, str, int, str], list[float]] = {}
+    any_student = next(iter(students.values()))
+    sums: dict[tuple[Any, ...], list[float]] = {}
     for p, px in sorted(partitions.items()):
         if p not in part_of.values():
             continue
@@ -118,9 +121,11 @@ def evaluate(
                 progress(f"teacher {t} at {p}={px}px on {len(views)} held-out images")
             spec = TeacherSpec.model_validate(meta["teachers"][t]["spec"])
             teacher = create_teacher(spec)
+            mean = store_mean_targets(store, t, p)
             for i in range(0, len(views), cfg.batch_size):
                 chunk = views[i : i + cfg.batch_size]
                 ref = teacher(chunk)
+                _score_mean(sums, t, px, mean, any_student.phis[t], ref)
                 x = torch.from_numpy(chunk).permute(0, 3, 1, 2).float().div_(255.0)
                 for r in [r for r in resolutions if part_of[r] == p]:
                     xr = (
@@ -132,18 +137,8 @@ def evaluate(
                     )
                     for kind, group in (("trained", models), ("untrained", floors)):
                         for name, st in group.items():
-                            if t not in st.teacher_names:
-                                continue
-                            out = st(xr, denormalize=True)[t]
-                            dense = _to_grid(out["dense"], tuple(ref.dense.shape[1:3]))  # type: ignore[union-attr,arg-type]
-                            key = (kind, name, t, r)
-                            sums.setdefault((*key, "dense_cos"), []).extend(
-                                _cos(dense, ref.dense).mean(dim=(1, 2)).tolist()
-                            )
-                            if out["summary"] is not None and ref.summary is not None:
-                                sums.setdefault((*key, "summary_cos"), []).extend(
-                                    _cos(out["summary"], ref.summary).tolist()
-                                )
+                            if t in st.teacher_names:
+                                _score(sums, (kind, name, t, r), st, t, xr, ref)
             del teacher
     result: dict[str, Any] = {
         "images": len(images),
@@ -151,11 +146,81 @@ def evaluate(
         "reference_partition": part_of,
         "students": {},
         "untrained": {},
+        "mean_predictor": {},
     }
     for (kind, name, t, r, metric), vals in sorted(sums.items()):
-        bucket = result["students" if kind == "trained" else "untrained"]
+        bucket = result[{"trained": "students", "untrained": "untrained", "mean": "mean_predictor"}[kind]]
         bucket.setdefault(name, {}).setdefault(t, {}).setdefault(str(r), {})[metric] = float(np.mean(vals))
     return result
+
+
+def store_mean_targets(
+    store: FeatureStore, teacher: str, partition: str, max_shards: int = 8
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Mean cached dense target per grid position (PHI-S space) and mean summary, over the first shards.
+
+    The "mean predictor" floor: a student that learned only the average target scores this, so fidelity
+    above it is what the student learned about each image.
+    """
+    from radio_dist.ingest import committed_shards
+
+    dense_sum, summary_sum, n = None, None, 0
+    for sh in committed_shards(store)[:max_shards]:
+        d, smry = store.read_targets(sh.shard, teacher, partition)
+        dense_sum = d.sum(0) if dense_sum is None else dense_sum + d.sum(0)
+        if smry is not None:
+            summary_sum = smry.sum(0) if summary_sum is None else summary_sum + smry.sum(0)
+        n += len(d)
+    if dense_sum is None:
+        raise StoreError(f"{store.url}: no committed rows to take mean targets from")
+    summary = None if summary_sum is None else torch.from_numpy(summary_sum / n)
+    return torch.from_numpy(dense_sum / n), summary
+
+
+def _score_mean(
+    sums: dict[tuple[Any, ...], list[float]],
+    teacher: str,
+    px: int,
+    mean: tuple[torch.Tensor, torch.Tensor | None],
+    phis: Any,
+    ref: Any,
+) -> None:
+    b = ref.dense.shape[0]
+    dense = _to_grid(mean[0][None].expand(b, -1, -1, -1), (int(ref.dense.shape[1]), int(ref.dense.shape[2])))
+    ref_phis = torch.as_tensor(phis.forward(ref.dense), dtype=torch.float32)
+    key = ("mean", "mean", teacher, px)
+    sums.setdefault((*key, "dense_cos"), []).extend(_cos(dense, ref_phis).mean(dim=(1, 2)).tolist())
+    raw = torch.as_tensor(phis.inverse(dense), dtype=torch.float32)
+    sums.setdefault((*key, "dense_cos_teacher_space"), []).extend(
+        _cos(raw, ref.dense).mean(dim=(1, 2)).tolist()
+    )
+    if mean[1] is not None and ref.summary is not None:
+        sums.setdefault((*key, "summary_cos"), []).extend(
+            _cos(mean[1][None].expand(b, -1), ref.summary).tolist()
+        )
+
+
+def _score(
+    sums: dict[tuple[Any, ...], list[float]],
+    key: tuple[str, str, str, int],
+    student: LoadedStudent,
+    teacher: str,
+    images: torch.Tensor,
+    ref: Any,
+) -> None:
+    """Add one batch's per-image cosines: dense in PHI-S space (centred, whitened: a constant guess scores
+    ~0) and in teacher space (raw, dominated by the features' mean), summary in teacher space."""
+    out = student(images)[teacher]
+    dense = _to_grid(out["dense"], (int(ref.dense.shape[1]), int(ref.dense.shape[2])))  # type: ignore[arg-type]
+    phis = student.phis[teacher]
+    ref_phis = torch.as_tensor(phis.forward(ref.dense), dtype=torch.float32)
+    sums.setdefault((*key, "dense_cos"), []).extend(_cos(dense, ref_phis).mean(dim=(1, 2)).tolist())
+    raw = torch.as_tensor(phis.inverse(dense), dtype=torch.float32)
+    sums.setdefault((*key, "dense_cos_teacher_space"), []).extend(
+        _cos(raw, ref.dense).mean(dim=(1, 2)).tolist()
+    )
+    if out["summary"] is not None and ref.summary is not None:
+        sums.setdefault((*key, "summary_cos"), []).extend(_cos(out["summary"], ref.summary).tolist())
 
 
 def load_students(paths: Sequence[str]) -> dict[str, LoadedStudent]:

@@ -86,6 +86,9 @@ class RayConfig(StrictModel):
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local instance (default: all).")
     num_gpus: int | None = Field(None, ge=0, description="GPUs of a local instance (default: detected).")
     progress_bars: bool = Field(False, description="Show Ray Data's own operator progress bars too.")
+    log_to_driver: bool = Field(
+        True, description="Forward worker/actor logs to this process (local instances started here)."
+    )
 
 
 class CacheJobConfig(StrictModel):
@@ -392,7 +395,7 @@ def _init_ray(cfg: RayConfig) -> None:
 
     if ray.is_initialized():
         return
-    kwargs: dict[str, Any] = {"logging_level": "warning", "log_to_driver": True}
+    kwargs: dict[str, Any] = {"logging_level": "warning", "log_to_driver": cfg.log_to_driver}
     if cfg.address:
         kwargs["address"] = cfg.address
     else:

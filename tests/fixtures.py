@@ -127,56 +127,7 @@ def write_synthetic_store(
     dim: int = 8,
     errors_per_shard: int = 0,
 ) -> dict[str, list[str]]:
-    """A real Zarr/Parquet store with random targets (no teachers run): for reader and training-loop tests.
+    """A real Zarr/Parquet store with random targets (no teachers run): for reader and training-loop tests."""
+    from radio_dist.bench import write_random_store
 
-    Image pixels are random, dense targets are random PHI-S-space values, summaries random unit-ish vectors.
-    Returns {shard id: ok ids in shard order}.
-    """
-    from radio_dist.phis import Moments, fit_phis
-    from radio_dist.store import FeatureStore, array_key, image_key
-
-    store = FeatureStore(url)
-    store.init_or_check(
-        {"low": px},
-        {t: {"fingerprint": f"fp-{t}", "family": "synthetic", "spec": {"name": t}} for t in teachers},
-    )
-    rng = np.random.default_rng(7)
-    for t in teachers:
-        phis = fit_phis(Moments.from_features(rng.standard_normal((400, dim)) * 2 + 1))
-        store.save_phis(t, phis, 0.8, {"low": {"dense": [grid, grid, dim], "summary": [dim]}}, fit_images=400)
-    out: dict[str, list[str]] = {}
-    k = 0
-    for s, n in enumerate(shard_rows):
-        ids = [f"img{k + i:05d}" for i in range(n)]
-        k += n
-        errs = ids[:errors_per_shard]
-        ok = [i for i in ids if i not in errs]
-        rows = [
-            {
-                "id": i,
-                "source": f"synthetic://{i}",
-                "view": "",
-                "status": "error" if i in errs else "ok",
-                "error": "synthetic://{i}: broken" if i in errs else None,
-                "width": px,
-                "height": px,
-                "mode": "RGB",
-                "geometry": "{}",
-            }
-            for i in ids
-        ]
-        r = np.random.default_rng(100 + s)
-        with store.shard_writer(ids) as w:
-            w.add_array(image_key("low"), r.integers(0, 255, (len(ok), px, px, 3), dtype=np.uint8))
-            for t in teachers:
-                w.add_array(
-                    array_key(t, "low", "dense"),
-                    r.standard_normal((len(ok), grid, grid, dim)).astype(np.float16),
-                )
-                w.add_array(
-                    array_key(t, "low", "summary"), r.standard_normal((len(ok), dim)).astype(np.float32)
-                )
-            w.add_rows(rows)
-        assert w.result is not None
-        out[w.result.shard] = ok
-    return out
+    return write_random_store(url, shard_rows, {t: (grid, dim, dim) for t in teachers}, px, errors_per_shard)

@@ -118,3 +118,23 @@ def test_a_source_with_nothing_decodable_fails_clearly(tmp_path, ray_local):
     )
     assert res.exit_code == 2, res.output
     assert "no decodable image among the first" in res.output
+
+
+def test_example_distill_config_validates_and_bad_input_is_named(tmp_path):
+    from radio_dist.distill import DistillConfig
+
+    cfg = load_model(DistillConfig, REPO / "jobs/configs/distill_sample.yaml")
+    assert [s.name for s in cfg.students] == ["cradio", "vit_tiny", "convnext_atto"]
+    assert cfg.train.resolutions == {"low": [128, 160, 192, 224, 256]}
+    res = runner.invoke(app, ["distill", "--out", str(tmp_path / "run")])
+    assert res.exit_code == 2 and "--store" in res.output
+    res = runner.invoke(
+        app, ["distill", "--store", str(tmp_path / "nothing"), "--out", str(tmp_path / "run")]
+    )
+    assert res.exit_code == 2 and "not a radio-dist store" in res.output
+    res = runner.invoke(app, ["distill", "--store", "x", "--out", "y", "--set", "students.0.arch=gigantic"])
+    assert res.exit_code == 2 and "students.0" in res.output and "gigantic" in res.output
+    res = runner.invoke(app, ["distill", "--store", "x", "--out", "y", "--set", "train.damp_schedule=wobbly"])
+    assert res.exit_code == 2 and "damp_schedule" in res.output
+    res = runner.invoke(app, ["eval", str(tmp_path), "--store", "x"])
+    assert res.exit_code == 2 and "no exported students" in res.output
