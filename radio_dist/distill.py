@@ -338,7 +338,7 @@ def student_losses(
     for t in run["teachers"]:
         summary_pred, dense_pred = out.heads[t]
         u = dense_pred.shape[1] // g
-        target = torch.from_numpy(batch.dense[t]).to(device)
+        target = torch.from_numpy(batch.dense[t]).to(device).float()  # fp16 as stored -> fp32 on the device
         target = L.resample_grid(target, (dense_pred.shape[1], dense_pred.shape[2]))
         ls = L.spatial_loss(dense_pred, target, (shift[0] * u, shift[1] * u))
         parts[f"{t}/spatial"] = float(ls.detach())
@@ -358,6 +358,20 @@ def student_losses(
         total = total + cfg.mesa_weight * lm
     parts["total"] = float(total.detach())
     return total, parts
+
+
+def _mean_over_workers(
+    metrics: dict[str, float], keys: list[str], n_local: int, distributed: bool
+) -> dict[str, float]:
+    """Sample-weighted mean of the step's losses over all workers (a worker with an empty batch adds 0)."""
+    if not distributed:
+        return metrics
+    import torch.distributed as dist
+
+    vec = torch.tensor([metrics.get(k, 0.0) * n_local for k in keys] + [float(n_local)], dtype=torch.float64)
+    dist.all_reduce(vec)
+    n = vec[-1].item()
+    return {k: float(v / n) for k, v in zip(keys, vec[:-1].tolist(), strict=True)} if n else {}
 
 
 def _all_reduce_grads(model: torch.nn.Module) -> None:
@@ -442,6 +456,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if st.ema is not None:
                 st.ema.load_state_dict(st.model.state_dict())
 
+    metric_keys = [
+        f"{s.name}/{part}"
+        for s in cfg.students
+        for part in (
+            [f"{t}/spatial" for t in run["teachers"]]
+            + [
+                f"{t}/summary"
+                for t in run["teachers"]
+                if run["heads"][t]["summary_dim"] and cfg.train.summary_weight > 0
+            ]
+            + (["mesa"] if cfg.train.mesa_weight > 0 else [])
+            + ["total"]
+        )
+    ]
     plans0 = epoch_plan(shards, 0, cfg.train.seed, world, cfg.train.batch_size, cfg.reader.shuffle_shards)
     per_epoch = plans0[0].steps
     total_steps = cfg.train.max_steps or per_epoch * cfg.train.epochs
@@ -517,6 +545,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     st.opt.step()
                     if st.ema is not None:
                         L.ema_update(st.ema, st.model, cfg.train.ema_momentum)
+            step_metrics = _mean_over_workers(step_metrics, metric_keys, n_local, distributed)
             samples_log.write(json.dumps({"epoch": epoch, "step": step, "ids": batch.ids}) + "\n")
             samples_log.flush()
             global_step += 1

@@ -160,7 +160,9 @@ class Batch:
     step: int
     ids: list[str]
     images: np.ndarray  # uint8 [n, P, P, 3] canonical views of the partition
-    dense: dict[str, np.ndarray]  # teacher -> float32 [n, h, w, C] in PHI-S space
+    dense: dict[
+        str, np.ndarray
+    ]  # teacher -> [n, h, w, C] in PHI-S space, as stored (fp16): convert on device
     summary: dict[str, np.ndarray | None]  # teacher -> float32 [n, C] (raw teacher space) or None
     partition: str
     read_wait_s: float = 0.0  # time the consumer waited for this batch's data
@@ -196,15 +198,18 @@ class ShardStream:
         self.start_step = start_step
         meta = store.meta()
         self.shapes: dict[str, tuple[int, ...]] = {}  # row shape of every array read (for empty batches)
+        self.dtypes: dict[str, Any] = {}
         self.summary_keys: dict[tuple[str, str], bool] = {}
         for p in self.partitions:
             px = int(meta["partitions"][p])
             self.shapes[image_key(p)] = (px, px, 3)
+            self.dtypes[image_key(p)] = np.uint8
             for t in self.teachers:
                 outputs = meta["teachers"][t].get("outputs", {}).get(p)
                 if outputs is None:
                     raise StoreError(f"{store.url}: teacher {t!r} has no outputs for partition {p!r}")
                 self.shapes[array_key(t, p, "dense")] = tuple(outputs["dense"])
+                self.dtypes[array_key(t, p, "dense")] = np.dtype(meta.get("dense_dtype", "float16"))
                 self.summary_keys[(t, p)] = bool(outputs.get("summary"))
                 if outputs.get("summary"):
                     self.shapes[array_key(t, p, "summary")] = tuple(outputs["summary"])
@@ -295,16 +300,30 @@ class ShardStream:
         if p not in self.partitions:
             raise ValueError(f"step {step}: partition {p!r} is not read by this stream ({self.partitions})")
         ids = [s.id for s in samples]
+        # one fancy-indexing copy per (shard, array), then one reorder: no per-row Python work
+        by_shard: dict[str, list[int]] = {}
+        for s in samples:
+            by_shard.setdefault(s.shard, []).append(s.index)
+        order = np.empty(len(samples), dtype=np.int64)
+        pos = {sh: i for i, sh in enumerate(by_shard)}
+        offsets = np.cumsum([0] + [len(v) for v in by_shard.values()])
+        seen = dict.fromkeys(by_shard, 0)
+        for k, s in enumerate(samples):
+            order[k] = offsets[pos[s.shard]] + seen[s.shard]
+            seen[s.shard] += 1
+        index = {sh: np.asarray(v, dtype=np.int64) for sh, v in by_shard.items()}
 
-        def gather(name: str, dtype: Any) -> np.ndarray:
+        def gather(name: str) -> np.ndarray:
             if not samples:
-                return np.zeros((0, *self.shapes[name]), dtype=dtype)
-            return np.stack([loaded[s.shard][name][s.index] for s in samples]).astype(dtype, copy=False)
+                return np.zeros((0, *self.shapes[name]), dtype=self.dtypes.get(name, np.float32))
+            parts = [loaded[sh][name][idx] for sh, idx in index.items()]
+            out = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            return out[order]
 
-        images = gather(image_key(p), np.uint8)
-        dense = {t: gather(array_key(t, p, "dense"), np.float32) for t in self.teachers}
+        images = gather(image_key(p))
+        dense = {t: gather(array_key(t, p, "dense")) for t in self.teachers}
         summary: dict[str, np.ndarray | None] = {
-            t: gather(array_key(t, p, "summary"), np.float32) if self.summary_keys[(t, p)] else None
+            t: gather(array_key(t, p, "summary")) if self.summary_keys[(t, p)] else None
             for t in self.teachers
         }
         return Batch(self.plan.epoch, step, ids, images, dense, summary, p, wait)

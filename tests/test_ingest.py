@@ -93,12 +93,12 @@ def test_stream_yields_the_planned_rows_with_their_data(synthetic, start):
         planned = plan.batch(b.step)
         assert b.ids == [s.id for s in planned]
         assert b.images.shape == (len(b), 32, 32, 3) and b.images.dtype == np.uint8
-        assert b.dense["t1"].dtype == np.float32 and b.dense["t1"].shape == (len(b), 2, 2, 8)
+        assert b.dense["t1"].dtype == np.float16 and b.dense["t1"].shape == (len(b), 2, 2, 8)
         for s, d in zip(planned, b.dense["t2"], strict=True):  # each row is that sample's stored row
             want = store.read_shard(s.shard, [array_key("t2", "low", "dense")])[
                 array_key("t2", "low", "dense")
             ]
-            np.testing.assert_array_equal(d, want[s.index].astype(np.float32))
+            np.testing.assert_array_equal(d, want[s.index])
 
 
 def test_stream_gives_empty_batches_when_a_worker_runs_out(synthetic):
