@@ -158,7 +158,7 @@ class Batch:
 
     epoch: int
     step: int
-    ids: list[str]
+    ids: list[str]  # row k of every array belongs to ids[k]
     images: np.ndarray  # uint8 [n, P, P, 3] canonical views of the partition
     dense: dict[
         str, np.ndarray
@@ -299,26 +299,26 @@ class ShardStream:
         p = self.partition_of_step(step)
         if p not in self.partitions:
             raise ValueError(f"step {step}: partition {p!r} is not read by this stream ({self.partitions})")
-        ids = [s.id for s in samples]
-        # one fancy-indexing copy per (shard, array), then one reorder: no per-row Python work
-        by_shard: dict[str, list[int]] = {}
+        # Rows are grouped by shard inside the batch (the batch's membership is the plan's; order within a
+        # batch does not matter to a mean loss), so each (shard, array) is one np.take straight into place.
+        by_shard: dict[str, list[Sample]] = {}
         for s in samples:
-            by_shard.setdefault(s.shard, []).append(s.index)
-        order = np.empty(len(samples), dtype=np.int64)
-        pos = {sh: i for i, sh in enumerate(by_shard)}
-        offsets = np.cumsum([0] + [len(v) for v in by_shard.values()])
-        seen = dict.fromkeys(by_shard, 0)
-        for k, s in enumerate(samples):
-            order[k] = offsets[pos[s.shard]] + seen[s.shard]
-            seen[s.shard] += 1
-        index = {sh: np.asarray(v, dtype=np.int64) for sh, v in by_shard.items()}
+            by_shard.setdefault(s.shard, []).append(s)
+        grouped = [s for group in by_shard.values() for s in group]
+        ids = [s.id for s in grouped]
+        spans = []
+        start = 0
+        for sh, group in by_shard.items():
+            spans.append(
+                (sh, np.asarray([s.index for s in group], dtype=np.int64), start, start + len(group))
+            )
+            start += len(group)
 
         def gather(name: str) -> np.ndarray:
-            if not samples:
-                return np.zeros((0, *self.shapes[name]), dtype=self.dtypes.get(name, np.float32))
-            parts = [loaded[sh][name][idx] for sh, idx in index.items()]
-            out = parts[0] if len(parts) == 1 else np.concatenate(parts)
-            return out[order]
+            out = np.empty((len(grouped), *self.shapes[name]), dtype=self.dtypes.get(name, np.float32))
+            for sh, idx, a, b in spans:
+                np.take(loaded[sh][name], idx, axis=0, out=out[a:b])
+            return out
 
         images = gather(image_key(p))
         dense = {t: gather(array_key(t, p, "dense")) for t in self.teachers}

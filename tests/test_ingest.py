@@ -90,15 +90,21 @@ def test_stream_yields_the_planned_rows_with_their_data(synthetic, start):
     batches = list(stream)
     assert [b.step for b in batches] == list(range(start, plan.steps))
     for b in batches:
-        planned = plan.batch(b.step)
-        assert b.ids == [s.id for s in planned]
+        planned = {s.id: s for s in plan.batch(b.step)}
+        assert sorted(b.ids) == sorted(planned) and len(b.ids) == len(
+            planned
+        )  # the plan's members, once each
         assert b.images.shape == (len(b), 32, 32, 3) and b.images.dtype == np.uint8
         assert b.dense["t1"].dtype == np.float16 and b.dense["t1"].shape == (len(b), 2, 2, 8)
-        for s, d in zip(planned, b.dense["t2"], strict=True):  # each row is that sample's stored row
-            want = store.read_shard(s.shard, [array_key("t2", "low", "dense")])[
-                array_key("t2", "low", "dense")
-            ]
-            np.testing.assert_array_equal(d, want[s.index])
+        for sid, d, smry in zip(
+            b.ids, b.dense["t2"], b.summary["t2"], strict=True
+        ):  # row k belongs to ids[k]
+            s = planned[sid]
+            got = store.read_shard(
+                s.shard, [array_key("t2", "low", "dense"), array_key("t2", "low", "summary")]
+            )
+            np.testing.assert_array_equal(d, got[array_key("t2", "low", "dense")][s.index])
+            np.testing.assert_array_equal(smry, got[array_key("t2", "low", "summary")][s.index])
 
 
 def test_stream_gives_empty_batches_when_a_worker_runs_out(synthetic):
