@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STORE ?= ./store
 RUN ?= ./runs/demo
 
-.PHONY: install demo test test-all lint bench clean
+.PHONY: install demo test test-slow test-all lint bench clean
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,9 @@ demo: install   ## cache the built-in photos with the two real teachers, distill
 
 test: install   ## the default test run (slow tests excluded)
 	$(BIN)/pytest -m "not slow"
+
+test-slow: install   ## the slow tests only (a real `ray start --head` + `radio-dist submit`, ...)
+	$(BIN)/pytest -m slow
 
 test-all: install
 	$(BIN)/pytest

@@ -7,6 +7,7 @@ name the bad key, and ``key.path=value`` overrides for the CLI.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -50,11 +51,22 @@ def validate(model: type[M], data: Any, source: str) -> M:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {p} does not exist — pass the path of a YAML job file")
+    """A YAML job file, or ``env:NAME`` — the YAML text in an environment variable (how `radio-dist submit`
+    ships a validated config to a Ray job without touching the working directory)."""
+    text: str
+    if isinstance(path, str) and path.startswith("env:"):
+        name = path[4:]
+        if name not in os.environ:
+            raise ConfigError(f"config {path}: environment variable {name} is not set")
+        p: Path | str = path
+        text = os.environ[name]
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist — pass the path of a YAML job file")
+        text = p.read_text()
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"{p}: not valid YAML: {err}") from None
     if data is None:

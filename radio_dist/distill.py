@@ -142,6 +142,9 @@ class DistillConfig(StrictModel):
 
     store: StoreConfig = Field(description="The feature store to train from.")
     out: str = Field(description="Run directory (local path or fsspec URL): checkpoints, metrics, exports.")
+    out_storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options for `out` (S3 endpoint, credentials, ...)."
+    )
     name: str = Field("distill", description="Run name (Ray Train run under OUT/ray).")
     students: list[StudentSpec] = Field(
         default_factory=default_students, description="Students trained together on every batch."
@@ -399,12 +402,72 @@ def _broadcast_params(model: torch.nn.Module) -> None:
 # -- the Ray Train loop ---------------------------------------------------------------------------------------
 
 
-def _open(out: str, rel: str, mode: str) -> Any:
-    fs, root = fsspec.core.url_to_fs(out)
-    path = f"{root.rstrip('/')}/{rel}"
-    if "w" in mode or "a" in mode:
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    return fs.open(path, mode)
+class RunDir:
+    """A run directory (``out``): a local path or an fsspec URL with its storage options."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+        self.url = url
+        self.storage_options = dict(storage_options or {})
+        self.fs, root = fsspec.core.url_to_fs(url, **self.storage_options)
+        self.root = root.rstrip("/")
+        self.is_local = isinstance(self.fs, fsspec.implementations.local.LocalFileSystem)
+
+    def path(self, rel: str) -> str:
+        return f"{self.root}/{rel}"
+
+    def open(self, rel: str, mode: str) -> Any:
+        if "w" in mode or "a" in mode:
+            self.fs.makedirs(self.path(rel).rsplit("/", 1)[0], exist_ok=True)
+        return self.fs.open(self.path(rel), mode)
+
+    def exists(self, rel: str) -> bool:
+        return bool(self.fs.exists(self.path(rel)))
+
+    def touch(self, rel: str) -> None:
+        with self.open(rel, "w") as f:
+            f.write(str(time.time()))
+
+    def read_lines(self, rel: str) -> list[str]:
+        if not self.exists(rel):
+            return []
+        return bytes(self.fs.cat_file(self.path(rel))).decode().splitlines()
+
+
+class RunLog:
+    """An append-only JSON-lines log in a run directory.
+
+    Local: appended and flushed line by line. Object stores cannot append, so the log is kept in a local file
+    (seeded with what the store already holds) and uploaded whole by ``sync()`` — the training loop syncs at
+    every checkpoint, so what an object store holds is exactly what the last checkpoint covers; lines after it
+    belong to steps a restart rolls back anyway.
+    """
+
+    def __init__(self, run: RunDir, rel: str) -> None:
+        self.run, self.rel = run, rel
+        if run.is_local:
+            self._f = run.open(rel, "a")
+            self._tmp = None
+        else:
+            self._tmp = tempfile.NamedTemporaryFile("w+", suffix=".jsonl", delete=False)  # noqa: SIM115
+            for line in run.read_lines(rel):
+                self._tmp.write(line + "\n")
+            self._f = self._tmp
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._f.write(json.dumps(record) + "\n")
+        self._f.flush()
+
+    def sync(self) -> None:
+        if self._tmp is not None:
+            self._tmp.flush()
+            self.run.fs.makedirs(self.run.path(self.rel).rsplit("/", 1)[0], exist_ok=True)
+            self.run.fs.put_file(self._tmp.name, self.run.path(self.rel))
+
+    def close(self) -> None:
+        self.sync()
+        self._f.close()
+        if self._tmp is not None:
+            os.unlink(self._tmp.name)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -473,14 +536,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     plans0 = epoch_plan(shards, 0, cfg.train.seed, world, cfg.train.batch_size, cfg.reader.shuffle_shards)
     per_epoch = plans0[0].steps
     total_steps = cfg.train.max_steps or per_epoch * cfg.train.epochs
-    samples_log = _open(cfg.out, f"samples/rank-{rank}.jsonl", "a")
-    samples_log.write(
-        json.dumps({"start": [epoch, next_step], "pid": os.getpid(), "time": time.time()}) + "\n"
-    )
-    samples_log.flush()
-    metrics_log = _open(cfg.out, "metrics.jsonl", "a") if rank == 0 else None
+    out = RunDir(cfg.out, cfg.out_storage_options)
+    samples_log = RunLog(out, f"samples/rank-{rank}.jsonl")
+    samples_log.write({"start": [epoch, next_step], "pid": os.getpid(), "time": time.time()})
+    samples_log.sync()
+    metrics_log = RunLog(out, "metrics.jsonl") if rank == 0 else None
 
     def checkpoint(epoch_: int, next_step_: int, metrics: dict[str, Any]) -> None:
+        samples_log.sync()
+        if metrics_log is not None:
+            metrics_log.sync()
         if rank != 0:
             ray.train.report(metrics, checkpoint=None)
             return
@@ -546,35 +611,30 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     if st.ema is not None:
                         L.ema_update(st.ema, st.model, cfg.train.ema_momentum)
             step_metrics = _mean_over_workers(step_metrics, metric_keys, n_local, distributed)
-            samples_log.write(json.dumps({"epoch": epoch, "step": step, "ids": batch.ids}) + "\n")
-            samples_log.flush()
+            samples_log.write({"epoch": epoch, "step": step, "ids": batch.ids})
             global_step += 1
             last_of_epoch = step == plan.steps - 1
             if metrics_log is not None and (global_step % cfg.train.log_every == 0 or last_of_epoch):
                 metrics_log.write(
-                    json.dumps(
-                        {
-                            "epoch": epoch,
-                            "step": step,
-                            "global_step": global_step,
-                            "total_steps": total_steps,
-                            "partition": batch.partition,
-                            "resolution": resolution,
-                            "images": n_global,
-                            "step_s": time.perf_counter() - t0,
-                            "read_wait_s": batch.read_wait_s,
-                            "lr": lr,
-                            "damp_sigma": sigma,
-                            **step_metrics,
-                        }
-                    )
-                    + "\n"
+                    {
+                        "epoch": epoch,
+                        "step": step,
+                        "global_step": global_step,
+                        "total_steps": total_steps,
+                        "partition": batch.partition,
+                        "resolution": resolution,
+                        "images": n_global,
+                        "step_s": time.perf_counter() - t0,
+                        "read_wait_s": batch.read_wait_s,
+                        "lr": lr,
+                        "damp_sigma": sigma,
+                        **step_metrics,
+                    }
                 )
-                metrics_log.flush()
             if cfg.debug.kill_at_step is not None and global_step == cfg.debug.kill_at_step + 1:
                 marker = f"killed-{cfg.debug.kill_at_step}"
-                if rank == cfg.debug.kill_rank and not _exists(cfg.out, marker):
-                    _touch(cfg.out, marker)
+                if rank == cfg.debug.kill_rank and not out.exists(marker):
+                    out.touch(marker)
                     os.kill(os.getpid(), signal.SIGKILL)
             done = cfg.train.max_steps is not None and global_step >= cfg.train.max_steps
             if last_of_epoch:
@@ -583,8 +643,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 checkpoint(epoch, step + 1, {"epoch": epoch, "global_step": global_step, **step_metrics})
             if cfg.debug.stop_after_step is not None and global_step == cfg.debug.stop_after_step + 1:
                 marker = f"stopped-{cfg.debug.stop_after_step}-rank{rank}"
-                if not _exists(cfg.out, marker):
-                    _touch(cfg.out, marker)
+                if not out.exists(marker):
+                    out.touch(marker)
                     raise RuntimeError(f"debug.stop_after_step: stopping after global step {global_step - 1}")
             if done:
                 break
@@ -600,31 +660,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         store_phis = {t: store.phis(t) for t in run["teachers"]}
         for name, st in students.items():
             model = st.ema if (cfg.train.export_ema and st.ema is not None) else st.model
-            export_to(cfg.out, name, model, store_phis, run)
+            export_to(out, name, model, store_phis, run)
 
 
-def _exists(out: str, rel: str) -> bool:
-    fs, root = fsspec.core.url_to_fs(out)
-    return bool(fs.exists(f"{root.rstrip('/')}/{rel}"))
-
-
-def _touch(out: str, rel: str) -> None:
-    with _open(out, rel, "w") as f:
-        f.write(str(time.time()))
-
-
-def export_to(out: str, name: str, model: StudentModel, phis: dict[str, Any], run: dict[str, Any]) -> None:
+def export_to(out: RunDir, name: str, model: StudentModel, phis: dict[str, Any], run: dict[str, Any]) -> None:
     """Export one student under OUT/students/<name> (written locally, then copied for remote outs)."""
     extra = {"fingerprints": run["fingerprints"], "phis_sha256": run["phis_sha256"], "digest": run["digest"]}
-    fs, root = fsspec.core.url_to_fs(out)
-    dest = f"{root.rstrip('/')}/students/{name}"
+    dest = out.path(f"students/{name}")
     model = model.to("cpu")
-    if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
+    if out.is_local:
         export_student(model, dest, phis=phis, extra=extra)
         return
     with tempfile.TemporaryDirectory() as d:
         export_student(model, d, phis=phis, extra=extra)
-        fs.put(d.rstrip("/") + "/", dest, recursive=True)
+        for f in sorted(Path(d).rglob("*")):
+            if f.is_file():
+                out.fs.makedirs(f"{dest}/{f.relative_to(d).parent}".rstrip("/."), exist_ok=True)
+                out.fs.put_file(str(f), f"{dest}/{f.relative_to(d)}")
 
 
 # -- the driver ------------------------------------------------------------------------------------------------
@@ -641,11 +693,16 @@ def run_distill(
 
     run = prepare_run(cfg)
     _init_ray(cfg.ray)
-    fs, root = fsspec.core.url_to_fs(cfg.out)
-    fs.makedirs(root, exist_ok=True)
-    with _open(cfg.out, "run.json", "w") as f:
+    out = RunDir(cfg.out, cfg.out_storage_options)
+    out.fs.makedirs(out.root, exist_ok=True)
+    with out.open("run.json", "w") as f:
         f.write(json.dumps({"config": cfg.model_dump(mode="json"), "run": run}, indent=1))
-    storage = cfg.out if "://" in cfg.out else str(Path(cfg.out).resolve())
+    if out.is_local:
+        storage, storage_fs = str(Path(cfg.out).resolve()), None
+    else:  # Ray Train writes checkpoints through the same fsspec filesystem (endpoint, credentials) as the rest
+        import pyarrow.fs as pafs
+
+        storage, storage_fs = out.root, pafs.PyFileSystem(pafs.FSSpecHandler(out.fs))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "run": run},
@@ -657,6 +714,7 @@ def run_distill(
         run_config=ray.train.RunConfig(
             name=cfg.name,
             storage_path=f"{storage.rstrip('/')}/ray",
+            storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
@@ -664,7 +722,7 @@ def run_distill(
     stop = threading.Event()
     follower = None
     if on_metrics is not None:
-        follower = threading.Thread(target=_follow, args=(cfg.out, on_metrics, stop), daemon=True)
+        follower = threading.Thread(target=_follow, args=(out, on_metrics, stop), daemon=True)
         follower.start()
     t0 = time.perf_counter()
     try:
@@ -673,7 +731,7 @@ def run_distill(
         stop.set()
         if follower is not None:
             follower.join(timeout=5)
-    lines = read_metrics(cfg.out)
+    lines = read_metrics(cfg.out, cfg.out_storage_options)
     last = lines[-1] if lines else {}
     return {
         "out": cfg.out,
@@ -687,17 +745,15 @@ def run_distill(
     }
 
 
-def read_metrics(out: str) -> list[dict[str, Any]]:
+def read_metrics(out: str | RunDir, storage_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """The run's metrics, one dict per logged step; steps re-run after a restart keep their latest line."""
-    if not _exists(out, "metrics.jsonl"):
-        return []
-    with _open(out, "metrics.jsonl", "r") as f:
-        lines = [json.loads(line) for line in f if line.strip()]
+    run = out if isinstance(out, RunDir) else RunDir(out, storage_options)
+    lines = [json.loads(line) for line in run.read_lines("metrics.jsonl") if line.strip()]
     latest = {line["global_step"]: line for line in lines}
     return [latest[k] for k in sorted(latest)]
 
 
-def _follow(out: str, on_metrics: Callable[[dict[str, Any]], None], stop: Any) -> None:
+def _follow(out: RunDir, on_metrics: Callable[[dict[str, Any]], None], stop: Any) -> None:
     seen = 0
     while not stop.is_set():
         try:
@@ -710,19 +766,19 @@ def _follow(out: str, on_metrics: Callable[[dict[str, Any]], None], stop: Any) -
         stop.wait(0.5)
 
 
-def sample_audit(out: str) -> dict[int, dict[str, int]]:
+def sample_audit(out: str, storage_options: dict[str, Any] | None = None) -> dict[int, dict[str, int]]:
     """Which ids the surviving training history saw, per epoch: {epoch: {id: times}}.
 
     Each worker logs a ``start`` line (the position it resumed from) and one line per step. Steps an attempt
     ran after the position the next attempt resumed from were rolled back with the checkpoint, so they are
     not counted. A clean run has every committed id exactly once per epoch.
     """
-    fs, root = fsspec.core.url_to_fs(out)
-    files = sorted(fs.glob(f"{root.rstrip('/')}/samples/rank-*.jsonl"))
+    run = RunDir(out, storage_options)
+    files = sorted(run.fs.glob(run.path("samples/rank-*.jsonl")))
     attempts: list[list[tuple[tuple[int, int], list[dict[str, Any]]]]] = []
     for path in files:
         per_rank: list[tuple[tuple[int, int], list[dict[str, Any]]]] = []
-        with fs.open(path, "r") as f:
+        with run.fs.open(path, "r") as f:
             for line in f:
                 if not line.strip():
                     continue

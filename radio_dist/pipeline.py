@@ -17,6 +17,7 @@ outputs are then normalized and written — so every teacher still runs exactly 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -130,6 +131,8 @@ class CacheSummary:
     fit_seconds: float = 0.0  # one-time PHI-S phase: fit sample through the teachers, fit, normalize, write
     phis_fitted: bool = False
     teacher_forwards: dict[str, dict[str, int]] = field(default_factory=dict)
+    # teacher -> partition -> inputs its model ran on (= images, or ceil(images / k^2) with a k x k mosaic)
+    teacher_inputs: dict[str, dict[str, int]] = field(default_factory=dict)
     errors: list[dict[str, str]] = field(default_factory=list)  # first few error rows (source, message)
 
     @property
@@ -261,7 +264,7 @@ class TeacherStage:
                 tuple(out.dense.shape[1:]),
                 None if out.summary is None else out.summary.shape[1],
             )
-        self.teacher.forward_images = self.teacher.forward_calls = 0
+        self.teacher.forward_images = self.teacher.forward_calls = self.teacher.model_inputs = 0
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         # Ray Data may call the UDF from another thread than __init__; OpenMP's thread count is per thread,
@@ -276,6 +279,7 @@ class TeacherStage:
             dshape, sdim = self.shapes[p]
             dense_out = np.zeros((n, *dshape), dtype)
             summ_out = np.zeros((n, sdim), np.float32) if sdim is not None else None
+            inputs_before = self.teacher.model_inputs
             if ok.any():
                 res = self.teacher.input_resolution(p, self.sizes[p])
                 out = self.teacher(np.asarray(batch[_col("img", p)])[ok], resolution=res)
@@ -288,6 +292,9 @@ class TeacherStage:
             batch[_col("dense", name, p)] = dense_out
             if summ_out is not None:
                 batch[_col("summary", name, p)] = summ_out
+            fw_inputs = np.zeros(n, np.int64)
+            fw_inputs[0] = self.teacher.model_inputs - inputs_before
+            batch[_col("fwin", name, p)] = fw_inputs
         fw_img = np.zeros(n, np.int64)
         fw_calls = np.zeros(n, np.int64)
         fw_img[0] = self.teacher.forward_images - before_i
@@ -380,6 +387,9 @@ class WriteStage:
         for t in self.teachers:
             stats[_col("fwimg", t)] = np.array([int(np.asarray(batch[_col("fwimg", t)]).sum())])
             stats[_col("fwcalls", t)] = np.array([int(np.asarray(batch[_col("fwcalls", t)]).sum())])
+            for p in self.partitions:  # only the partitions this teacher runs on have the column
+                if _col("fwin", t, p) in batch:
+                    stats[_col("fwin", t, p)] = np.array([int(np.asarray(batch[_col("fwin", t, p)]).sum())])
         return stats
 
 
@@ -396,8 +406,9 @@ def _init_ray(cfg: RayConfig) -> None:
     if ray.is_initialized():
         return
     kwargs: dict[str, Any] = {"logging_level": "warning", "log_to_driver": cfg.log_to_driver}
-    if cfg.address:
-        kwargs["address"] = cfg.address
+    if cfg.address or os.environ.get("RAY_ADDRESS"):  # a cluster (inside a Ray job RAY_ADDRESS is set)
+        if cfg.address:
+            kwargs["address"] = cfg.address
     else:
         # Task workers (decode/write) must not be killed as soon as they idle: with actors holding most of
         # a small machine's CPUs, Ray's default soft limit (= num_cpus workers) recycles them after 1 s and
@@ -495,6 +506,10 @@ def _write(ds: Any, cfg: CacheJobConfig, summary: CacheSummary, progress: Progre
             fw = summary.teacher_forwards.setdefault(t, {"images": 0, "calls": 0})
             fw["images"] += int(row[_col("fwimg", t)])
             fw["calls"] += int(row[_col("fwcalls", t)])
+            for p in cfg.pipeline.partitions:
+                if _col("fwin", t, p) in row:
+                    inputs = summary.teacher_inputs.setdefault(t, {})
+                    inputs[p] = inputs.get(p, 0) + int(row[_col("fwin", t, p)])
         if len(summary.errors) < 20:
             summary.errors.extend({"source": s, "error": e} for s, e in json.loads(row["errors"]))
         if progress:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from radio_dist.config import StrictModel
 
@@ -81,6 +81,9 @@ class TeacherRuntime(StrictModel):
     )
 
 
+MOSAIC_K = "mosaic_k"  # the spec option holding the mosaic's views per side
+
+
 class TeacherSpec(StrictModel):
     name: str = Field(description="Key of this teacher in the store (unique per job).")
     family: str = Field(
@@ -107,8 +110,15 @@ class TeacherSpec(StrictModel):
     num_prefix_tokens: int | None = Field(
         None, description="Prefix tokens (CLS + registers) to drop from ViT outputs; None = from the model."
     )
-    adaptation: Adaptation = Field(Adaptation.none, description="none | featsharp | mosaic.")
-    options: dict[str, Any] = Field(default_factory=dict, description="Family-specific constructor options.")
+    adaptation: Adaptation = Field(
+        Adaptation.none,
+        description="none | featsharp | mosaic (mosaic: options.mosaic_k = views per side of one native input).",
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Family-specific constructor options (e.g. timm kwargs overrides); `mosaic_k` is reserved "
+        "for adaptation=mosaic.",
+    )
     runtime: TeacherRuntime = Field(default_factory=TeacherRuntime, description="Pool / batch / device.")
 
     @field_validator("name")
@@ -124,6 +134,33 @@ class TeacherSpec(StrictModel):
         if v not in {"cls", "pooled", "map", "none"}:
             raise ValueError(f"summary {v!r} must be one of cls, pooled, map, none")
         return v
+
+    @model_validator(mode="after")
+    def _adaptation_ok(self) -> TeacherSpec:
+        k = self.options.get(MOSAIC_K)
+        if self.adaptation == Adaptation.mosaic:
+            if not isinstance(k, int) or isinstance(k, bool) or k < 2:
+                raise ValueError(
+                    f"teacher {self.name!r}: adaptation=mosaic needs options.{MOSAIC_K}, an integer >= 2 "
+                    f"(views per side of one native input, e.g. 3 for 336 px views in SAM3's 1008 px); got {k!r}"
+                )
+            if self.runtime.batch_size % (k * k):
+                raise ValueError(
+                    f"teacher {self.name!r}: runtime.batch_size={self.runtime.batch_size} is not a multiple of "
+                    f"{MOSAIC_K}**2 = {k * k}; set it to one (e.g. {k * k * max(1, self.runtime.batch_size // (k * k))}) "
+                    "so every batch fills whole mosaics"
+                )
+        elif k is not None:
+            raise ValueError(
+                f"teacher {self.name!r}: options.{MOSAIC_K} is set but adaptation is "
+                f"{self.adaptation.value!r}; set adaptation: mosaic or remove {MOSAIC_K}"
+            )
+        return self
+
+    @property
+    def mosaic_k(self) -> int | None:
+        """Views per mosaic side when ``adaptation`` is mosaic, else None (part of the fingerprint via options)."""
+        return int(self.options[MOSAIC_K]) if self.adaptation == Adaptation.mosaic else None
 
     def identity(self) -> dict[str, Any]:
         """The parts of the spec that determine the targets (everything but ``runtime``)."""
@@ -191,7 +228,9 @@ class Teacher(torch.nn.Module):
 
     ``_features`` receives normalized float NCHW images at the requested resolution and returns
     ``(summary [B,C] | None, dense [B,h,w,C'])``. The base class counts forward calls and images so
-    the pipeline can prove each teacher ran once per image.
+    the pipeline can prove each teacher ran once per image, and ``model_inputs``: the inputs the model
+    itself ran on. That equals the images unless a family repacks the batch (SAM3's mosaic runs k*k views
+    as one native input); such a family adds to ``model_inputs`` itself, in its model call.
     """
 
     _mean: torch.Tensor
@@ -204,6 +243,7 @@ class Teacher(torch.nn.Module):
         self.register_buffer("_std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
         self.forward_calls = 0
         self.forward_images = 0
+        self.model_inputs = 0
 
     def _features(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         raise NotImplementedError  # abstract: every registered family implements it
@@ -235,8 +275,11 @@ class Teacher(torch.nn.Module):
         x = (x - self._mean) / self._std
         self.forward_calls += 1
         self.forward_images += x.shape[0]
+        inputs_before = self.model_inputs
         with self._autocast():
             summary, dense = self._features(x)
+        if self.model_inputs == inputs_before:  # the family ran its model on the batch as given
+            self.model_inputs += x.shape[0]
         return TeacherOutput(
             summary=None if summary is None else summary.float(),
             dense=dense.float(),
@@ -295,7 +338,14 @@ def create_teacher(spec: TeacherSpec, device: str | torch.device = "cpu") -> Tea
 
 
 def preset_spec(name: str) -> TeacherSpec:
-    """The ready-to-run spec of a registered family (``--teachers efficientnet_lite0,mobilenet_v2``)."""
+    """The ready-to-run spec of a registered family, by family or preset name (``--teachers
+    efficientnet_lite0,mobilenet_v2`` or ``--teachers dinov3_tiny``)."""
+    entries = registered_teachers()
+    if name not in entries:  # a preset's store name, e.g. dinov3_tiny of family dinov3
+        for e in entries.values():
+            spec = e.default_spec() if e.default_spec is not None else None
+            if spec is not None and spec.name == name:
+                return spec
     entry = get_entry(name)
     if entry.default_spec is None:
         raise ValueError(

@@ -1,0 +1,155 @@
+"""`radio-dist submit` against a real Ray head started on loopback (`ray start --head`), then stopped.
+
+The head gets its own --temp-dir so that nothing else on the machine (the test session's own local Ray)
+mistakes it for "the" local cluster, and it runs in its own process group so stopping it stops only it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from radio_dist.cli import app
+from radio_dist.distill import sample_audit
+from radio_dist.store import FeatureStore, verify_store
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+runner = CliRunner()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    temp = tmp_path_factory.mktemp("rayhead")
+    port, dash = free_port(), free_port()
+    # A loopback-only test cluster: token auth off (Ray 2.5x turns it on for `ray start`; a real cluster keeps it
+    # on and the client finds the token in RAY_AUTH_TOKEN or ~/.ray/auth_token).
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "disabled",
+    }
+    env.pop("RAY_ADDRESS", None)
+    head = subprocess.Popen(
+        [
+            str(BIN / "ray"), "start", "--head", "--block",
+            f"--port={port}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
+            "--node-ip-address=127.0.0.1", "--num-cpus=2", "--include-dashboard=true",
+            f"--temp-dir={temp}",
+        ],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    address = f"http://127.0.0.1:{dash}"
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                JobSubmissionClient(address).list_jobs()
+                break
+            except Exception as e:
+                if head.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"ray head did not come up at {address}: {e}") from None
+                time.sleep(1)
+        yield address
+    finally:
+        _stop(head)
+
+
+def _stop(head: subprocess.Popen) -> None:
+    os.killpg(head.pid, signal.SIGTERM)
+    try:
+        head.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
+
+
+def test_submit_validates_before_uploading(tmp_path):
+    res = runner.invoke(
+        app,
+        [
+            "submit",
+            "distill",
+            "--config",
+            str(REPO / "jobs/configs/distill_sample.yaml"),
+            "--set",
+            "train.epoch=3",
+        ],
+    )
+    assert res.exit_code == 2 and "unknown key 'epoch'" in res.output
+    res = runner.invoke(
+        app, ["submit", "train_everything", "--config", str(REPO / "jobs/configs/distill_sample.yaml")]
+    )
+    assert res.exit_code == 2 and "unknown job 'train_everything'" in res.output
+
+
+@pytest.mark.slow  # ~2 min on 2 cores: a cluster start, two job uploads, two jobs
+def test_submit_cache_then_distill_jobs(ray_head, tmp_path):
+    store = tmp_path / "store"
+    out = tmp_path / "run"
+    res = runner.invoke(
+        app,
+        [
+            "submit", "cache_teachers", "--address", ray_head, "--working-dir", str(REPO),
+            "--config", str(REPO / "jobs/configs/cache_sample.yaml"),
+            "--set", f"store.url={store}", "--set", "source.views=16", "--set", "phis.fit_images=16",
+        ],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "SUCCEEDED" in res.stdout
+    report = verify_store(FeatureStore(str(store)))
+    assert report["ok"], report
+    assert len(FeatureStore(str(store)).committed_ids()) == 16
+
+    res = runner.invoke(
+        app,
+        [
+            "submit", "distill", "--address", ray_head, "--working-dir", str(REPO),
+            "--config", str(REPO / "jobs/configs/distill_sample.yaml"),
+            "--set", f"store.url={store}", "--set", f"out={out}",
+            "--set", "train.epochs=1", "--set", "train.batch_size=8", "--set", "train.threads=1",
+            "--set", 'students=[{"name": "tiny", "kind": "cradio", "arch": "tiny", "head_hidden": 32}]',
+        ],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert (out / "students" / "tiny" / "model.safetensors").is_file()
+    seen = sample_audit(str(out))
+    assert set(seen) == {0} and sorted(seen[0].values()) == [1] * 16
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["global_step"] == 2
+
+
+@pytest.mark.slow
+def test_a_failing_job_fails_the_command(ray_head, tmp_path):
+    res = runner.invoke(
+        app,
+        [
+            "submit", "distill", "--address", ray_head, "--working-dir", str(REPO),
+            "--config", str(REPO / "jobs/configs/distill_sample.yaml"),
+            "--set", f"store.url={tmp_path / 'no-store'}", "--set", f"out={tmp_path / 'run'}",
+        ],
+    )  # fmt: skip
+    assert res.exit_code == 1
+    assert "FAILED" in res.stdout
+    assert "not a radio-dist store" in res.output  # the job's own error, followed from its logs
