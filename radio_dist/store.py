@@ -11,6 +11,17 @@ A shard is visible only through its manifest part, so a crash at any moment leav
 shards visible; a shard directory without a manifest part is an orphan that readers never touch. Shard ids
 are derived from the image ids they hold, so a retried write (Ray tasks are at-least-once) targets the same
 shard and is skipped once committed.
+
+Backends. Locally, small files are written to a temporary name, fsynced and renamed; shard data is fsynced
+before its commit. On object stores (s3:// through s3fs) every object is written by exactly one PUT of its
+whole bytes (no open()/close() streams: s3fs writes what it has on close even after an exception), a
+shard's objects are built in memory and uploaded together, and its manifest part is PUT only once every
+data PUT has succeeded. Each shard group carries consolidated Zarr metadata, so opening one costs a single
+GET. Transient object-store errors (503 SlowDown, dropped connections, short reads) are retried with
+backoff by botocore (on s3://, unless ``storage_options["config_kwargs"]["retries"]`` says otherwise:
+``S3_RETRIES``) and by s3fs; a write that still fails raises before its commit, so nothing becomes visible
+and a re-run redoes the shard.
+Listings are never served from fsspec's listing cache: another process may have committed since.
 """
 
 from __future__ import annotations
@@ -19,9 +30,11 @@ import hashlib
 import io
 import json
 import os
+import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+import warnings
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +68,12 @@ MANIFEST_SCHEMA = pa.schema(
     ]
 )
 ROW_FIELDS = ("id", "source", "view", "status", "error", "width", "height", "mode", "geometry")
+
+# botocore retries for s3:// stores whose storage_options name none. "standard" retries throttling (503
+# SlowDown), 5xx and connection errors with exponential backoff and jitter; botocore's default ("legacy", 4
+# retries) gives up sooner under a burst of throttling. s3fs's own retries do not cover everything: a
+# 503 on a HEAD has no body, so s3fs does not recognise it as SlowDown.
+S3_RETRIES: dict[str, Any] = {"max_attempts": 10, "mode": "standard"}
 
 
 class StoreConfig(StrictModel):
@@ -133,9 +152,19 @@ class FeatureStore:
     # -- paths ---------------------------------------------------------------------------------------------
     @property
     def fs(self) -> fsspec.AbstractFileSystem:
-        if self._fs is None:
-            self._fs, self._root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        if self._fs is None:  # set _root first: other threads take a non-None _fs as "ready"
+            fs, self._root = fsspec.core.url_to_fs(self.url, **self.fs_options())
+            self._fs = fs
         return self._fs
+
+    def fs_options(self) -> dict[str, Any]:
+        """The fsspec options in effect: ``storage_options``, plus ``S3_RETRIES`` on s3:// if none given."""
+        opts = dict(self.storage_options)
+        if self.url.startswith(("s3://", "s3a://")):
+            config = dict(opts.get("config_kwargs") or {})
+            config.setdefault("retries", dict(S3_RETRIES))
+            opts["config_kwargs"] = config
+        return opts
 
     @property
     def root(self) -> str:
@@ -149,22 +178,27 @@ class FeatureStore:
     def _path(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *parts])
 
+    def _fresh(self, path: str) -> str:
+        """``path``, with any cached listing of it (and of its parents) dropped: others may have written."""
+        self.fs.invalidate_cache(path)
+        return path
+
     def exists(self) -> bool:
-        return bool(self.fs.exists(self._path("store.json")))
+        return bool(self.fs.exists(self._fresh(self._path("store.json"))))
 
     # -- small atomic files ----------------------------------------------------------------------------------
     def _put_atomic(self, rel: str, data: bytes) -> None:
         """Write a whole object so readers see all of it or none (rename locally; one PUT on object stores)."""
         path = self._path(rel)
-        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         if self.is_local:
+            self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
             tmp = f"{path}.tmp-{uuid.uuid4().hex}"
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        else:
+        else:  # one PUT of the whole object (a multipart upload above 100 MB is just as all-or-nothing)
             self.fs.pipe_file(path, data)
 
     def _get(self, rel: str) -> bytes:
@@ -265,6 +299,7 @@ class FeatureStore:
 
     # -- manifest --------------------------------------------------------------------------------------------
     def manifest_parts(self) -> list[str]:
+        self._fresh(self._path("manifest"))
         pattern = self._path("manifest", "*.parquet")
         return sorted(p for p in self.fs.glob(pattern) if ".tmp-" not in p)
 
@@ -288,17 +323,50 @@ class FeatureStore:
         if self.is_local:
             return zarr.storage.LocalStore(self._path("shards", shard))
         return zarr.storage.FsspecStore.from_url(
-            f"{self.url}/shards/{shard}", storage_options=self.storage_options
+            f"{self.url}/shards/{shard}", storage_options=self.fs_options()
         )
 
     def is_committed(self, shard: str) -> bool:
-        return bool(self.fs.exists(self._path("manifest", f"{shard}.parquet")))
+        return bool(self.fs.exists(self._fresh(self._path("manifest", f"{shard}.parquet"))))
 
     def shard_writer(self, ids: Iterable[str], chunk_bytes: int = 1 << 20) -> ShardWriter:
         return ShardWriter(self, shard_id_for(ids), chunk_bytes)
 
     def open_shard(self, shard: str) -> zarr.Group:
-        return zarr.open_group(self._zarr_store(shard), mode="r")
+        # consolidated metadata (when the shard has it): one GET instead of a listing + one GET per node
+        return zarr.open_group(self._zarr_store(shard), mode="r", zarr_format=3, use_consolidated=None)
+
+    def _write_shard_data(self, shard: str, arrays: dict[str, np.ndarray], chunk_bytes: int) -> int:
+        """Write a shard's Zarr group whole and make it durable (before any commit); returns data bytes.
+
+        Locally through Zarr's LocalStore, then fsync. On object stores each array is encoded in memory and
+        its chunks uploaded together (one PUT per object), then the metadata documents; objects left under
+        the shard's prefix by an earlier, interrupted attempt at the same shard are removed.
+        """
+        if self.is_local:
+            local = zarr.storage.LocalStore(self._path("shards", shard))
+            _fill_group(zarr.open_group(local, mode="w", zarr_format=3), arrays, chunk_bytes, None)
+            _consolidate(local)
+            _fsync_tree(self._path("shards", shard))
+            return sum(a.nbytes for a in arrays.values())
+        prefix = self._path("shards", shard)
+        stale = set(self.fs.find(self._fresh(prefix)))
+        objects: dict[str, Any] = {}  # zarr key -> Buffer
+
+        def upload(keys: list[str]) -> None:  # concurrent PUTs, each retried by s3fs/botocore
+            self.fs.pipe({f"{prefix}/{k}": objects.pop(k).to_bytes() for k in keys})
+            stale.difference_update(f"{prefix}/{k}" for k in keys)
+
+        def upload_chunks(name: str) -> None:  # as each array is done: one array's bytes in memory at a time
+            upload([k for k in objects if k.startswith(f"{name}/c/")])
+
+        mem = zarr.storage.MemoryStore(store_dict=objects)
+        _fill_group(zarr.open_group(mem, mode="w", zarr_format=3), arrays, chunk_bytes, upload_chunks)
+        _consolidate(mem)
+        upload(list(objects))
+        if stale:
+            self.fs.rm(sorted(stale))
+        return sum(a.nbytes for a in arrays.values())
 
     def read_shard(self, shard: str, names: list[str] | None = None) -> dict[str, np.ndarray]:
         """Arrays of one committed shard, as stored (uint8 images, float16 dense, float32 summary)."""
@@ -325,7 +393,7 @@ class FeatureStore:
         return dense, summary
 
     def shard_dirs(self) -> list[str]:
-        base = self._path("shards")
+        base = self._fresh(self._path("shards"))
         if not self.fs.exists(base):
             return []
         return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(base, detail=False))
@@ -335,7 +403,7 @@ class FeatureStore:
         return sorted(set(self.shard_dirs()) - {shard_of_part(p) for p in self.manifest_parts()})
 
     def nbytes(self, rel: str = "") -> int:
-        path = self._path(rel) if rel else self.root
+        path = self._fresh(self._path(rel) if rel else self.root)
         return int(self.fs.du(path)) if self.fs.exists(path) else 0
 
 
@@ -347,6 +415,38 @@ def shard_of_part(path: str) -> str:
 def _arr(group: zarr.Group, name: str) -> Any:
     """A member array of a group (typed loosely: zarr's stubs do not narrow Array | Group)."""
     return group[name]
+
+
+def _fill_group(
+    group: zarr.Group,
+    arrays: dict[str, np.ndarray],
+    chunk_bytes: int,
+    after_array: Callable[[str], None] | None,
+) -> None:
+    """Create and fill one uncompressed array per entry, chunked along rows to ~``chunk_bytes``.
+
+    ``after_array(name)``, if given, is called once each array is written.
+    """
+    for name, arr in arrays.items():
+        per_row = max(1, arr[0].nbytes)
+        k = int(min(len(arr), max(1, -(-chunk_bytes // per_row))))
+        za = group.create_array(
+            name, shape=arr.shape, dtype=arr.dtype, chunks=(k, *arr.shape[1:]), compressors=None
+        )
+        za[...] = arr
+        if after_array is not None:
+            after_array(name)
+
+
+_WARNINGS_LOCK = threading.Lock()  # catch_warnings() swaps process-wide state: one thread at a time
+
+
+def _consolidate(store: Any) -> None:
+    # Zarr warns that consolidated metadata is not (yet) in the v3 spec; zarr-python reads it, and opening
+    # a shard with it costs one request instead of one per node, which matters on object stores.
+    with _WARNINGS_LOCK, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Consolidated metadata is currently not part", UserWarning)
+        zarr.consolidate_metadata(store, zarr_format=3)
 
 
 def _array_names(group: zarr.Group, prefix: str = "") -> Iterator[str]:
@@ -405,19 +505,7 @@ class ShardWriter:
             raise ValueError(f"shard {self.shard}: duplicate image ids in one shard")
         if self.store.is_committed(self.shard):  # a retried task: the first attempt already committed
             return ShardResult(self.shard, len(ok), n_err, 0, skipped=True)
-        nbytes = 0
-        if ok:
-            group = zarr.open_group(self.store._zarr_store(self.shard), mode="w")
-            for name, arr in self.arrays.items():
-                per_row = max(1, arr[0].nbytes)
-                k = int(min(len(ok), max(1, -(-self.chunk_bytes // per_row))))
-                za = group.create_array(
-                    name, shape=arr.shape, dtype=arr.dtype, chunks=(k, *arr.shape[1:]), compressors=None
-                )
-                za[...] = arr
-                nbytes += arr.nbytes
-            if self.store.is_local:
-                _fsync_tree(self.store._path("shards", self.shard))
+        nbytes = self.store._write_shard_data(self.shard, self.arrays, self.chunk_bytes) if ok else 0
         now = time.time()
         table_rows = []
         ok_i = 0

@@ -1,12 +1,34 @@
-"""Shared test set-up: one real local Ray instance per test session (start-up costs seconds)."""
+"""Shared test set-up: one real local Ray instance and one real S3-compatible server per test session.
+
+Ray start-up costs seconds, so one instance serves every test that asks for ``ray_local``. ``s3_server``
+runs moto's S3 server on loopback (the real HTTP API: s3fs, Zarr and pyarrow talk to it as to S3).
+"""
 
 from __future__ import annotations
 
+import logging
 import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach a hub
+
+# Fake AWS credentials for the loopback S3 server, set before anything (Ray workers included) starts, so
+# every process of the session inherits them — the standard variables, as on a cluster. Forced, never
+# defaulted: a developer's real credentials (or profile) must not be used by, or sent from, a test.
+os.environ.update(
+    AWS_ACCESS_KEY_ID="testing",
+    AWS_SECRET_ACCESS_KEY="testing",
+    AWS_SESSION_TOKEN="testing",
+    AWS_DEFAULT_REGION="us-east-1",
+)
+os.environ.pop("AWS_PROFILE", None)
+
+S3_BUCKET = "radio-dist-test"
 
 
 @pytest.fixture(scope="session")
@@ -16,3 +38,37 @@ def ray_local():
     ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
     yield ray
     ray.shutdown()
+
+
+@dataclass(frozen=True)
+class S3Server:
+    """A running S3-compatible server: ``endpoint`` (http://127.0.0.1:port) and one empty ``bucket``."""
+
+    endpoint: str
+    bucket: str
+
+    def storage_options(self, endpoint: str | None = None) -> dict[str, Any]:
+        """fsspec/s3fs options reaching this server (or a proxy in front of it); credentials: from env."""
+        return {"client_kwargs": {"endpoint_url": endpoint or self.endpoint}}
+
+    def url(self, name: str = "") -> str:
+        """A fresh, unique ``s3://bucket/...`` prefix, so that tests sharing the server never collide."""
+        return f"s3://{self.bucket}/{name or 'test'}-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+    # port 0: the OS picks a free port when the server binds (no race with other processes)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    try:
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=S3_BUCKET)
+        yield S3Server(endpoint, S3_BUCKET)
+    finally:
+        server.stop()

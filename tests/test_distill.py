@@ -146,3 +146,28 @@ def test_stopped_job_relaunched_finishes_the_epoch_and_exports(ray_local, store_
     )
     cfgjson = json.loads((out / "students" / "cradio" / "config.json").read_text())
     assert cfgjson["extra"]["fingerprints"] == {"t1": "fp-t1", "t2": "fp-t2"}
+
+
+@pytest.mark.slow  # ~100 s here: every checkpoint and log sync goes through the loopback S3 server
+def test_run_directory_on_s3(ray_local, s3_server, store_url):
+    """Checkpoints (through Ray Train), metrics, the sample audit and the export all land on S3."""
+    out = s3_server.url("run")
+    opts = s3_server.storage_options()
+    cfg = DistillConfig.model_validate(
+        {
+            **make_cfg(store_url, Path("unused"), epochs=1, checkpoint_every=4).model_dump(),
+            "out": out,
+            "out_storage_options": opts,
+        }
+    )
+    summary = run_distill(cfg)
+    audit = sample_audit(out, opts)
+    assert sorted(audit) == [0] and sorted(audit[0].values()) == [1] * 34
+    metrics = read_metrics(out, opts)
+    assert metrics[-1]["global_step"] == summary["global_step"] == 9  # ceil(34 / 4)
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(out, **opts)
+    names = {p.rsplit("/", 1)[-1] for p in fs.find(f"{root}/students/cradio")}
+    assert {"model.safetensors", "config.json", "t1.safetensors", "t2.safetensors"} <= names
+    assert any("checkpoint_" in p for p in fs.find(f"{root}/ray"))  # Ray Train's checkpoints, on S3
