@@ -162,6 +162,8 @@ def cache_teachers(
                 info=f"ok {ev['ok']} err {ev['error']} {ev['bytes'] / 1e6:.1f} MB",
             )
 
+    if as_json:  # stdout is the JSON summary: keep Ray's forwarded worker logs out of it
+        cfg.ray.log_to_driver = False
     try:
         summary = run_cache(cfg, on_event)
     except (SourceError, StoreError, ConfigError) as e:

@@ -43,6 +43,7 @@ from radio_dist.sources import (
 from radio_dist.store import (
     FeatureStore,
     StoreConfig,
+    WriterLock,
     array_key,
     image_key,
 )
@@ -566,11 +567,17 @@ def _fit_phis(
 
 def run_cache(cfg: CacheJobConfig, progress: ProgressFn | None = None) -> CacheSummary:
     """Run a caching job to completion (or resume one): returns what was done."""
+
+    store = FeatureStore.from_config(cfg.store)
+    with WriterLock(store, job="cache-teachers"):  # a second caching job on this store is refused
+        return _run_cache(cfg, store, progress)
+
+
+def _run_cache(cfg: CacheJobConfig, store: FeatureStore, progress: ProgressFn | None) -> CacheSummary:
     import ray.data
 
     t0 = time.perf_counter()
     summary = CacheSummary()
-    store = FeatureStore.from_config(cfg.store)
     store.init_or_check(cfg.pipeline.partitions, teacher_records(cfg.teachers))
 
     items: list[SourceItem] = list_items(cfg.source)

@@ -93,7 +93,16 @@ def submit_and_follow(
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(address)
-    job_id = client.submit_job(**submission)
+    job_id = None
+    submit_deadline = time.monotonic() + 120
+    while job_id is None:
+        try:
+            job_id = client.submit_job(**submission)
+        except RuntimeError as e:  # a head that just started has no job agent yet: retry for a while
+            if "No available agent" not in str(e) or time.monotonic() > submit_deadline:
+                raise
+            log("the cluster's job agent is not up yet; retrying ...")
+            time.sleep(2.0)
     log(f"submitted {job_id} to {address}: {submission['entrypoint']}")
     if not follow:
         return job_id, str(client.get_job_status(job_id).value)

@@ -20,7 +20,7 @@ import torch
 from fixtures import FIXTURE_MAX_PIXELS, make_bad_inputs, write_good_photos
 
 from radio_dist.pipeline import CacheJobConfig, run_cache
-from radio_dist.store import FeatureStore, StoreMismatchError, store_info, verify_store
+from radio_dist.store import FeatureStore, StoreLockedError, StoreMismatchError, store_info, verify_store
 from radio_dist.teacher import create_teacher, preset_spec
 
 TEACHERS = ["efficientnet_lite0", "mobilenet_v2"]
@@ -156,6 +156,9 @@ def test_sigkill_then_rerun_finishes_without_recompute_or_duplicates(tmp_path):
             break
         time.sleep(0.2)
     assert proc.poll() is None, "the run finished before it could be killed"
+    # a second caching job on the same store is refused, naming the running one, and writes nothing
+    with pytest.raises(StoreLockedError, match=rf"another cache-teachers: host \S+ pid {proc.pid}"):
+        run_cache(job({"kind": "sample-photos", "views": 60}, store_url))
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     # Ray workers are not in the driver's process group: they die with it (fate sharing) but a write
@@ -168,7 +171,7 @@ def test_sigkill_then_rerun_finishes_without_recompute_or_duplicates(tmp_path):
             committed, quiet_since = now, time.time()
     assert 0 < committed < 60
     assert verify_store(store)["ok"]
-    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)  # takes over the dead job's lock
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     summary = json.loads(rerun.stdout)
     assert summary["skipped"] == committed
@@ -178,3 +181,68 @@ def test_sigkill_then_rerun_finishes_without_recompute_or_duplicates(tmp_path):
     report = verify_store(store)
     assert report["ok"], report["problems"]
     assert report["rows"] == report["unique_ids"] == 60
+
+
+def _descendants(root: int) -> list[int]:
+    """Every process below ``root`` (Linux /proc walk: the job's local Ray runs under its driver)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [root]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return (
+            (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        )
+    except OSError:
+        return ""
+
+
+@pytest.mark.slow  # ~1-2 min: a job of its own with its own local Ray
+def test_a_killed_teacher_actor_is_replaced_and_every_image_lands_once(tmp_path):
+    """SIGKILL one teacher actor mid-run: Ray Data restarts it and retries its batches; the job completes."""
+    store_url = str(tmp_path / "store")
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(json.dumps(job({"kind": "sample-photos", "views": 60}, store_url).model_dump(mode="json")))
+    cmd = _radio_dist("cache-teachers", "--config", str(cfg), "--set", "store.shard_size=4", "--json")
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True, text=True
+    )
+    store = FeatureStore(store_url)
+    victim = None
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None and victim is None:
+            if store.exists() and store.has_phis() and len(store.manifest_parts()) >= 4:  # main phase running
+                actors = [p for p in _descendants(proc.pid) if "TeacherStage" in _cmdline(p)]
+                if actors:
+                    victim = actors[0]
+                    os.kill(victim, signal.SIGKILL)
+            time.sleep(0.2)
+        assert victim is not None, "no teacher actor found to kill before the run ended"
+        stdout, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0
+    summary = json.loads(stdout)  # --json: stdout is the summary alone
+    report = verify_store(store)
+    assert report["ok"], report["problems"]
+    lost = 60 - report["unique_ids"]
+    duplicated = report["rows"] - report["unique_ids"]
+    print(
+        f"caching actor SIGKILLed (pid {victim}): rows checked {report['rows']}, lost {lost}, duplicated {duplicated}"
+    )
+    assert summary["ok"] + summary["error"] == 60 and lost == 0 and duplicated == 0

@@ -19,9 +19,12 @@ import pytest
 
 from radio_dist.phis import Moments, fit_phis
 from radio_dist.store import (
+    LOCK_REL,
     FeatureStore,
     StoreError,
+    StoreLockedError,
     StoreMismatchError,
+    WriterLock,
     array_key,
     image_key,
     store_info,
@@ -189,6 +192,39 @@ class StoreConformance:
         assert 0 < meta_bytes < 8192
         assert info["bytes_shards"] == 2 * per_image + meta_bytes
         assert info["bytes_per_image"] == (2 * per_image + meta_bytes) / 2
+
+    def test_writer_lock_admits_one_job_and_takes_over_a_dead_one(self, store):
+        import socket
+
+        first = WriterLock(store, job="job-a").acquire()
+        try:
+            with pytest.raises(
+                StoreLockedError, match=rf"another job-a: host {socket.gethostname()} pid {os.getpid()}"
+            ):
+                WriterLock(store, job="job-b").acquire()
+        finally:
+            first.release()
+        assert WriterLock(store).holder() is None  # released: nothing left behind
+        with WriterLock(store, job="job-b") as second:
+            assert second.holder()["owner"] == second.owner
+        # a holder that died on this host (its pid is gone) is taken over at once
+        dead = subprocess.run(
+            [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+        )
+        pid = int(dead.stdout)
+        lock = WriterLock(store)
+        store._put_atomic(LOCK_REL, json.dumps({"owner": "x", "host": socket.gethostname(), "pid": pid,
+                                                 "started": time.time(), "heartbeat": time.time()}).encode())  # fmt: skip
+        with lock:
+            assert lock.holder()["owner"] == lock.owner
+        # another machine's lock: refused while its heartbeat is fresh, taken over once it expired
+        other = {"owner": "y", "host": "elsewhere", "pid": 1, "started": time.time()}
+        store._put_atomic(LOCK_REL, json.dumps({**other, "heartbeat": time.time()}).encode())
+        with pytest.raises(StoreLockedError, match="host elsewhere"):
+            WriterLock(store, ttl_s=60).acquire()
+        store._put_atomic(LOCK_REL, json.dumps({**other, "heartbeat": time.time() - 61}).encode())
+        with WriterLock(store, ttl_s=60) as taken:
+            assert taken.holder()["owner"] == taken.owner
 
 
 class TestLocalStore(StoreConformance):
