@@ -37,6 +37,18 @@ def free_port() -> int:
 def ray_head(tmp_path_factory):
     temp = tmp_path_factory.mktemp("rayhead")
     port, dash = free_port(), free_port()
+    # every fixed default port of a node is moved to a free one: another Ray instance on this machine (the
+    # test session's own, a job's) may hold the defaults, e.g. the dashboard agent's 52365
+    agent_ports = [
+        f"--{name}={free_port()}"
+        for name in (
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "metrics-export-port",
+            "runtime-env-agent-port",
+            "ray-client-server-port",
+        )
+    ]
     # A loopback-only test cluster: token auth off (Ray 2.5x turns it on for `ray start`; a real cluster keeps it
     # on and the client finds the token in RAY_AUTH_TOKEN or ~/.ray/auth_token).
     env = {
@@ -51,7 +63,7 @@ def ray_head(tmp_path_factory):
             str(BIN / "ray"), "start", "--head", "--block",
             f"--port={port}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
             "--node-ip-address=127.0.0.1", "--num-cpus=2", "--include-dashboard=true",
-            f"--temp-dir={temp}",
+            f"--temp-dir={temp}", *agent_ports,
         ],
         env=env,
         start_new_session=True,
