@@ -482,6 +482,10 @@ def eval_cmd(
                     f"{_fmt(m.get('summary_cos'))} ({_fmt(u.get('summary_cos'))})"
                 )
             t.add_row(name, teacher, *cells)
+    for teacher, per_px in result.get("mean_predictor", {}).get("mean", {}).items():
+        floor: dict[str, float] = next(iter(per_px.values()), {})  # the average cached target: the floor
+        cell = f"{_fmt(floor.get('dense_cos'))} / {_fmt(floor.get('summary_cos'))}"
+        t.add_row("(store mean)", teacher, *[cell] * len(result["resolutions"]))
     out.print(t)
 
 

@@ -691,6 +691,14 @@ def run_distill(
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    # Ray Train workers run in their own directory: local paths must not be relative to ours
+    local = {
+        k: str(Path(v).resolve()) for k, v in (("url", cfg.store.url), ("out", cfg.out)) if "://" not in v
+    }
+    if "url" in local:
+        cfg = cfg.model_copy(update={"store": cfg.store.model_copy(update={"url": local["url"]})})
+    if "out" in local:
+        cfg = cfg.model_copy(update={"out": local["out"]})
     run = prepare_run(cfg)
     _init_ray(cfg.ray)
     out = RunDir(cfg.out, cfg.out_storage_options)

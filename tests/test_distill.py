@@ -8,6 +8,7 @@ teachers on real photos.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -112,9 +113,12 @@ def test_killed_worker_resumes_and_sees_every_sample_once(ray_local, store_url, 
         assert np.isfinite(metrics[-1][f"{name}/total"])
 
 
-def test_stopped_job_relaunched_finishes_the_epoch_and_exports(ray_local, store_url, tmp_path):
+def test_stopped_job_relaunched_finishes_the_epoch_and_exports(ray_local, store_url, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    cfg = make_cfg(store_url, out, epochs=1, checkpoint_every=3)
+    monkeypatch.chdir(
+        tmp_path
+    )  # relative paths, as `make demo` passes them (Ray Train workers run elsewhere)
+    cfg = make_cfg(os.path.relpath(store_url, tmp_path), Path("run"), epochs=1, checkpoint_every=3)
     stopping = DistillConfig.model_validate(
         {
             **cfg.model_dump(),
