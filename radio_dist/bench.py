@@ -231,6 +231,7 @@ def bench_ingest(
 
     from radio_dist.distill import StudentState, TrainConfig, _to_images, default_students, student_losses
     from radio_dist.ingest import ReaderConfig, ShardStream, committed_shards, epoch_plan
+    from radio_dist.losses import ema_update
     from radio_dist.students import TeacherHeadInfo
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -250,13 +251,8 @@ def bench_ingest(
     shards = committed_shards(store)
     fs, root = fsspec.core.url_to_fs(store_url)
     files = [
-        f
-        for s in shards
-        for f in fs.find(f"{root.rstrip('/')}/shards/{s.shard}")
-        if "/c/" in f or f.rsplit("/", 1)[-1].isdigit()
-    ]
-    if not files:
-        files = [f for s in shards for f in fs.find(f"{root.rstrip('/')}/shards/{s.shard}")]
+        f for s in shards for f in fs.find(f"{root.rstrip('/')}/shards/{s.shard}") if "/c/" in f
+    ]  # chunks
     rows = sum(len(s.ids) for s in shards)
 
     def raw_pass() -> tuple[float, int]:
@@ -324,8 +320,6 @@ def bench_ingest(
                 loss.backward()
                 st.opt.step()
                 if st.ema is not None:
-                    from radio_dist.losses import ema_update
-
                     ema_update(st.ema, st.model, train.ema_momentum)
             compute += time.perf_counter() - c0
         return time.perf_counter() - t0, compute

@@ -277,6 +277,17 @@ def store_verify_cmd(
         raise typer.Exit(1)
 
 
+def _print_result(title: str, res: dict[str, Any], as_json: bool) -> None:
+    """A benchmark's result: JSON on stdout, or a two-column table."""
+    if as_json:
+        print(json.dumps(res, indent=1))
+        return
+    t = Table(title=title, show_header=False)
+    for k, v in res.items():
+        t.add_row(k, f"{v:.3f}" if isinstance(v, float) else str(v))
+    out.print(t)
+
+
 @bench_app.command("cache")
 def bench_cache_cmd(
     images: Annotated[int, typer.Option(help="Images in the run (sample-photo views).")] = 1024,
@@ -301,13 +312,7 @@ def bench_cache_cmd(
         workdir=workdir,
         log=lambda m: err.print(m, highlight=False),
     )
-    if as_json:
-        print(json.dumps(res, indent=1))
-        return
-    t = Table(title="bench cache", show_header=False)
-    for k, v in res.items():
-        t.add_row(k, f"{v:.3f}" if isinstance(v, float) else str(v))
-    out.print(t)
+    _print_result("bench cache", res, as_json)
 
 
 @bench_app.command("ingest")
@@ -331,13 +336,7 @@ def bench_ingest_cmd(
         steps=steps,
         log=lambda m: err.print(m, highlight=False),
     )
-    if as_json:
-        print(json.dumps(res, indent=1))
-        return
-    t = Table(title="bench ingest", show_header=False)
-    for k, v in res.items():
-        t.add_row(k, f"{v:.3f}" if isinstance(v, float) else str(v))
-    out.print(t)
+    _print_result("bench ingest", res, as_json)
 
 
 def build_distill_config(
