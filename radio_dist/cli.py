@@ -17,6 +17,7 @@ radio-dist submit distill --config jobs/configs/distill_sample.yaml --address ht
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -40,6 +41,35 @@ out = Console()
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 StoreArg = Annotated[str, typer.Argument(help="Store root: local path or fsspec URL (s3://bucket/prefix).")]
+
+
+_json_fd: int | None = None
+
+
+def _json_only_stdout() -> None:
+    """`--json` on a command that runs Ray: from here on the process's stdout (fd 1) is stderr, and only the JSON
+    document goes to the real stdout. Ray's core worker writes notices (a killed actor, a retried task) to fd 1 at
+    any time, even after the summary is printed, so turning off log forwarding is not enough."""
+    global _json_fd
+    if _json_fd is not None:
+        return
+    try:
+        if sys.stdout.fileno() != 1:
+            return
+    except (AttributeError, OSError, ValueError):  # in-process test runners swap stdout for a buffer
+        return
+    sys.stdout.flush()
+    _json_fd = os.dup(1)
+    os.dup2(2, 1)
+
+
+def _print_json(doc: Any) -> None:
+    text = json.dumps(doc, indent=1, default=str) + "\n"
+    if _json_fd is None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    os.write(_json_fd, text.encode())
 
 
 def _fail(msg: str, code: int = 2) -> NoReturn:
@@ -162,8 +192,9 @@ def cache_teachers(
                 info=f"ok {ev['ok']} err {ev['error']} {ev['bytes'] / 1e6:.1f} MB",
             )
 
-    if as_json:  # stdout is the JSON summary: keep Ray's forwarded worker logs out of it
+    if as_json:  # stdout is the JSON summary alone: Ray's worker logs and notices go to stderr
         cfg.ray.log_to_driver = False
+        _json_only_stdout()
     try:
         summary = run_cache(cfg, on_event)
     except (SourceError, StoreError, ConfigError) as e:
@@ -172,7 +203,7 @@ def cache_teachers(
     finally:
         progress.stop()
     if as_json:
-        print(json.dumps({"store": cfg.store.url, **summary.to_dict()}, indent=1))
+        _print_json({"store": cfg.store.url, **summary.to_dict()})
         return
     t = Table(title=f"cache-teachers -> {cfg.store.url}", show_header=False)
     t.add_row("images ok / error / skipped", f"{summary.ok} / {summary.error} / {summary.skipped}")
@@ -280,7 +311,7 @@ def store_verify_cmd(
 def _print_result(title: str, res: dict[str, Any], as_json: bool) -> None:
     """A benchmark's result: JSON on stdout, or a two-column table."""
     if as_json:
-        print(json.dumps(res, indent=1))
+        _print_json(res)
         return
     t = Table(title=title, show_header=False)
     for k, v in res.items():
@@ -304,6 +335,8 @@ def bench_cache_cmd(
     """Teacher-only forward loop vs the full caching pipeline on the same images."""
     from radio_dist.bench import bench_cache
 
+    if as_json:
+        _json_only_stdout()
     res = bench_cache(
         images=images,
         batch_size=batch_size,
@@ -329,6 +362,8 @@ def bench_ingest_cmd(
     """Store reader vs raw reads of the same bytes; S students trained together vs one by one."""
     from radio_dist.bench import bench_ingest
 
+    if as_json:
+        _json_only_stdout()
     res = bench_ingest(
         store_url=store,
         images=images,
@@ -408,6 +443,8 @@ def distill_cmd(
             task, completed=m["global_step"], info=f"epoch {m['epoch']} {m['resolution']}px  {losses}"
         )
 
+    if as_json:
+        _json_only_stdout()
     try:
         summary = run_distill(cfg, on_metrics=None if as_json else on_metrics)
     except (StoreError, ConfigError) as e:
@@ -416,7 +453,7 @@ def distill_cmd(
     finally:
         progress.stop()
     if as_json:
-        print(json.dumps(summary, indent=1, default=str))
+        _print_json(summary)
         return
     t = Table(title=f"distill -> {cfg.out}", show_header=False)
     t.add_row("students", ", ".join(summary["students"]))
@@ -454,6 +491,8 @@ def eval_cmd(
     paths = sorted(str(p) for p in root.iterdir() if (p / "config.json").is_file()) if root.is_dir() else []
     if not paths:
         _fail(f"{run}: no exported students under {root} — run `radio-dist distill --out {run}` first")
+    if as_json:
+        _json_only_stdout()
     try:
         res_list = [int(r) for r in resolutions.split(",")] if resolutions else None
         cfg = EvalConfig(source=SourceConfig(views=views), images=images, resolutions=res_list)
@@ -461,7 +500,7 @@ def eval_cmd(
     except (StoreError, ValueError) as e:
         _fail(str(e))
     if as_json:
-        print(json.dumps(result, indent=1))
+        _print_json(result)
         return
     t = Table(
         title=f"fidelity on {result['images']} held-out images (cosine to the teacher; untrained in ())"
