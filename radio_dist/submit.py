@@ -25,6 +25,7 @@ from radio_dist.config import ConfigError, apply_overrides, read_yaml, validate
 
 class JobName(str, Enum):
     cache_teachers = "cache_teachers"
+    featsharp = "featsharp"
     distill = "distill"
 
 
@@ -37,6 +38,10 @@ def job_model(job: JobName) -> type[BaseModel]:
         from radio_dist.pipeline import CacheJobConfig
 
         return CacheJobConfig
+    if job is JobName.featsharp:
+        from radio_dist.featsharp import FeatSharpConfig
+
+        return FeatSharpConfig
     from radio_dist.distill import DistillConfig
 
     return DistillConfig

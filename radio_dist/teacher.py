@@ -82,6 +82,7 @@ class TeacherRuntime(StrictModel):
 
 
 MOSAIC_K = "mosaic_k"  # the spec option holding the mosaic's views per side
+FEATSHARP_OPTION = "featsharp"  # the spec option holding the FeatSharp file (adaptation featsharp)
 
 
 class TeacherSpec(StrictModel):
@@ -155,6 +156,18 @@ class TeacherSpec(StrictModel):
                 f"teacher {self.name!r}: options.{MOSAIC_K} is set but adaptation is "
                 f"{self.adaptation.value!r}; set adaptation: mosaic or remove {MOSAIC_K}"
             )
+        fs = self.options.get(FEATSHARP_OPTION)
+        if self.adaptation == Adaptation.featsharp:
+            if not isinstance(fs, str) or not fs:
+                raise ValueError(
+                    f"teacher {self.name!r}: adaptation=featsharp needs options.{FEATSHARP_OPTION}, the path of a "
+                    "FeatSharp file (OUT/featsharp.safetensors of `radio-dist featsharp train`)"
+                )
+        elif fs is not None:
+            raise ValueError(
+                f"teacher {self.name!r}: options.{FEATSHARP_OPTION} is set but adaptation is "
+                f"{self.adaptation.value!r}; set adaptation: featsharp or remove {FEATSHARP_OPTION}"
+            )
         return self
 
     @property
@@ -218,7 +231,13 @@ def fingerprint(spec: TeacherSpec, extra: dict[str, Any] | None = None) -> str:
     weights_sum = (
         sha256_file(wpath) if wpath is not None else f"{spec.weights.kind.value}:{spec.weights.seed}"
     )
-    payload = {"spec": spec.identity(), "weights_sha256": weights_sum, "extra": extra or {}}
+    identity = spec.identity()
+    if spec.adaptation == Adaptation.featsharp:  # the upsampler's weights change the targets: its content
+        from radio_dist.featsharp import featsharp_checksum  # counts, not where the file lies
+
+        sha = featsharp_checksum(str(spec.options[FEATSHARP_OPTION]))
+        identity["options"] = {**identity["options"], FEATSHARP_OPTION: f"sha256:{sha}"}
+    payload = {"spec": identity, "weights_sha256": weights_sum, "extra": extra or {}}
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:32]
 
@@ -260,8 +279,8 @@ class Teacher(torch.nn.Module):
         use_bf16 = prec == Precision.bf16 or (prec == Precision.auto and self.device.type == "cuda")
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
-    @torch.inference_mode()
-    def forward(self, images: np.ndarray | torch.Tensor, resolution: int | None = None) -> TeacherOutput:  # type: ignore[override]
+    def normalize(self, images: np.ndarray | torch.Tensor, resolution: int | None = None) -> torch.Tensor:
+        """uint8 NHWC RGB -> normalized float NCHW on the teacher's device, resized to ``resolution``."""
         x = torch.as_tensor(images)
         if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
             raise ValueError(
@@ -272,7 +291,12 @@ class Teacher(torch.nn.Module):
             x = torch.nn.functional.interpolate(
                 x, size=(resolution, resolution), mode="bicubic", align_corners=False, antialias=True
             ).clamp_(0.0, 1.0)
-        x = (x - self._mean) / self._std
+        return (x - self._mean) / self._std
+
+    @torch.inference_mode()
+    def features(self, x: torch.Tensor) -> TeacherOutput:
+        """The teacher on already normalized NCHW pixels (what ``normalize`` returns, or views made from it),
+        counted like ``forward``. Used by FeatSharp, whose jittered views are warped in float."""
         self.forward_calls += 1
         self.forward_images += x.shape[0]
         inputs_before = self.model_inputs
@@ -284,6 +308,10 @@ class Teacher(torch.nn.Module):
             summary=None if summary is None else summary.float(),
             dense=dense.float(),
         )
+
+    @torch.inference_mode()
+    def forward(self, images: np.ndarray | torch.Tensor, resolution: int | None = None) -> TeacherOutput:  # type: ignore[override]
+        return self.features(self.normalize(images, resolution))
 
 
 TeacherFactory = Callable[[TeacherSpec], Teacher]
@@ -333,7 +361,13 @@ def get_entry(family: str) -> TeacherEntry:
 
 def create_teacher(spec: TeacherSpec, device: str | torch.device = "cpu") -> Teacher:
     """Build a teacher from its spec (model loaded once), in eval mode on ``device``."""
-    teacher = get_entry(spec.family).factory(spec)
+    factory = get_entry(spec.family).factory
+    if spec.adaptation == Adaptation.featsharp:  # any family: its teacher wrapped with the upsampler
+        from radio_dist.featsharp import build_featsharp_teacher
+
+        teacher = build_featsharp_teacher(spec, factory)
+    else:
+        teacher = factory(spec)
     return teacher.eval().requires_grad_(False).to(device)
 
 

@@ -23,7 +23,10 @@ A job entry::
        resolution: {low: 384}, only_partitions: [low],
        weights: {kind: file, path: /weights/siglip2_g384.safetensors}}
 
-(The high partition of SigLIP2 is FeatSharp's job: ``adaptation: featsharp``, not part of this module.)
+The high partition (1152 px = 72x72 tokens) goes through FeatSharp, which works for any family: train it with
+``radio-dist featsharp train`` (``jobs/configs/featsharp_sample.yaml``, ``deploy/kuberay/rayjob-featsharp.yaml``),
+then add ``adaptation: featsharp``, ``options: {featsharp: OUT/featsharp.safetensors}`` and
+``resolution: {low: 384, high: 1152}`` to the entry above (drop ``only_partitions``); see radio_dist/featsharp.py.
 The preset ``siglip2_tiny`` is a random-init 2-block, 64-d config of the same architecture for tests.
 """
 

@@ -26,6 +26,7 @@ from pydantic import BaseModel
 
 from radio_dist.config import ConfigError, validate
 from radio_dist.distill import DistillConfig
+from radio_dist.featsharp import FeatSharpConfig
 from radio_dist.pipeline import CacheJobConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +41,7 @@ IMAGE = f"ghcr.io/radio-dist/radio-dist:{version('radio-dist')}"
 SECRET = "radio-dist-s3"
 JOB_MODELS: dict[str, type[BaseModel]] = {
     "jobs.cache_teachers": CacheJobConfig,
+    "jobs.featsharp": FeatSharpConfig,
     "jobs.distill": DistillConfig,
 }
 KUBE_KINDS = {("ray.io/v1", "RayCluster"), ("ray.io/v1", "RayJob"), ("v1", "ConfigMap")}
@@ -47,6 +49,7 @@ EXPECTED_FILES = [
     "kuberay/raycluster.yaml",
     "kuberay/rayjob-cache.yaml",
     "kuberay/rayjob-distill.yaml",
+    "kuberay/rayjob-featsharp.yaml",
     "cluster.yaml",
     "runtime_env.yaml",
     "Dockerfile",
@@ -218,7 +221,7 @@ def demand(cfg: BaseModel) -> tuple[float, float]:
         cpus = sum(t.runtime.num_cpus * t.runtime.pool_size for t in cfg.teachers)
         cpus += cfg.pipeline.decode_tasks * cfg.pipeline.decode_num_cpus + cfg.pipeline.write_num_cpus
         return gpus, cpus
-    assert isinstance(cfg, DistillConfig)
+    assert isinstance(cfg, DistillConfig | FeatSharpConfig)  # Ray Train jobs
     n = cfg.scaling.num_workers
     return (n if cfg.scaling.use_gpu else 0), n * cfg.scaling.cpus_per_worker
 
@@ -237,6 +240,12 @@ def check_cluster_job(cfg: BaseModel, where: str) -> None:
     """A cluster job config: s3:// stores, GPUs, teachers and students that exist in this install."""
     from radio_dist.teacher import registered_teachers, resolve_weights_path
 
+    if isinstance(cfg, FeatSharpConfig):  # trains from photos into `out`: no store
+        assert cfg.source.path and cfg.source.path.startswith("s3://"), f"{where}: source is not on s3://"
+        assert cfg.out.startswith("s3://"), f"{where}: out {cfg.out!r} is not an s3:// URL"
+        assert cfg.scaling.use_gpu, f"{where}: scaling.use_gpu is false"
+        assert cfg.teacher.family in registered_teachers(), f"{where}: {cfg.teacher.family!r} is not registered"
+        return
     assert cfg.store.url.startswith("s3://"), f"{where}: store.url {cfg.store.url!r} is not an s3:// URL"
     if isinstance(cfg, CacheJobConfig):
         families = registered_teachers()
@@ -303,7 +312,10 @@ def test_rayjob_clusters_match_the_raycluster():
         spec = copy.deepcopy(spec)
         for _, g in groups(spec):
             pod = g["template"]["spec"]
-            cms = {v["name"] for v in pod.get("volumes", []) if "configMap" in v}
+            # a job's own mounts (its config, its weights) may differ; the cluster's shape may not
+            cms = {
+                v["name"] for v in pod.get("volumes", []) if "configMap" in v or "persistentVolumeClaim" in v
+            }
             pod["volumes"] = [v for v in pod.get("volumes", []) if v["name"] not in cms]
             for c in pod["containers"]:
                 c["volumeMounts"] = [m for m in c.get("volumeMounts", []) if m["name"] not in cms]
