@@ -244,7 +244,9 @@ def check_cluster_job(cfg: BaseModel, where: str) -> None:
         assert cfg.source.path and cfg.source.path.startswith("s3://"), f"{where}: source is not on s3://"
         assert cfg.out.startswith("s3://"), f"{where}: out {cfg.out!r} is not an s3:// URL"
         assert cfg.scaling.use_gpu, f"{where}: scaling.use_gpu is false"
-        assert cfg.teacher.family in registered_teachers(), f"{where}: {cfg.teacher.family!r} is not registered"
+        assert cfg.teacher.family in registered_teachers(), (
+            f"{where}: {cfg.teacher.family!r} is not registered"
+        )
         return
     assert cfg.store.url.startswith("s3://"), f"{where}: store.url {cfg.store.url!r} is not an s3:// URL"
     if isinstance(cfg, CacheJobConfig):
