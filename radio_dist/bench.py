@@ -1,14 +1,47 @@
 """`radio-dist bench cache`: what the caching pipeline delivers vs. the teachers alone.
 
-Both measurements use the same images (sample-photo views), teachers and batch size:
+Both measurements use the same images (sample-photo views), teachers, partitions and batch sizes:
 
-- **teacher_only**: one process, images decoded and preloaded as uint8 tensors, a bare loop calling every
-  teacher on every batch with all cores (torch threads = cores). This is the limit: pure teacher compute.
+- **teacher_only**: one process, images decoded and preloaded as uint8 tensors (one canonical view per
+  partition), a bare loop calling every teacher on every batch at every partition it runs on (its
+  ``only_partitions``, resized to its ``resolution``, mosaicked when its spec says so) with all cores
+  (torch threads = cores), on CUDA where the pipeline would put it there (``runtime.num_gpus > 0`` and a GPU
+  visible). This is the limit: pure teacher compute, the same model work per image as the pipeline's.
 - **pipeline**: ``run_cache`` into a fresh store — content ids, decode, Ray Data actor pools, PHI-S fit and
   normalization, Zarr/Parquet writes and commits. Timed from the first decode to the last commit (Ray
   start-up and listing excluded and reported separately).
 
 ``ratio = pipeline_images_per_s / teacher_only_images_per_s`` (target >= 0.8 on a 2-core CPU machine).
+
+Teachers: the two offline ImageNet teachers by default; any presets by name (``--teachers dinov3_tiny``);
+``--seed-teachers``: C-RADIOv4's seed teachers as their tiny random-init presets (dinov3_tiny,
+siglip2_tiny, sam3_tiny with its k=2 mosaic) at the partitions those presets are built for
+(``SEED_PARTITIONS``: low 64 px, high 128 px; SAM3 resizes them to 56/112 px); ``--config FILE``: the
+``teachers:`` and ``pipeline.partitions`` of a cache job file — real weights on a GPU machine, each
+teacher at its own ``runtime.batch_size`` unless ``--batch-size`` is given::
+
+    radio-dist bench cache --json
+    radio-dist bench cache --seed-teachers --images 256 --fit-images 32 --json
+    radio-dist bench cache --config jobs/configs/cache_sample.yaml --json   # any cache job file
+
+Keys of the result besides the rates (``T/P`` = teacher T at partition P):
+
+- ``batch_size``: T -> its batch size (both measurements); ``devices``: T -> cpu | cuda (both measurements).
+- ``steady_state_images_per_s``: the main phase after its first commit; null when nothing came after it
+  (e.g. ``fit_images >= images``: every image went through the one-time PHI-S fit phase).
+- ``teacher_forwards_per_image``: T -> images the teacher was called on per stored image (one per partition
+  it runs on: proves every teacher ran once per image and partition).
+- ``model_inputs_per_image``: ``T/P`` -> inputs the model itself ran on per image, counted in the pipeline
+  run (1.0, or ceil(b / k^2) / b per batch of b views with a k x k mosaic: 0.25 for k = 2).
+- ``teacher_only_model_inputs_per_image``: the same counted in the teacher-only loop (same work: same figures
+  up to batch boundaries).
+- ``mosaic_k``: T -> k for every teacher whose spec mosaics (empty without one).
+- ``model_inputs_per_image_without_mosaic``: ``T/P`` for those teachers, counted by running a copy of the
+  spec without mosaic (``adaptation: none``, no ``mosaic_k``; same weights) over the same batches in the
+  teacher-only process, after (and outside) the timed loop.
+- ``teacher_only_images_per_s_per_teacher``: T -> images/s of that teacher alone (all its partitions) in the
+  timed loop; ``teacher_only_images_per_s_without_mosaic``: T -> the same for the copy without mosaic;
+  ``mosaic_speedup``: T -> the ratio of the two (with / without).
 """
 
 from __future__ import annotations
@@ -16,43 +49,126 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from radio_dist.config import ConfigError, read_yaml, validate
 from radio_dist.pipeline import DEFAULT_TEACHERS, CacheJobConfig, run_cache
 from radio_dist.sources import SourceConfig, SourceKind, canonical_view, decode_image, list_items, read_bytes
 from radio_dist.store import FeatureStore, StoreConfig, store_info
-from radio_dist.teacher import ALLOCATOR_ENV, create_teacher, preset_spec
+from radio_dist.teacher import MOSAIC_K, Adaptation, TeacherSpec, create_teacher, preset_spec
+
+SEED_TEACHERS = ("dinov3_tiny", "siglip2_tiny", "sam3_tiny")
+# The views the tiny presets are built for (tests/test_seed_teachers.py): DINOv3/SigLIP2 at 64 px (4x4
+# patches of 16) and 128 px; SAM3 resizes them to its spec's 56 px (2x2 of them mosaicked into its 112 px
+# native input) and 112 px.
+SEED_PARTITIONS = {"low": 64, "high": 128}
 
 
-def _preload(source: SourceConfig, size: int) -> np.ndarray:
-    views = []
+def _preload(source: SourceConfig, partitions: dict[str, int]) -> dict[str, np.ndarray]:
+    """partition -> [N, s, s, 3] uint8 canonical views, as the pipeline's decode stage makes them."""
+    views: dict[str, list[np.ndarray]] = {p: [] for p in partitions}
     for it in list_items(source):
         img = decode_image(read_bytes(it.uri), it.uri)
-        views.append(canonical_view(img.rgb, size, it.view)[0])
-    return np.stack(views)
+        for p, size in partitions.items():
+            views[p].append(canonical_view(img.rgb, size, it.view)[0])
+    return {p: np.stack(v) for p, v in views.items()}
 
 
-def _teacher_only_child(source: SourceConfig, size: int, teacher_names: list[str], batch_size: int) -> float:
-    return teacher_only_rate(_preload(source, size), teacher_names, batch_size)
+def without_mosaic(spec: TeacherSpec) -> TeacherSpec:
+    """The same teacher (same weights) with every view its own model input: adaptation none, no mosaic_k."""
+    data = spec.model_dump(mode="json")
+    data["adaptation"] = Adaptation.none.value
+    data["options"] = {k: v for k, v in spec.options.items() if k != MOSAIC_K}
+    return TeacherSpec.model_validate(data)
 
 
-def teacher_only_rate_in_subprocess(
-    source: SourceConfig, size: int, teacher_names: list[str], batch_size: int
-) -> float:
-    """The limit, measured in a fresh process with the same allocator environment the actors get."""
+def teacher_partitions(spec: TeacherSpec, partitions: dict[str, int]) -> list[str]:
+    """The partitions a teacher runs on in the pipeline (its ``only_partitions``, in the job's order)."""
+    return [p for p in partitions if spec.only_partitions is None or p in spec.only_partitions]
+
+
+def teacher_device(spec: TeacherSpec) -> str:
+    """Where the pipeline's actor runs this teacher (``TeacherStage``): CUDA only with num_gpus > 0."""
+    return "cuda" if spec.runtime.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
+def _run_teacher(
+    spec: TeacherSpec, views: dict[str, np.ndarray], partitions: dict[str, int]
+) -> tuple[float, dict[str, int]]:
+    """One teacher over every view at each of its partitions, batched as in the pipeline, after a warm-up
+    batch: (seconds, partition -> inputs its model ran on)."""
+    device = teacher_device(spec)
+    teacher = create_teacher(spec, device)
+    bs = spec.runtime.batch_size
+    parts = teacher_partitions(spec, partitions)
+    res = {p: teacher.input_resolution(p, partitions[p]) for p in parts}
+    for p in parts:  # warm-up (allocator, oneDNN primitives, CUDA kernels)
+        teacher(views[p][:bs], resolution=res[p])
+    n = len(next(iter(views.values())))
+    inputs = dict.fromkeys(parts, 0)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for i in range(0, n, bs):
+        for p in parts:
+            before = teacher.model_inputs
+            teacher(views[p][i : i + bs], resolution=res[p])
+            inputs[p] += teacher.model_inputs - before
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, inputs
+
+
+def teacher_only(
+    views: dict[str, np.ndarray], specs: list[TeacherSpec], partitions: dict[str, int]
+) -> dict[str, Any]:
+    """The limit: every teacher alone in this process, all cores. Returns images/s of all of them in sequence,
+    seconds and model inputs per teacher, and the same for a copy without mosaic of every mosaic teacher
+    (run after the timed teachers, not part of the rate)."""
+    torch.set_num_threads(os.cpu_count() or 1)
+    n = len(next(iter(views.values())))
+    seconds: dict[str, float] = {}
+    inputs: dict[str, dict[str, int]] = {}
+    for spec in specs:
+        seconds[spec.name], inputs[spec.name] = _run_teacher(spec, views, partitions)
+    alone: dict[str, dict[str, Any]] = {}
+    for spec in specs:
+        if spec.mosaic_k is not None:
+            s, i = _run_teacher(without_mosaic(spec), views, partitions)
+            alone[spec.name] = {"seconds": s, "model_inputs": i}
+    return {
+        "images": n,
+        "images_per_s": n / sum(seconds.values()),
+        "seconds": seconds,
+        "model_inputs": inputs,
+        "without_mosaic": alone,
+    }
+
+
+def _teacher_only_child(
+    source: SourceConfig, specs: list[TeacherSpec], partitions: dict[str, int]
+) -> dict[str, Any]:
+    return teacher_only(_preload(source, partitions), specs, partitions)
+
+
+def teacher_only_in_subprocess(
+    source: SourceConfig, specs: list[TeacherSpec], partitions: dict[str, int]
+) -> dict[str, Any]:
+    """The limit, measured in a fresh process with the environment the teacher actors get (``runtime.env``,
+    by default glibc malloc tuned to keep freed memory)."""
     import multiprocessing as mp
 
-    env = ALLOCATOR_ENV  # what every teacher actor runs with by default (TeacherRuntime.env)
+    env = {k: v for s in specs for k, v in s.runtime.env.items()}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # read by glibc at process start: set before spawning
     try:
         with mp.get_context("spawn").Pool(1) as pool:
-            return float(pool.apply(_teacher_only_child, (source, size, teacher_names, batch_size)))
+            return dict(pool.apply(_teacher_only_child, (source, specs, partitions)))
     finally:
         for k, v in saved.items():
             if v is None:
@@ -61,68 +177,121 @@ def teacher_only_rate_in_subprocess(
                 os.environ[k] = v
 
 
-def teacher_only_rate(images: np.ndarray, teacher_names: list[str], batch_size: int) -> float:
-    threads = os.cpu_count() or 1
-    torch.set_num_threads(threads)
-    teachers = [create_teacher(preset_spec(n)) for n in teacher_names]
-    for t in teachers:  # warm-up (allocator, oneDNN primitives)
-        t(images[:batch_size])
-    t0 = time.perf_counter()
-    for i in range(0, len(images), batch_size):
-        for t in teachers:
-            t(images[i : i + batch_size])
-    return len(images) / (time.perf_counter() - t0)
+def config_teachers(path: str | Path) -> tuple[list[TeacherSpec], dict[str, int]]:
+    """``teachers:`` and ``pipeline.partitions`` of a cache job file (validated as a ``CacheJobConfig``; its
+    store, source and ray sections are not used: the benchmark writes its own store from sample photos)."""
+    data = read_yaml(path)
+    data["store"] = {"url": "unused-by-bench"}  # required by the model, replaced by the benchmark's own
+    cfg = validate(CacheJobConfig, data, str(path))
+    return list(cfg.teachers), dict(cfg.pipeline.partitions)
+
+
+def _bench_spec(teacher: str | TeacherSpec, batch_size: int | None) -> TeacherSpec:
+    """A preset (by name) or a spec, at ``batch_size`` (None: its own); bad input raises ``ConfigError``."""
+    if isinstance(teacher, str):
+        try:
+            teacher = preset_spec(teacher)
+        except (KeyError, ValueError) as e:
+            raise ConfigError(f"teacher {teacher!r}: {e.args[0]}") from None
+    if batch_size is None:
+        return teacher
+    data = teacher.model_dump(mode="json")
+    data["runtime"]["batch_size"] = batch_size
+    # the whole spec re-checked: a mosaic needs batch_size % k^2 == 0
+    return validate(TeacherSpec, data, f"teacher {teacher.name!r} at batch size {batch_size}")
+
+
+def _per_image(counts: dict[str, dict[str, int]], images: int) -> dict[str, float]:
+    return {f"{t}/{p}": n / max(1, images) for t, parts in counts.items() for p, n in parts.items()}
 
 
 def bench_cache(
     images: int = 1024,
-    batch_size: int = 32,
+    batch_size: int | None = 32,
     resolution: int = 224,
     fit_images: int = 64,
     workdir: Path | None = None,
-    teachers: tuple[str, ...] = DEFAULT_TEACHERS,
+    teachers: Sequence[str | TeacherSpec] | None = None,
+    partitions: dict[str, int] | None = None,
+    seed: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    source = SourceConfig(kind=SourceKind.sample_photos, views=images)
-    log(f"teacher-only loop over {images} preloaded views at {resolution}px ...")
-    t_only = teacher_only_rate_in_subprocess(source, resolution, list(teachers), batch_size)
-    log(f"  {t_only:.1f} images/s")
+    """Teacher-only loop vs ``run_cache`` on ``images`` sample-photo views (keys: see the module docstring).
+
+    ``teachers``: preset names or specs (default: the two ImageNet teachers; ``seed``: the three seed
+    presets). ``partitions``: name -> view px (default ``{low: resolution}``; ``seed``: ``SEED_PARTITIONS``).
+    ``batch_size``: every teacher's batch size in both measurements (None: each spec's own).
+    """
+    if seed and teachers is not None:
+        raise ConfigError("bench_cache: pass either seed=True or teachers, not both")
+    names = SEED_TEACHERS if seed else (teachers if teachers is not None else DEFAULT_TEACHERS)
+    if not names:
+        raise ConfigError(
+            "bench_cache: no teachers given; name at least one preset (see `radio-dist teachers list`)"
+        )
+    specs = [_bench_spec(t, batch_size) for t in names]
+    if partitions is None:
+        partitions = dict(SEED_PARTITIONS) if seed else {"low": resolution}
+    if fit_images >= images:
+        log(f"note: fit_images={fit_images} >= images={images}: every image is in the PHI-S fit phase")
     tmp = None
     if workdir is None:
         tmp = tempfile.TemporaryDirectory(prefix="radio-dist-bench-")
         workdir = Path(tmp.name)
     store_url = str(Path(workdir) / f"bench-store-{int(time.time())}")
-    specs = []
-    for n in teachers:
-        s = preset_spec(n)
-        s.runtime.batch_size = batch_size
-        specs.append(s)
-    cfg = CacheJobConfig(
-        source=source,
-        teachers=specs,
-        store=StoreConfig(url=store_url, shard_size=64),
-        pipeline={"partitions": {"low": resolution}},
-        phis={"fit_images": fit_images},
-    )
+    source = SourceConfig(kind=SourceKind.sample_photos, views=images)
+    try:
+        cfg = validate(  # checked before either measurement runs (names, partitions, PHI-S sample)
+            CacheJobConfig,
+            {
+                "source": source,
+                "teachers": specs,
+                "store": StoreConfig(url=store_url, shard_size=64),
+                "pipeline": {"partitions": partitions},
+                "phis": {"fit_images": fit_images},
+            },
+            "bench cache",
+        )
+        return _bench_cache(cfg, log)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def _bench_cache(cfg: CacheJobConfig, log: Callable[[str], None]) -> dict[str, Any]:
+    specs, partitions, images = cfg.teachers, cfg.pipeline.partitions, cfg.source.views
+    parts_txt = ", ".join(f"{p} {s}px" for p, s in partitions.items())
+    log(f"teacher-only loop over {images} preloaded views ({parts_txt}) ...")
+    only = teacher_only_in_subprocess(cfg.source, specs, partitions)
+    t_only = float(only["images_per_s"])
+    log(f"  {t_only:.1f} images/s")
     log("full pipeline (Ray Data) ...")
     summary = run_cache(cfg)
     pipe = summary.images_per_s
     log(f"  {pipe:.1f} images/s ({summary.ok} ok, {summary.error} error)")
-    info = store_info(FeatureStore(store_url))
-    if tmp is not None:
-        tmp.cleanup()
+    info = store_info(FeatureStore(cfg.store.url))
+    n_only = int(only["images"])
+    alone = only["without_mosaic"]
+    per_teacher = {t: n_only / s for t, s in only["seconds"].items()}
+    per_teacher_alone = {t: n_only / a["seconds"] for t, a in alone.items()}
+    after_first = summary.pipeline_images - summary.first_shard_images  # None: no main phase beyond one shard
+    steady = (
+        after_first / (summary.pipeline_seconds - summary.first_shard_seconds)
+        if after_first > 0 and summary.pipeline_seconds > summary.first_shard_seconds
+        else None
+    )
     return {
         "images": images,
-        "batch_size": batch_size,
-        "resolution": resolution,
-        "teachers": ",".join(teachers),
+        "batch_size": {s.name: s.runtime.batch_size for s in specs},
+        "partitions": partitions,
+        "teachers": ",".join(s.name for s in specs),
         "cpu_count": os.cpu_count() or 1,
+        "devices": {s.name: teacher_device(s) for s in specs},
         "teacher_only_images_per_s": t_only,
         "pipeline_images_per_s": pipe,
         "ratio": pipe / t_only if t_only else 0.0,
         "bytes_per_image": info["bytes_per_image"],
-        "steady_state_images_per_s": (summary.pipeline_images - summary.first_shard_images)
-        / max(1e-9, summary.pipeline_seconds - summary.first_shard_seconds),
+        "steady_state_images_per_s": steady,
         "pipeline_seconds": summary.pipeline_seconds,
         "pipeline_first_shard_seconds": summary.first_shard_seconds,
         "pipeline_images": summary.pipeline_images,
@@ -131,6 +300,15 @@ def bench_cache(
         "teacher_forwards_per_image": {
             t: fw["images"] / max(1, summary.ok) for t, fw in summary.teacher_forwards.items()
         },
+        "model_inputs_per_image": _per_image(summary.teacher_inputs, summary.ok),
+        "teacher_only_model_inputs_per_image": _per_image(only["model_inputs"], n_only),
+        "mosaic_k": {s.name: s.mosaic_k for s in specs if s.mosaic_k is not None},
+        "model_inputs_per_image_without_mosaic": _per_image(
+            {t: a["model_inputs"] for t, a in alone.items()}, n_only
+        ),
+        "teacher_only_images_per_s_per_teacher": per_teacher,
+        "teacher_only_images_per_s_without_mosaic": per_teacher_alone,
+        "mosaic_speedup": {t: per_teacher[t] / r for t, r in per_teacher_alone.items()},
     }
 
 

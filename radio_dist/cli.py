@@ -32,9 +32,13 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help="Cache vision
 teachers_app = typer.Typer(no_args_is_help=True, help="Registered teacher families.")
 store_app = typer.Typer(no_args_is_help=True, help="Inspect and check a feature store.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (figures in the README).")
+featsharp_app = typer.Typer(
+    no_args_is_help=True, help="FeatSharp: the learned upsampler of a low-resolution teacher (SigLIP2)."
+)
 app.add_typer(teachers_app, name="teachers")
 app.add_typer(store_app, name="store")
 app.add_typer(bench_app, name="bench")
+app.add_typer(featsharp_app, name="featsharp")
 
 err = Console(stderr=True, soft_wrap=True)
 out = Console()
@@ -325,26 +329,65 @@ def bench_cache_cmd(
     fit_images: Annotated[
         int, typer.Option(help="PHI-S fit sample (its one-time phase is timed apart).")
     ] = 64,
-    batch_size: Annotated[int, typer.Option(help="Teacher batch size, same for both measurements.")] = 32,
-    resolution: Annotated[int, typer.Option(help="Canonical view / teacher input size (px).")] = 224,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            help="Teacher batch size, same for both measurements "
+            "(default: 32; with --config each teacher's runtime.batch_size)."
+        ),
+    ] = None,
+    resolution: Annotated[
+        int, typer.Option(help="Canonical view / teacher input size (px) of the one partition, low.")
+    ] = 224,
+    teachers: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated teacher presets (default: efficientnet_lite0,mobilenet_v2)."),
+    ] = None,
+    seed_teachers: Annotated[
+        bool,
+        typer.Option(
+            "--seed-teachers",
+            help="DINOv3, SigLIP2 and SAM3 tiny presets at low 64 / high 128 px; reports model inputs per "
+            "image with and without SAM3's mosaic.",
+        ),
+    ] = False,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            "-c",
+            help="Cache job YAML: bench its teachers: and pipeline.partitions (real weights; a teacher runs "
+            "on CUDA where its runtime.num_gpus > 0).",
+        ),
+    ] = None,
     workdir: Annotated[
         Path | None, typer.Option(help="Where the benchmark store goes (default: a temp dir).")
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Teacher-only forward loop vs the full caching pipeline on the same images."""
-    from radio_dist.bench import bench_cache
+    from radio_dist.bench import bench_cache, config_teachers
 
-    if as_json:
-        _json_only_stdout()
-    res = bench_cache(
-        images=images,
-        batch_size=batch_size,
-        resolution=resolution,
-        fit_images=fit_images,
-        workdir=workdir,
-        log=lambda m: err.print(m, highlight=False),
-    )
+    if (teachers is not None) + seed_teachers + (config is not None) > 1:
+        _fail("pass at most one of --teachers, --seed-teachers, --config")
+    names = [n.strip() for n in teachers.split(",") if n.strip()] if teachers is not None else None
+    try:
+        specs, partitions = config_teachers(config) if config is not None else (names, None)
+        if as_json:
+            _json_only_stdout()
+        res = bench_cache(
+            images=images,
+            batch_size=batch_size if batch_size is not None or config is not None else 32,
+            resolution=resolution,
+            fit_images=fit_images,
+            workdir=workdir,
+            teachers=specs,
+            partitions=partitions,
+            seed=seed_teachers,
+            log=lambda m: err.print(m, highlight=False),
+        )
+    except ConfigError as e:
+        _fail(str(e))
     _print_result("bench cache", res, as_json)
 
 
@@ -468,6 +511,120 @@ def distill_cmd(
     t.add_row("metrics", f"{cfg.out}/metrics.jsonl")
     t.add_row("exported", f"{cfg.out}/students/<name>  (radio_dist.students.load_student)")
     out.print(t)
+
+
+def build_featsharp_config(config: Path | None, out_dir: str | None, overrides: list[str]) -> Any:
+    from radio_dist.featsharp import FeatSharpConfig
+
+    data = read_yaml(config) if config else {}
+    if out_dir is not None:
+        data["out"] = out_dir
+    apply_overrides(data, overrides)
+    if "teacher" not in data:
+        raise ConfigError(
+            "no teacher given: set `teacher` in the config file (a spec or a preset name) or --set teacher=NAME"
+        )
+    return validate(FeatSharpConfig, data, str(config) if config else "command line")
+
+
+@featsharp_app.command("train")
+def featsharp_train_cmd(
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="YAML job file (see jobs/configs/featsharp_sample.yaml)."),
+    ] = None,
+    out_dir: Annotated[
+        str | None,
+        typer.Option("--out", help="Run directory: checkpoints, featsharp.safetensors, report.json."),
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Config override key.path=value (repeatable).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train FeatSharp with Ray Train (resumes from OUT's last checkpoint); reports held-out error vs bilinear."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from radio_dist.featsharp import run_featsharp
+
+    try:
+        cfg = build_featsharp_config(config, out_dir, set_ or [])
+    except ConfigError as e:
+        _fail(str(e))
+    progress = Progress(
+        TextColumn("[bold]featsharp"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=err,
+    )
+    task = None
+
+    def on_metrics(m: dict[str, Any]) -> None:
+        nonlocal task
+        if task is None:
+            progress.start()
+            task = progress.add_task("featsharp", total=m["total_steps"], info="")
+        progress.update(task, completed=m["step"], info=f"loss {m['loss']:.4f}  {m['step_s']:.2f} s/step")
+
+    if as_json:
+        _json_only_stdout()
+    try:
+        summary = run_featsharp(cfg, on_metrics=None if as_json else on_metrics)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        progress.stop()
+        _fail(str(e))
+    finally:
+        progress.stop()
+    if as_json:
+        _print_json(summary)
+        return
+    _print_featsharp_report(f"featsharp -> {summary['featsharp']}", summary["report"])
+    out.print(f"steps {summary['steps']}, final loss {summary['final_loss']:.4f}, {summary['wall_s']:.1f} s")
+
+
+def _print_featsharp_report(title: str, r: dict[str, Any]) -> None:
+    t = Table(title=f"{title}: {r['images']} held-out images x {r['jitters']} jitters (PHI-S space)")
+    t.add_column("upsampler")
+    t.add_column("MSE vs teacher on jittered views", justify="right")
+    t.add_column("cosine", justify="right")
+    t.add_row("FeatSharp", f"{r['featsharp_mse']:.4f}", f"{r['featsharp_cos']:.4f}")
+    t.add_row("bilinear", f"{r['bilinear_mse']:.4f}", f"{r['bilinear_cos']:.4f}")
+    out.print(t)
+
+
+@featsharp_app.command("eval")
+def featsharp_eval_cmd(
+    path: Annotated[str, typer.Argument(help="A FeatSharp file (OUT/featsharp.safetensors).")],
+    source: Annotated[
+        str, typer.Option(help="Photos: 'sample-photos', a folder / s3:// prefix, or a .parquet/.csv list.")
+    ] = "sample-photos",
+    views: Annotated[int, typer.Option(help="sample-photos: views to draw from.")] = 96,
+    images: Annotated[int, typer.Option(help="Images to evaluate on.")] = 16,
+    jitters: Annotated[int, typer.Option(help="Jittered views per image.")] = 8,
+    any_photos: Annotated[
+        bool, typer.Option("--any-photos", help="Use any photo of the source, not only the held-out ones.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Held-out consistency error of a FeatSharp file next to bilinear upsampling."""
+    from radio_dist.featsharp import evaluate_file
+    from radio_dist.sources import SourceConfig
+
+    src = source_from_arg(source)
+    if src["kind"] == "sample-photos":
+        src["views"] = views
+    try:
+        res = evaluate_file(
+            path, SourceConfig(**src), images=images, jitters=jitters, held_out_only=not any_photos
+        )
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    if as_json:
+        _print_json(res)
+        return
+    _print_featsharp_report(path, res)
 
 
 @app.command("eval")

@@ -1,9 +1,47 @@
-"""The ingest benchmark runs end to end on a small store and reports what the README table needs."""
+"""Both benchmarks run end to end, small, and report what the README tables need: the ingest benchmark on a
+small store; the cache benchmark with the seed teachers (model inputs per image with and without mosaic)."""
 
 from __future__ import annotations
 
-from radio_dist.bench import bench_ingest
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from radio_dist.bench import (
+    SEED_PARTITIONS,
+    SEED_TEACHERS,
+    bench_cache,
+    bench_ingest,
+    config_teachers,
+    teacher_device,
+    teacher_only,
+    without_mosaic,
+)
+from radio_dist.cli import app
+from radio_dist.config import ConfigError
+from radio_dist.sources import SAMPLE_PHOTOS, load_sample_photo
 from radio_dist.students import StudentSpec
+from radio_dist.teacher import TeacherSpec, preset_spec
+
+runner = CliRunner()
+
+
+def photos(size: int, n: int) -> np.ndarray:
+    return np.stack(
+        [
+            np.asarray(
+                Image.fromarray(load_sample_photo(name)).convert("RGB").resize((size, size), Image.BICUBIC)
+            )
+            for name in SAMPLE_PHOTOS[:n]
+        ]
+    )
+
 
 TINY = [
     StudentSpec(name="a", kind="cradio", arch="tiny", head_hidden=16, cpe_max_grid=8),
@@ -30,3 +68,92 @@ def test_bench_ingest_small(tmp_path):
     # of each shard's last (partial) Zarr chunk, a few rows per array at 32-row shards
     expected = 224 * 224 * 3 + 2 * (7 * 7 * 1280 * 2 + 1280 * 4)
     assert expected <= res["bytes_per_sample"] < 1.15 * expected
+
+
+# -- bench cache -------------------------------------------------------------------------------------------------
+
+
+def test_bench_cache_seed_teachers_counts_model_inputs_with_and_without_mosaic(tmp_path, ray_local):
+    """`bench cache --seed-teachers`, as a user runs it, on N views: every seed teacher at both partitions,
+    SAM3's low partition at ceil(N / k^2) / N model inputs per image with its mosaic and 1.0 without.
+
+    N and the batch size are multiples of k^2 and every image is in the PHI-S fit phase (one actor start-up
+    per teacher): every teacher batch fills whole mosaics, so ceil(N / k^2) / N is exact."""
+    n, batch = 16, 8
+    k = preset_spec("sam3_tiny").mosaic_k
+    assert k is not None and batch % (k * k) == 0
+    args = ["--seed-teachers", "--images", n, "--batch-size", batch, "--fit-images", n]
+    res = runner.invoke(app, ["bench", "cache", *map(str, args), "--workdir", str(tmp_path), "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+
+    every = {f"{t}/{p}" for t in SEED_TEACHERS for p in SEED_PARTITIONS}
+    assert out["partitions"] == SEED_PARTITIONS and out["teachers"] == ",".join(SEED_TEACHERS)
+    assert set(out["model_inputs_per_image"]) == every
+    assert out["mosaic_k"] == {"sam3_tiny": k}
+    with_mosaic = math.ceil(n / k**2) / n
+    expected = {key: with_mosaic if key == "sam3_tiny/low" else 1.0 for key in every}
+    assert out["model_inputs_per_image"] == pytest.approx(expected)  # counted in the pipeline run
+    assert out["teacher_only_model_inputs_per_image"] == pytest.approx(
+        expected
+    )  # the limit did the same work
+    assert out["model_inputs_per_image_without_mosaic"] == pytest.approx(
+        {"sam3_tiny/low": 1.0, "sam3_tiny/high": 1.0}
+    )
+    # each teacher called once per image and partition (a mosaic is still one call on all the views)
+    assert out["teacher_forwards_per_image"] == pytest.approx(dict.fromkeys(SEED_TEACHERS, 2.0))
+    assert out["batch_size"] == dict.fromkeys(SEED_TEACHERS, batch)
+    assert set(out["mosaic_speedup"]) == {"sam3_tiny"} and out["mosaic_speedup"]["sam3_tiny"] > 0
+    assert out["teacher_only_images_per_s"] > 0 and out["pipeline_images_per_s"] > 0
+    assert out["bytes_per_image"] > 0 and set(out["devices"].values()) == {"cpu"}
+    assert out["pipeline_images"] == 0 and out["steady_state_images_per_s"] is None  # all in the fit phase
+
+
+def test_teacher_only_runs_each_teacher_where_the_pipeline_does():
+    """only_partitions and per-partition resolution respected; a copy without mosaic counted apart."""
+    sam = preset_spec("sam3_tiny")  # resolution {low: 56, high: 112}, mosaic k = 2, batch 16
+    siglip = TeacherSpec.model_validate(
+        {**preset_spec("siglip2_tiny").model_dump(), "only_partitions": ["low"]}
+    )
+    views = {"low": photos(64, 10), "high": photos(128, 10)}
+    res = teacher_only(views, [siglip, sam], dict(SEED_PARTITIONS))
+    assert res["images"] == 10 and res["images_per_s"] > 0
+    # sam3: batches of 16 -> one batch of 10 views -> ceil(10 / 4) = 3 mosaics at low, 10 native inputs at high
+    assert res["model_inputs"] == {"siglip2_tiny": {"low": 10}, "sam3_tiny": {"low": 3, "high": 10}}
+    assert res["without_mosaic"]["sam3_tiny"]["model_inputs"] == {"low": 10, "high": 10}
+    assert set(res["seconds"]) == {"siglip2_tiny", "sam3_tiny"}
+    plain = without_mosaic(sam)
+    assert plain.adaptation.value == "none" and "mosaic_k" not in plain.options
+    assert plain.resolution == sam.resolution and plain.weights == sam.weights
+
+
+def test_bench_cache_config_file_and_bad_input(tmp_path):
+    """--config takes a cache job's teachers and partitions; bad input is refused before anything runs."""
+    job = tmp_path / "job.yaml"
+    dino = preset_spec("dinov3_tiny").model_dump(mode="json")
+    job.write_text(
+        yaml.safe_dump(
+            {
+                "teachers": [{**dino, "runtime": {**dino["runtime"], "batch_size": 4, "num_gpus": 1}}],
+                "pipeline": {"partitions": {"low": 96}},
+                "store": {"url": "s3://ignored/by-bench"},
+            }
+        )
+    )
+    specs, parts = config_teachers(job)
+    assert [s.name for s in specs] == ["dinov3_tiny"] and parts == {"low": 96}
+    assert specs[0].runtime.batch_size == 4
+    assert teacher_device(specs[0]) == ("cuda" if torch.cuda.is_available() else "cpu")
+
+    with pytest.raises(ConfigError, match="not a multiple of mosaic_k"):
+        bench_cache(images=8, batch_size=6, seed=True, workdir=tmp_path)
+    with pytest.raises(ConfigError, match="unknown teacher family 'resnet9000'"):
+        bench_cache(images=8, teachers=["resnet9000"], workdir=tmp_path)
+    with pytest.raises(ConfigError, match="partition 'low-res'"):
+        bench_cache(images=8, teachers=["dinov3_tiny"], partitions={"low-res": 64}, workdir=tmp_path)
+    res = runner.invoke(app, ["bench", "cache", "--seed-teachers", "--config", str(job)])
+    assert res.exit_code == 2 and "at most one of" in res.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"teachers": [{**dino, "resolutoin": {}}]}))
+    res = runner.invoke(app, ["bench", "cache", "--config", str(bad)])
+    assert res.exit_code == 2 and "unknown key 'resolutoin'" in res.output

@@ -198,3 +198,20 @@ def test_fingerprint_follows_the_featsharp_file(trained, tmp_path):
     bad.write_bytes(b"not a safetensors file at all")
     with pytest.raises(ValueError, match=f"FeatSharp file {bad} is not a safetensors file"):
         load_featsharp(str(bad))
+
+
+def test_cli_names_bad_input(tmp_path):
+    from typer.testing import CliRunner
+
+    from radio_dist.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["featsharp", "eval", str(tmp_path / "missing.safetensors")])
+    assert res.exit_code == 2 and "missing.safetensors does not exist" in res.output
+    res = runner.invoke(app, ["featsharp", "train", "--out", str(tmp_path / "run")])
+    assert res.exit_code == 2 and "no teacher given" in res.output
+    res = runner.invoke(
+        app, ["featsharp", "train", "--set", "teacher=siglip2_tiny", "--set", "upsampler.factr=2"]
+    )
+    assert res.exit_code == 2 and "factr" in res.output
+    assert not (tmp_path / "run").exists()  # nothing written for a refused job
