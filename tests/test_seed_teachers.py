@@ -143,7 +143,12 @@ def test_spec_geometry_and_choices_are_checked():
         create_teacher(variant(dino, arch="vit_base_patch16_siglip_224"))
     with pytest.raises(ValueError, match="summary 'cls' is not available"):
         create_teacher(variant(preset_spec("siglip2_tiny"), summary="cls"))
-    with pytest.raises(ValueError, match="adaptation 'featsharp' is not implemented"):
+    with pytest.raises(ValueError, match="adaptation 'mosaic' is not implemented"):  # SAM3's, not SigLIP2's
+        create_teacher(
+            variant(preset_spec("siglip2_tiny"), adaptation="mosaic", options={"mosaic_k": 2, "img_size": 64})
+        )
+    # featsharp is any family's adaptation, given a file
+    with pytest.raises(ValueError, match="adaptation=featsharp needs options.featsharp"):
         create_teacher(variant(preset_spec("siglip2_tiny"), adaptation="featsharp"))
     with pytest.raises(ValueError, match="dynamic_img_size=False is not supported"):
         create_teacher(variant(dino, options={**dino.options, "dynamic_img_size": False}))

@@ -7,6 +7,8 @@ that every tile repeats. A trained upsampler must beat warping the low-res map (
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -226,8 +228,9 @@ def test_window_attention_is_local_and_ignores_padding() -> None:
 def test_gradients_reach_every_learned_part() -> None:
     model = make(3, 4, 8)
     image, low, tiles = inputs(3, 4, 8)
-    with torch.no_grad():  # a zero output projection blocks gradients to the fusion: as after one step
-        model.out_proj.weight.normal_(std=0.1)
+    with torch.no_grad():  # zero-initialised layers (output projection, last guidance conv) block gradients
+        model.out_proj.weight.normal_(std=0.1)  # to what is behind them: set them as after a first step
+        model.jbu.guidance[-1].weight.normal_(std=0.1)
     theta = sample_jitters(2 * 2, torch.Generator().manual_seed(3)).reshape(2, 2, 2, 3)
     loss = consistency_loss(model, model(image, low, tiles), theta, torch.randn(2, 2, 4, 4, 8))
     loss.backward()
@@ -292,3 +295,24 @@ def test_learns_to_beat_bilinear_on_synthetic_teacher() -> None:
     assert valid.float().mean() > 0.5
     assert ours < 0.5 * base, (ours, base)
     assert noise_err < 0.6, noise_err
+
+
+def test_untrained_model_predicts_jittered_views_like_bilinear() -> None:
+    """The init (zero guidance conv, sigma_s = u/3, zero fusion output) starts level with the baseline it
+    must beat: its prediction of jittered low-res views is close to bilinear's; the older init (sigma_s = u)
+    blurred and started worse."""
+    model = make(3, 8, 4)
+    image, low, tiles = inputs(3, 8, 4)
+    low = F.avg_pool2d(low.permute(0, 3, 1, 2), 3, 1, 1, count_include_pad=False).permute(
+        0, 2, 3, 1
+    )  # smooth
+    theta = sample_jitters(2 * 3, torch.Generator().manual_seed(1)).reshape(2, 3, 2, 3)
+    with torch.no_grad():
+        pred, valid = model.predict_lowres(model(image, low, tiles), theta)
+        base = bilinear_prediction(low, theta)
+        ref = masked_mse(torch.zeros_like(base), base, valid)  # the signal's power
+        gap = masked_mse(pred, base, valid)
+        model.jbu.log_sigma_s.fill_(math.log(3.0))
+        blurred = masked_mse(model.predict_lowres(model(image, low, tiles), theta)[0], base, valid)
+    print(f"init vs bilinear: {gap / ref:.4f} of the signal power; with sigma_s = u: {blurred / ref:.4f}")
+    assert gap < 0.1 * ref and gap < 0.5 * blurred
