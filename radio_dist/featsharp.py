@@ -159,6 +159,14 @@ class FeatSharpConfig(StrictModel):
                 f"featsharp trains for the teacher as it is: teacher {self.teacher.name!r} has adaptation "
                 f"{self.teacher.adaptation.value!r}; set teacher.adaptation: none"
             )
+        up = self.upsampler
+        if up.down_kernel < up.factor or (up.down_kernel - up.factor) % 2:
+            raise ValueError(
+                f"upsampler.down_kernel={up.down_kernel} must be >= factor={up.factor} with an even difference "
+                f"(e.g. {up.factor + 6}); the downsampler is centred on each factor x factor cell"
+            )
+        if up.hidden and up.hidden % up.heads:
+            raise ValueError(f"upsampler.heads={up.heads} must divide upsampler.hidden={up.hidden}")
         if self.low is None and "low" not in self.teacher.resolution:
             raise ValueError(
                 "featsharp needs the teacher's native input size: set `low` (e.g. 384 for SigLIP2-g-384) or "
@@ -426,10 +434,6 @@ def _state_dict(model: FeatSharp, opt: torch.optim.Optimizer, step: int) -> dict
     return {"model": model.state_dict(), "opt": opt.state_dict(), "step": step}
 
 
-def _teacher_on(spec: TeacherSpec, device: torch.device) -> Teacher:
-    return create_teacher(spec, device)
-
-
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry: every worker trains on its share of the photos; gradients are averaged."""
     import ray.train
@@ -444,7 +448,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
     torch.set_num_threads(cfg.train.threads or max(1, int(cfg.scaling.cpus_per_worker)))
     out = RunDir(cfg.out, cfg.out_storage_options)
-    teacher = _teacher_on(cfg.teacher, device)
+    teacher = create_teacher(cfg.teacher, device)
     train_items, held_items = split_held_out(list_items(cfg.source), cfg.held_out)
     fit_imgs, _ = load_views(train_items[: cfg.phis_images], cfg.high_px, cfg.source)
     ckpt = ray.train.get_checkpoint()

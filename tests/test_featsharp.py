@@ -80,6 +80,8 @@ def test_config_refusals(tmp_path):
         FeatSharpConfig.model_validate({"teacher": "siglip2_tiny", "out": str(tmp_path)})
     with pytest.raises(ValueError, match="teacher 'no_such_teacher'"):
         FeatSharpConfig.model_validate({"teacher": "no_such_teacher", "low": 64})
+    with pytest.raises(ValueError, match="down_kernel=9 must be >= factor=2 with an even difference"):
+        FeatSharpConfig.model_validate({"teacher": "siglip2_tiny", "low": 64, "upsampler": {"factor": 2}})
     sam3 = preset_spec("sam3_tiny")  # a mosaic teacher: FeatSharp trains on the teacher as it is
     with pytest.raises(ValueError, match="set teacher.adaptation: none"):
         FeatSharpConfig.model_validate({"teacher": sam3.model_dump(mode="json"), "low": 64})
