@@ -298,8 +298,14 @@ class LoadedFeatSharp:
 
 
 def _read_bytes(path: str) -> bytes:
-    with fsspec.open(path, "rb") as f:
-        return bytes(f.read())
+    try:
+        with fsspec.open(path, "rb") as f:
+            return bytes(f.read())
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"FeatSharp file {path} does not exist — train one with `radio-dist featsharp train` and point "
+            f"options.{FEATSHARP_OPTION} at OUT/featsharp.safetensors"
+        ) from None
 
 
 def featsharp_checksum(path: str) -> str:
@@ -334,13 +340,7 @@ def load_featsharp(path: str, device: str | torch.device = "cpu") -> LoadedFeatS
     """A FeatSharp file written by ``radio-dist featsharp train``; a clear error for anything else."""
     from safetensors.torch import load
 
-    try:
-        data = _read_bytes(path)
-    except FileNotFoundError:
-        raise FileNotFoundError(
-            f"FeatSharp file {path} does not exist — train one with `radio-dist featsharp train` and point "
-            f"options.{FEATSHARP_OPTION} at OUT/featsharp.safetensors"
-        ) from None
+    data = _read_bytes(path)
     try:
         md = _safetensors_metadata(data)
         tensors = load(data)

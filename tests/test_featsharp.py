@@ -196,6 +196,8 @@ def test_fingerprint_follows_the_featsharp_file(trained, tmp_path):
     other["adaptation"] = "featsharp"
     with pytest.raises(ValueError, match="was trained for teacher 'siglip2_tiny'"):
         create_teacher(TeacherSpec.model_validate(other))
+    with pytest.raises(FileNotFoundError, match="FeatSharp file .*nope.safetensors does not exist"):
+        fingerprint(featsharp_spec(tmp_path / "nope.safetensors"))  # what a cache job checks first
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file at all")
     with pytest.raises(ValueError, match=f"FeatSharp file {bad} is not a safetensors file"):
