@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -417,6 +418,46 @@ def bench_ingest_cmd(
     _print_result("bench ingest", res, as_json)
 
 
+def _train_with_progress(
+    label: str,
+    run: Callable[[Callable[[dict[str, Any]], None] | None], dict[str, Any]],
+    step_key: str,
+    info: Callable[[dict[str, Any]], str],
+    as_json: bool,
+    errors: tuple[type[Exception], ...],
+) -> dict[str, Any]:
+    """Run a Ray Train job (``run(on_metrics)``) with a step progress bar on stderr fed by its metrics lines;
+    with --json no bar, and stdout is the summary alone. ``errors`` become a clear exit 2."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=err,
+    )
+    task = None
+
+    def on_metrics(m: dict[str, Any]) -> None:
+        nonlocal task
+        if task is None:
+            progress.start()
+            task = progress.add_task(label, total=m["total_steps"], info="")
+        progress.update(task, completed=m[step_key], info=info(m))
+
+    if as_json:
+        _json_only_stdout()
+    try:
+        return run(None if as_json else on_metrics)
+    except errors as e:
+        progress.stop()  # before the message, so the bar does not redraw over it
+        _fail(str(e))
+    finally:
+        progress.stop()
+
+
 def build_distill_config(
     config: Path | None, store: str | None, out_dir: str | None, overrides: list[str]
 ) -> Any:
@@ -455,8 +496,6 @@ def distill_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Train every student at once from the cached targets (resumes from OUT's last checkpoint)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from radio_dist.distill import run_distill
     from radio_dist.store import StoreError
 
@@ -464,37 +503,21 @@ def distill_cmd(
         cfg = build_distill_config(config, store, out_dir, set_ or [])
     except ConfigError as e:
         _fail(str(e))
-    progress = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        console=err,
-    )
-    task = None
 
-    def on_metrics(m: dict[str, Any]) -> None:
-        nonlocal task
-        if task is None:
-            progress.start()
-            task = progress.add_task("distill", total=m["total_steps"], info="")
+    def info(m: dict[str, Any]) -> str:
         losses = "  ".join(
             f"{s.name} {m[f'{s.name}/total']:.3f}" for s in cfg.students if f"{s.name}/total" in m
         )
-        progress.update(
-            task, completed=m["global_step"], info=f"epoch {m['epoch']} {m['resolution']}px  {losses}"
-        )
+        return f"epoch {m['epoch']} {m['resolution']}px  {losses}"
 
-    if as_json:
-        _json_only_stdout()
-    try:
-        summary = run_distill(cfg, on_metrics=None if as_json else on_metrics)
-    except (StoreError, ConfigError) as e:
-        progress.stop()
-        _fail(str(e))
-    finally:
-        progress.stop()
+    summary = _train_with_progress(
+        "distill",
+        lambda follow: run_distill(cfg, follow),
+        "global_step",
+        info,
+        as_json,
+        (StoreError, ConfigError),
+    )
     if as_json:
         _print_json(summary)
         return
@@ -543,40 +566,20 @@ def featsharp_train_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Train FeatSharp with Ray Train (resumes from OUT's last checkpoint); reports held-out error vs bilinear."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from radio_dist.featsharp import run_featsharp
 
     try:
         cfg = build_featsharp_config(config, out_dir, set_ or [])
     except ConfigError as e:
         _fail(str(e))
-    progress = Progress(
-        TextColumn("[bold]featsharp"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        console=err,
+    summary = _train_with_progress(
+        "featsharp",
+        lambda follow: run_featsharp(cfg, follow),
+        "step",
+        lambda m: f"loss {m['loss']:.4f}  {m['step_s']:.2f} s/step",
+        as_json,
+        (ConfigError, FileNotFoundError, ValueError),
     )
-    task = None
-
-    def on_metrics(m: dict[str, Any]) -> None:
-        nonlocal task
-        if task is None:
-            progress.start()
-            task = progress.add_task("featsharp", total=m["total_steps"], info="")
-        progress.update(task, completed=m["step"], info=f"loss {m['loss']:.4f}  {m['step_s']:.2f} s/step")
-
-    if as_json:
-        _json_only_stdout()
-    try:
-        summary = run_featsharp(cfg, on_metrics=None if as_json else on_metrics)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        progress.stop()
-        _fail(str(e))
-    finally:
-        progress.stop()
     if as_json:
         _print_json(summary)
         return
@@ -585,7 +588,7 @@ def featsharp_train_cmd(
 
 
 def _print_featsharp_report(title: str, r: dict[str, Any]) -> None:
-    t = Table(title=f"{title}: {r['images']} held-out images x {r['jitters']} jitters (PHI-S space)")
+    t = Table(title=title, caption=f"{r['images']} held-out images x {r['jitters']} jitters, PHI-S space")
     t.add_column("upsampler")
     t.add_column("MSE vs teacher on jittered views", justify="right")
     t.add_column("cosine", justify="right")

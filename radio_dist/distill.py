@@ -682,15 +682,62 @@ def export_to(out: RunDir, name: str, model: StudentModel, phis: dict[str, Any],
 # -- the driver ------------------------------------------------------------------------------------------------
 
 
-def run_distill(
-    cfg: DistillConfig, on_metrics: Callable[[dict[str, Any]], None] | None = None
-) -> dict[str, Any]:
-    """Check the store, start Ray Train, follow its metrics; returns a summary of the run."""
+def fit_with_ray_train(
+    loop: Callable[[dict[str, Any]], None],
+    loop_config: dict[str, Any],
+    out: RunDir,
+    name: str,
+    scaling: ScalingSettings,
+    on_metrics: Callable[[dict[str, Any]], None] | None = None,
+    step_key: str = "global_step",
+) -> Any:
+    """Run ``loop`` on Ray Train workers with checkpoints under ``out/ray`` (a local path, or the same fsspec
+    filesystem — endpoint, credentials — as the rest of the run directory), following ``out/metrics.jsonl``
+    into ``on_metrics`` while it runs. Shared by distillation and FeatSharp training."""
     import threading
 
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    if out.is_local:
+        storage, storage_fs = str(Path(out.root).resolve()), None
+    else:
+        import pyarrow.fs as pafs
+
+        storage, storage_fs = out.root, pafs.PyFileSystem(pafs.FSSpecHandler(out.fs))
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=scaling.num_workers,
+            use_gpu=scaling.use_gpu,
+            resources_per_worker={"CPU": scaling.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=f"{storage.rstrip('/')}/ray",
+            storage_filesystem=storage_fs,
+            failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    stop = threading.Event()
+    follower = None
+    if on_metrics is not None:
+        follower = threading.Thread(target=_follow, args=(out, on_metrics, stop, step_key), daemon=True)
+        follower.start()
+    try:
+        return trainer.fit()
+    finally:
+        stop.set()
+        if follower is not None:
+            follower.join(timeout=5)
+
+
+def run_distill(
+    cfg: DistillConfig, on_metrics: Callable[[dict[str, Any]], None] | None = None
+) -> dict[str, Any]:
+    """Check the store, start Ray Train, follow its metrics; returns a summary of the run."""
     # Ray Train workers run in their own directory: local paths must not be relative to ours
     local = {
         k: str(Path(v).resolve()) for k, v in (("url", cfg.store.url), ("out", cfg.out)) if "://" not in v
@@ -705,40 +752,15 @@ def run_distill(
     out.fs.makedirs(out.root, exist_ok=True)
     with out.open("run.json", "w") as f:
         f.write(json.dumps({"config": cfg.model_dump(mode="json"), "run": run}, indent=1))
-    if out.is_local:
-        storage, storage_fs = str(Path(cfg.out).resolve()), None
-    else:  # Ray Train writes checkpoints through the same fsspec filesystem (endpoint, credentials) as the rest
-        import pyarrow.fs as pafs
-
-        storage, storage_fs = out.root, pafs.PyFileSystem(pafs.FSSpecHandler(out.fs))
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "run": run},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.scaling.num_workers,
-            use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
-        ),
-        run_config=ray.train.RunConfig(
-            name=cfg.name,
-            storage_path=f"{storage.rstrip('/')}/ray",
-            storage_filesystem=storage_fs,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-        ),
-    )
-    stop = threading.Event()
-    follower = None
-    if on_metrics is not None:
-        follower = threading.Thread(target=_follow, args=(out, on_metrics, stop), daemon=True)
-        follower.start()
     t0 = time.perf_counter()
-    try:
-        result = trainer.fit()
-    finally:
-        stop.set()
-        if follower is not None:
-            follower.join(timeout=5)
+    result = fit_with_ray_train(
+        train_loop_per_worker,
+        {"cfg": cfg.model_dump(mode="json"), "run": run},
+        out,
+        cfg.name,
+        cfg.scaling,
+        on_metrics,
+    )
     lines = read_metrics(cfg.out, cfg.out_storage_options)
     last = lines[-1] if lines else {}
     return {
@@ -753,19 +775,21 @@ def run_distill(
     }
 
 
-def read_metrics(out: str | RunDir, storage_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+def read_metrics(
+    out: str | RunDir, storage_options: dict[str, Any] | None = None, step_key: str = "global_step"
+) -> list[dict[str, Any]]:
     """The run's metrics, one dict per logged step; steps re-run after a restart keep their latest line."""
     run = out if isinstance(out, RunDir) else RunDir(out, storage_options)
     lines = [json.loads(line) for line in run.read_lines("metrics.jsonl") if line.strip()]
-    latest = {line["global_step"]: line for line in lines}
+    latest = {line[step_key]: line for line in lines}
     return [latest[k] for k in sorted(latest)]
 
 
-def _follow(out: RunDir, on_metrics: Callable[[dict[str, Any]], None], stop: Any) -> None:
+def _follow(out: RunDir, on_metrics: Callable[[dict[str, Any]], None], stop: Any, step_key: str) -> None:
     seen = 0
     while not stop.is_set():
         try:
-            lines = read_metrics(out)
+            lines = read_metrics(out, step_key=step_key)
         except (OSError, ValueError):
             lines = []
         for line in lines[seen:]:

@@ -46,6 +46,8 @@ from radio_dist.distill import (
     ScalingSettings,
     _all_reduce_grads,
     _broadcast_params,
+    fit_with_ray_train,
+    read_metrics,
 )
 from radio_dist.phis import Moments, PhiS, fit_phis
 from radio_dist.pipeline import RayConfig, _init_ray
@@ -237,21 +239,17 @@ class Views:
 
 
 def make_views(
-    teacher: Teacher, phis: PhiS, x: torch.Tensor, factor: int, low_px: int, theta: torch.Tensor | None
+    teacher: Teacher, phis: PhiS, x: torch.Tensor, factor: int, low_px: int, theta: torch.Tensor
 ) -> Views:
     """One batched teacher pass over the low view, the u x u tiles and the jittered views of ``x``."""
     b = x.shape[0]
     low_in = F.interpolate(x, size=(low_px, low_px), mode="bilinear", align_corners=False, antialias=True)
-    parts = [low_in, split_tiles(x, factor)]
-    if theta is not None:
-        parts.append(jitter_views(x, theta, low_px))
+    parts = [low_in, split_tiles(x, factor), jitter_views(x, theta, low_px)]
     dense = phis.forward(teacher_dense(teacher, torch.cat(parts), teacher.spec.runtime.batch_size))
     assert isinstance(dense, torch.Tensor)
     g = dense.shape[1]
     low, rest = dense[:b], dense[b:]
     tiles = assemble_tiles(rest[: b * factor * factor], factor)
-    if theta is None:
-        return Views(low, tiles, low.new_zeros((b, 0, g, g, dense.shape[-1])), x.new_zeros((b, 0, 2, 3)))
     targets = rest[b * factor * factor :].reshape(b, theta.shape[1], g, g, -1)
     return Views(low, tiles, targets, theta)
 
@@ -598,11 +596,6 @@ def run_featsharp(
     cfg: FeatSharpConfig, on_metrics: Callable[[dict[str, Any]], None] | None = None
 ) -> dict[str, Any]:
     """Train (or resume) FeatSharp with Ray Train; returns the summary with the held-out report."""
-    import threading
-
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     cfg = _absolute(cfg)
     fingerprint(cfg.teacher)  # a missing weights file fails here, with its name, before Ray starts
     split_held_out(list_items(cfg.source), cfg.held_out)  # and so does a source too small to hold out
@@ -611,42 +604,18 @@ def run_featsharp(
     out.fs.makedirs(out.root, exist_ok=True)
     with out.open("featsharp-job.json", "w") as f:
         f.write(json.dumps(cfg.model_dump(mode="json"), indent=1))
-    if out.is_local:
-        storage, storage_fs = str(Path(cfg.out).resolve()), None
-    else:
-        import pyarrow.fs as pafs
-
-        storage, storage_fs = out.root, pafs.PyFileSystem(pafs.FSSpecHandler(out.fs))
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json")},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.scaling.num_workers,
-            use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
-        ),
-        run_config=ray.train.RunConfig(
-            name=cfg.name,
-            storage_path=f"{storage.rstrip('/')}/ray",
-            storage_filesystem=storage_fs,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-        ),
-    )
-    stop = threading.Event()
-    follower = None
-    if on_metrics is not None:
-        follower = threading.Thread(target=_follow_metrics, args=(out, on_metrics, stop), daemon=True)
-        follower.start()
     t0 = time.perf_counter()
-    try:
-        trainer.fit()
-    finally:
-        stop.set()
-        if follower is not None:
-            follower.join(timeout=5)
+    fit_with_ray_train(
+        train_loop_per_worker,
+        {"cfg": cfg.model_dump(mode="json")},
+        out,
+        cfg.name,
+        cfg.scaling,
+        on_metrics,
+        step_key="step",
+    )
     report = json.loads(bytes(out.fs.cat_file(out.path("report.json"))).decode())
-    lines = read_featsharp_metrics(out)
+    lines = read_metrics(out, step_key="step")
     return {
         "out": cfg.out,
         "teacher": cfg.teacher.name,
@@ -658,25 +627,6 @@ def run_featsharp(
         "featsharp": f"{cfg.out.rstrip('/')}/featsharp.safetensors",
         "report": report,
     }
-
-
-def read_featsharp_metrics(out: RunDir) -> list[dict[str, Any]]:
-    lines = [json.loads(line) for line in out.read_lines("metrics.jsonl") if line.strip()]
-    latest = {line["step"]: line for line in lines}
-    return [latest[k] for k in sorted(latest)]
-
-
-def _follow_metrics(out: RunDir, on_metrics: Callable[[dict[str, Any]], None], stop: Any) -> None:
-    seen = 0
-    while not stop.is_set():
-        try:
-            lines = read_featsharp_metrics(out)
-        except (OSError, ValueError):
-            lines = []
-        for line in lines[seen:]:
-            on_metrics(line)
-        seen = max(seen, len(lines))
-        stop.wait(0.5)
 
 
 # -- the caching adaptation ------------------------------------------------------------------------------------

@@ -16,14 +16,13 @@ import pytest
 import torch
 
 from radio_dist.config import ConfigError
-from radio_dist.distill import RunDir
+from radio_dist.distill import read_metrics
 from radio_dist.featsharp import (
     FeatSharpConfig,
     evaluate_file,
     featsharp_bytes,
     load_featsharp,
     photo_of,
-    read_featsharp_metrics,
     run_featsharp,
     split_held_out,
 )
@@ -100,7 +99,7 @@ def test_held_out_photos_are_whole_and_stable():
 
 def test_trains_exports_and_beats_bilinear_on_held_out_photos(trained):
     out, summary = trained
-    lines = read_featsharp_metrics(RunDir(str(out)))
+    lines = read_metrics(str(out), step_key="step")
     assert [m["step"] for m in lines] == list(range(25, STEPS + 1, 25))
     assert lines[-1]["loss"] < lines[0]["loss"]
     report = json.loads((out / "report.json").read_text())
@@ -135,7 +134,7 @@ def test_a_stopped_job_resumes_to_the_same_weights(trained, tmp_path, ray_local)
     b = load_featsharp(str(ref_out / "featsharp.safetensors")).model.state_dict()
     for k in b:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f"{k} differs after resuming")
-    steps = [m["step"] for m in read_featsharp_metrics(RunDir(str(out)))]
+    steps = [m["step"] for m in read_metrics(str(out), step_key="step")]
     assert steps == list(range(25, STEPS + 1, 25))
 
 
