@@ -55,7 +55,12 @@ class WeightsSpec(StrictModel):
 # glibc malloc returns big freed blocks to the OS after every batch, so the next batch page-faults them
 # back in: measured on a 2-core CPU, sys time was ~half of an EfficientNet-Lite0 forward (6.5 s -> 2.8 s
 # for 5 batches of 32 with these set). Keeping freed memory in the process costs only address space.
+# Ray Data calls an actor's UDF in a worker thread, and a non-main thread allocates from its own glibc
+# arena, whose heaps are capped at 64 MiB: a bigger activation is mmap'd and munmap'd on every forward
+# whatever the thresholds say (EfficientNet-Lite0, batch 32, 1 thread, called in a thread: 28 ms/image; a
+# pipeline actor took 55-83k page faults/s). One arena: every thread allocates from the main heap (21 ms/image).
 ALLOCATOR_ENV = {
+    "MALLOC_ARENA_MAX": "1",
     "MALLOC_MMAP_THRESHOLD_": "4294967296",
     "MALLOC_TRIM_THRESHOLD_": "4294967296",
     "MALLOC_TOP_PAD_": "67108864",
