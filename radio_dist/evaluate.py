@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from pydantic import Field
 
 from radio_dist.config import StrictModel
@@ -40,8 +41,8 @@ class EvalConfig(StrictModel):
     batch_size: int = Field(8, ge=1, description="Images per forward.")
 
 
-def held_out_images(store: FeatureStore, source: SourceConfig, n: int) -> list[tuple[str, np.ndarray, str]]:
-    """Up to ``n`` decoded (id, rgb, view) from the source whose ids the store does not hold."""
+def held_out_images(store: FeatureStore, source: SourceConfig, n: int) -> list[tuple[str, Image.Image, str]]:
+    """Up to ``n`` decoded (id, RGB image, view) from the source whose ids the store does not hold."""
     known = store.committed_ids()
     out = []
     for item in list_items(source):
@@ -53,7 +54,7 @@ def held_out_images(store: FeatureStore, source: SourceConfig, n: int) -> list[t
             img = decode_image(data, item.uri, source.min_side, source.max_pixels)
         except ValueError:
             continue
-        out.append((iid, img.rgb, item.view))
+        out.append((iid, img.image, item.view))
         if len(out) >= n:
             break
     if not out:

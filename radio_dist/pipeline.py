@@ -211,7 +211,7 @@ class DecodeStage:
                     img = decode_image(data, uri, self.source.min_side, self.source.max_pixels)
                     w, h, m = img.width, img.height, img.mode
                     for p, size in self.partitions.items():
-                        images[p][i], geo[p] = canonical_view(img.rgb, size, view)
+                        images[p][i], geo[p] = canonical_view(img.image, size, view)
                 except ImageError as e:
                     err = str(e)
                 except Exception as e:  # a decoder bug must not kill the run: record it on the row

@@ -361,3 +361,22 @@ def test_view_crop_changes_output_and_geometry_lies_inside_the_view():
         canonical_view(rgb, 64, '{"x0":0.6,"x1":0.5,"y0":0,"y1":1}')
     with pytest.raises(ImageError, match="invalid view"):
         canonical_view(rgb, 64, "not json")
+
+
+def test_decoded_photo_resamples_to_the_same_views_as_its_pixels():
+    """The decode stage hands the PIL image to canonical_view (no numpy round trip): same pixels out,
+    and the image stays usable after decode_image returns (it is not closed)."""
+    data = read_bytes("sample-photos:chelsea")
+    dec = decode_image(data, "sample-photos:chelsea")
+    assert isinstance(dec.image, Image.Image) and dec.image.mode == "RGB"
+    pixels = dec.rgb
+    assert np.array_equal(pixels, load_sample_photo("chelsea"))
+    for view in ("", '{"x0":0.1,"x1":0.9,"y0":0.0,"y1":0.7}'):
+        from_image, geo_image = canonical_view(dec.image, 96, view)
+        from_pixels, geo_pixels = canonical_view(pixels, 96, view)
+        assert np.array_equal(from_image, from_pixels) and geo_image == geo_pixels
+    grey = decode_image(read_bytes("sample-photos:camera"), "sample-photos:camera")
+    assert grey.mode == "L" and grey.image.mode == "RGB"
+    assert np.array_equal(
+        canonical_view(grey.image, 64)[0], canonical_view(load_sample_photo("camera"), 64)[0]
+    )
