@@ -19,12 +19,14 @@ from radio_dist.bench import (
     bench_cache,
     bench_ingest,
     config_teachers,
+    pipeline_rates,
     teacher_device,
     teacher_only,
     without_mosaic,
 )
 from radio_dist.cli import app
 from radio_dist.config import ConfigError
+from radio_dist.pipeline import CacheSummary
 from radio_dist.sources import SAMPLE_PHOTOS, load_sample_photo
 from radio_dist.students import StudentSpec
 from radio_dist.teacher import TeacherSpec, preset_spec
@@ -157,3 +159,19 @@ def test_bench_cache_config_file_and_bad_input(tmp_path):
     bad.write_text(yaml.safe_dump({"teachers": [{**dino, "resolutoin": {}}]}))
     res = runner.invoke(app, ["bench", "cache", "--config", str(bad)])
     assert res.exit_code == 2 and "unknown key 'resolutoin'" in res.output
+
+
+def test_pipeline_rate_leaves_start_up_out_and_reports_it_apart():
+    """The headline rate is the main phase after its first commit; the with-start-up rate and ratio stay in
+    the result, and a run with nothing after the first commit falls back to the with-start-up rate, flagged."""
+    s = CacheSummary(ok=1024, pipeline_images=960, pipeline_seconds=40.0, first_shard_images=64)
+    s.first_shard_seconds = 16.0
+    r = pipeline_rates(s, teacher_only_images_per_s=50.0)
+    assert r["pipeline_images_per_s"] == pytest.approx(896 / 24.0) == r["steady_state_images_per_s"]
+    assert r["ratio"] == pytest.approx(896 / 24.0 / 50.0) and not r["pipeline_rate_includes_startup"]
+    assert r["pipeline_images_per_s_with_startup"] == pytest.approx(960 / 40.0)
+    assert r["ratio_with_startup"] == pytest.approx(960 / 40.0 / 50.0)
+    all_fit = CacheSummary(ok=16, fit_seconds=8.0)  # every image in the PHI-S fit phase
+    r = pipeline_rates(all_fit, teacher_only_images_per_s=4.0)
+    assert r["steady_state_images_per_s"] is None and r["pipeline_rate_includes_startup"]
+    assert r["pipeline_images_per_s"] == pytest.approx(2.0) and r["ratio"] == pytest.approx(0.5)
