@@ -75,6 +75,13 @@ def build_submission(
     env_vars = dict(runtime_env.get("env_vars") or {})
     env_vars[CONFIG_ENV] = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
     env_vars.setdefault("HF_HUB_OFFLINE", "1")
+    from radio_dist.teacher import ALLOCATOR_ENV
+
+    for (
+        key,
+        value,
+    ) in ALLOCATOR_ENV.items():  # the job's workers keep freed memory (see pipeline.local_ray_options)
+        env_vars.setdefault(key, value)
     runtime_env["env_vars"] = env_vars
     return {
         "entrypoint": f"python -m jobs.{job.value} --config env:{CONFIG_ENV}",

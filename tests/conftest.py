@@ -35,7 +35,15 @@ S3_BUCKET = "radio-dist-test"
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
+    from radio_dist.teacher import ALLOCATOR_ENV
+
+    # the workers' environment of a local instance radio-dist starts itself (pipeline.local_ray_options)
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        logging_level="warning",
+        runtime_env={"env_vars": dict(ALLOCATOR_ENV)},
+    )
     yield ray
     ray.shutdown()
 

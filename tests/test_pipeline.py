@@ -248,3 +248,32 @@ def test_a_killed_teacher_actor_is_replaced_and_every_image_lands_once(tmp_path)
         f"caching actor SIGKILLed (pid {victim}): rows checked {report['rows']}, lost {lost}, duplicated {duplicated}"
     )
     assert summary["ok"] + summary["error"] == 60 and lost == 0 and duplicated == 0
+
+
+_WORKER_ENV = """
+import os, ray
+from radio_dist.pipeline import RayConfig, _init_ray
+_init_ray(RayConfig(num_cpus=1))
+@ray.remote
+def env():
+    return {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
+print(repr(ray.get(env.remote())))
+"""
+
+
+@pytest.mark.slow  # ~11 s: a Ray start of its own
+def test_a_local_instance_gives_every_worker_the_allocator_settings():
+    """The local Ray instance radio-dist starts passes the allocator settings to all of the job's workers
+    (tasks, Ray Train workers), not only to teacher actors. Runs in a fresh process: Ray starts there."""
+    from radio_dist.teacher import ALLOCATOR_ENV
+
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "RAY_ADDRESS"}
+    res = subprocess.run(
+        [sys.executable, "-c", _WORKER_ENV],
+        env=clean,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert eval(res.stdout.strip().splitlines()[-1]) == ALLOCATOR_ENV

@@ -165,3 +165,21 @@ def test_a_failing_job_fails_the_command(ray_head, tmp_path):
     assert res.exit_code == 1
     assert "FAILED" in res.stdout
     assert "not a radio-dist store" in res.output  # the job's own error, followed from its logs
+
+
+def test_submitted_jobs_keep_freed_memory_unless_the_runtime_env_says_otherwise(tmp_path):
+    """Every worker of a submitted job gets the allocator settings (Ray Train runs the training loop in a
+    thread); a value the user's runtime_env file sets wins."""
+    from radio_dist.submit import JobName, build_submission
+    from radio_dist.teacher import ALLOCATOR_ENV
+
+    cfg = REPO / "jobs/configs/distill_sample.yaml"
+    env = build_submission(JobName.distill, cfg, [], REPO, None)["runtime_env"]["env_vars"]
+    assert {k: env[k] for k in ALLOCATOR_ENV} == ALLOCATOR_ENV
+    mine = tmp_path / "runtime_env.yaml"
+    mine.write_text("env_vars: {MALLOC_ARENA_MAX: '4'}\n")
+    env = build_submission(JobName.distill, cfg, [], REPO, mine)["runtime_env"]["env_vars"]
+    assert (
+        env["MALLOC_ARENA_MAX"] == "4"
+        and env["MALLOC_TRIM_THRESHOLD_"] == ALLOCATOR_ENV["MALLOC_TRIM_THRESHOLD_"]
+    )
