@@ -324,29 +324,46 @@ class AttentionDownsampler(nn.Module):
         nn.init.zeros_(self.content.bias)
 
     def forward(self, hr: Tensor) -> Tensor:
-        """``[B, u*g, u*g', C] -> [B, g, g', C]``; edges are replicate-padded."""
+        """``[B, u*g, u*g', C] -> [B, g, g', C]``; edges are replicate-padded.
+
+        The k x k window of a cell spans its own u x u cell and ``P = ceil(pad / u)`` cells on each side, so
+        the padded map is viewed as ``(g + 2P) x (g + 2P)`` cells of ``u x u`` and summed over the
+        ``(2P + 1)^2`` cell shifts, each contracting its u x u sub-positions at once: 9 shifted views for the
+        default k = 9, u = 3 (not 81 strided slices, whose backward passes each wrote a zero map the size of
+        the padded input). Sub-positions outside the k x k window (when ``pad`` is not a multiple of u) get
+        no weight.
+        """
         b, hh, ww, c = hr.shape
         u, k, p = self.factor, self.kernel, self.pad
         if hh % u or ww % u:
             raise ValueError(f"downsample: map {hh}x{ww} is not a multiple of factor={u}")
         gh, gw = hh // u, ww // u
-        ri = torch.arange(-p, hh + p, device=hr.device).clamp(0, hh - 1)
-        ci = torch.arange(-p, ww + p, device=hr.device).clamp(0, ww - 1)
-        xp = hr[:, ri][:, :, ci]  # [B, H+2p, W+2p, C]
-        score = self.content(hr)[..., 0][:, ri][:, :, ci]  # [B, H+2p, W+2p]
-
-        def window(t: Tensor, a: int, bb: int) -> Tensor:
-            return t[:, a : a + u * gh : u, bb : bb + u * gw : u]
-
-        offsets = [(a, bb) for a in range(k) for bb in range(k)]
+        cells = -(-p // u)  # P
+        span, extra = 2 * cells + 1, cells * u - p  # cells per window side; sub-positions beyond the kernel
+        ri = torch.arange(-cells * u, hh + cells * u, device=hr.device).clamp(0, hh - 1)
+        ci = torch.arange(-cells * u, ww + cells * u, device=hr.device).clamp(0, ww - 1)
+        score = self.content(hr)[..., 0][:, ri][:, :, ci]  # [B, H + 2Pu, W + 2Pu]
+        score = score.reshape(b, gh + 2 * cells, u, gw + 2 * cells, u)
+        # spatial prior on the (span*u)^2 grid of window positions; -inf outside the k x k kernel
+        prior = hr.new_full((span * u, span * u), float("-inf"))
+        prior[extra : extra + k, extra : extra + k] = self.spatial_logits.to(hr.dtype).reshape(k, k)
+        prior = prior.reshape(span, u, span, u)
         logits = torch.stack(
-            [self.spatial_logits[i].to(hr.dtype) + window(score, a, bb) for i, (a, bb) in enumerate(offsets)],
-            dim=-1,
-        )
-        weights = torch.softmax(logits, dim=-1)  # [B, g, g', k*k]
+            [
+                score[:, di : di + gh, :, dj : dj + gw, :] + prior[di, :, dj, :][None, None, :, None, :]
+                for di in range(span)
+                for dj in range(span)
+            ],
+            dim=1,
+        )  # [B, span^2, g, u, g', u]
+        weights = torch.softmax(logits.permute(0, 2, 4, 1, 3, 5).reshape(b, gh, gw, -1), dim=-1)
+        weights = weights.reshape(b, gh, gw, span * span, u, u)
+        xp = hr[:, ri][:, :, ci].reshape(b, gh + 2 * cells, u, gw + 2 * cells, u, c)
         out = hr.new_zeros(b, gh, gw, c)
-        for i, (a, bb) in enumerate(offsets):
-            out = out + weights[..., i, None] * window(xp, a, bb)
+        for n in range(span * span):
+            di, dj = divmod(n, span)
+            x = xp[:, di : di + gh, :, dj : dj + gw, :, :]  # [B, g, u, g', u, C]
+            out = out + torch.einsum("biyjxc,bijyx->bijc", x, weights[:, :, :, n])
         return out
 
 

@@ -205,6 +205,34 @@ def test_downsample_constant_and_near_average_pool_at_init() -> None:
     assert (out - avg_pool(x, 3)).abs().max() > 0  # the outside weights are small, not zero
 
 
+@pytest.mark.parametrize(("u", "k"), [(3, 9), (3, 5), (4, 6), (2, 2)])
+def test_downsample_matches_the_per_cell_definition(u: int, k: int) -> None:
+    """Each output cell is the softmax(spatial prior + content score)-weighted mean of the k x k window
+    centred on its u x u cell, edges replicated — written here one cell at a time, as the definition reads,
+    and compared with the model's cell-shift implementation (k = 5 and 6 leave sub-positions of the outer
+    cells outside the kernel)."""
+    torch.manual_seed(1)
+    model = make(u, 3, 4, down_kernel=k)
+    with torch.no_grad():
+        model.down.spatial_logits.normal_()
+        model.down.content.weight.normal_()
+    x = torch.randn(2, 3 * u, 4 * u, 4)
+    with torch.no_grad():
+        out = model.downsample(x)
+        score = model.down.content(x)[..., 0]
+    p = (k - u) // 2
+    prior = model.down.spatial_logits.detach().reshape(k, k)
+    want = torch.zeros(2, 3, 4, 4)
+    for i in range(3):
+        for j in range(4):
+            rows = (torch.arange(k) + u * i - p).clamp(0, 3 * u - 1)
+            cols = (torch.arange(k) + u * j - p).clamp(0, 4 * u - 1)
+            logits = prior + score[:, rows][:, :, cols]  # [2, k, k]
+            w = torch.softmax(logits.reshape(2, -1), dim=-1)
+            want[:, i, j] = torch.einsum("bn,bnc->bc", w, x[:, rows][:, :, cols].reshape(2, k * k, 4))
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+
+
 # -- window attention -----------------------------------------------------------------------------------------
 def test_window_attention_is_local_and_ignores_padding() -> None:
     torch.manual_seed(0)
