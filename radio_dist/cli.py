@@ -271,6 +271,7 @@ def store_info_cmd(store: StoreArg, as_json: JsonOpt = False) -> None:
     t.add_row("rows ok / error", f"{info['rows_ok']} / {info['rows_error']}")
     t.add_row("shards (orphans)", f"{info['shards']} ({info['orphan_shards']})")
     t.add_row("partitions", ", ".join(f"{k}={v}px" for k, v in info["partitions"].items()))
+    t.add_row("view resampling", str(info["view_resample"]))
     for name, ti in info["teachers"].items():
         shapes = "; ".join(
             f"{p}: dense {tuple(o['dense'])}, summary {tuple(o['summary']) if o['summary'] else '-'}"

@@ -24,7 +24,7 @@ from pydantic import Field
 
 from radio_dist.config import StrictModel
 from radio_dist.sources import SourceConfig, canonical_view, decode_image, image_id, list_items, read_bytes
-from radio_dist.store import FeatureStore, StoreError
+from radio_dist.store import FeatureStore, StoreError, view_resample_of
 from radio_dist.students import LoadedStudent, StudentModel, TeacherHeadInfo, build_student, load_student
 from radio_dist.teacher import TeacherSpec, create_teacher
 
@@ -108,6 +108,7 @@ def evaluate(
     # each resolution is scored against the partition whose cached size is closest to it
     part_of = {r: _nearest_partition(partitions, r) for r in resolutions}
     images = held_out_images(store, cfg.source, cfg.images)
+    resample = view_resample_of(meta)
     teachers_used = sorted({t for s in students.values() for t in s.teacher_names})
     models = dict(students)
     floors = {name: untrained_like(s) for name, s in students.items()}
@@ -116,7 +117,8 @@ def evaluate(
     for p, px in sorted(partitions.items()):
         if p not in part_of.values():
             continue
-        views = np.stack([canonical_view(rgb, px, view)[0] for _, rgb, view in images])
+        # the held-out views are resampled as the store's training views were
+        views = np.stack([canonical_view(rgb, px, view, resample)[0] for _, rgb, view in images])
         for t in teachers_used:
             if progress:
                 progress(f"teacher {t} at {p}={px}px on {len(views)} held-out images")

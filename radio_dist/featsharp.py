@@ -213,7 +213,7 @@ def load_views(items: list[SourceItem], size: int, source: SourceConfig) -> tupl
         try:
             data = read_bytes(it.uri, source.storage_options)
             img = decode_image(data, it.uri, source.min_side, source.max_pixels)
-            views.append(canonical_view(img.image, size, it.view)[0])
+            views.append(canonical_view(img.image, size, it.view, source.resample)[0])
         except (ImageError, OSError, ValueError) as e:
             bad.append(f"{it.uri}: {e}")
     if not views:

@@ -208,10 +208,18 @@ class DecodeStage:
                         raise ImageError(
                             f"{uri}: content changed while caching (id mismatch); re-run the job"
                         )
-                    img = decode_image(data, uri, self.source.min_side, self.source.max_pixels)
+                    img = decode_image(
+                        data,
+                        uri,
+                        self.source.min_side,
+                        self.source.max_pixels,
+                        draft_for=(view, max(self.partitions.values())),
+                    )
                     w, h, m = img.width, img.height, img.mode
                     for p, size in self.partitions.items():
-                        images[p][i], geo[p] = canonical_view(img.image, size, view)
+                        images[p][i], geo[p] = canonical_view(
+                            img.image, size, view, self.source.resample, img.original_size
+                        )
                 except ImageError as e:
                     err = str(e)
                 except Exception as e:  # a decoder bug must not kill the run: record it on the row
@@ -587,7 +595,7 @@ def _run_cache(cfg: CacheJobConfig, store: FeatureStore, progress: ProgressFn | 
 
     t0 = time.perf_counter()
     summary = CacheSummary()
-    store.init_or_check(cfg.pipeline.partitions, teacher_records(cfg.teachers))
+    store.init_or_check(cfg.pipeline.partitions, teacher_records(cfg.teachers), cfg.source.resample.value)
 
     items: list[SourceItem] = list_items(cfg.source)
     summary.listed = len(items)

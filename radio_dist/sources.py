@@ -52,6 +52,13 @@ class SourceKind(str, Enum):
     sample_photos = "sample-photos"
 
 
+class Resample(str, Enum):
+    """How a canonical view is resampled from its crop (both antialiased when shrinking)."""
+
+    bilinear = "bilinear"  # triangle filter, torch's uint8 kernel: ~5x faster than PIL's bicubic
+    bicubic = "bicubic"  # PIL's bicubic (a = -0.5) on the exact fractional crop box
+
+
 class SourceError(ValueError):
     """The source as a whole is unusable; the message names the path and what to do."""
 
@@ -84,6 +91,12 @@ class SourceConfig(StrictModel):
     limit: int | None = Field(None, ge=1, description="take only the first N items (after sorting)")
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="passed to fsspec, e.g. {'client_kwargs': {'endpoint_url': ...}}"
+    )
+    resample: Resample = Field(
+        Resample.bilinear,
+        description="canonical-view resampling: bilinear (antialiased, torch's uint8 kernel; 1.8 ms per 224 px "
+        "view of the sample photos on one core) or bicubic (PIL, 3.6 ms); recorded in the store, which refuses "
+        "a job with the other",
     )
     min_side: int = Field(16, ge=1, description="images whose shorter side is below this become error rows")
     max_pixels: int = Field(
@@ -122,10 +135,14 @@ class SourceItem:
 class DecodedImage:
     """A decoded input: its RGB pixels as a PIL image (what resampling reads), as numpy on demand."""
 
-    image: Image.Image  # mode RGB, EXIF orientation applied
+    image: Image.Image  # mode RGB, EXIF orientation applied; smaller than width x height when drafted
     mode: str  # original PIL mode
-    width: int  # after EXIF orientation
+    width: int  # the original's size, after EXIF orientation
     height: int
+
+    @property
+    def original_size(self) -> tuple[int, int]:
+        return self.width, self.height
 
     @property
     def rgb(self) -> np.ndarray:
@@ -399,11 +416,23 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("RGB"))  # L, 1, P, CMYK, YCbCr, RGBX, ...
 
 
-def decode_image(data: bytes, uri: str, min_side: int = 16, max_pixels: int = 100_000_000) -> DecodedImage:
+def decode_image(
+    data: bytes,
+    uri: str,
+    min_side: int = 16,
+    max_pixels: int = 100_000_000,
+    draft_for: tuple[str, int] | None = None,
+) -> DecodedImage:
     """Decode to uint8 RGB, or raise ImageError naming ``uri`` and what is wrong.
 
     The size is checked from the header before any pixel is decoded, so a decompression bomb costs
     nothing; the full load then surfaces truncation (LOAD_TRUNCATED_IMAGES stays off).
+
+    ``draft_for = (view, size)``: only canonical views of ``view`` up to ``size`` px will be made from the
+    result, so a JPEG is decoded at the smallest 1/2, 1/4 or 1/8 scale (the decoder's DCT scaling) whose
+    crop still has at least ``size`` px a side: a 4000x3000 photo for a 432 px view decodes at 1000x750 in a
+    third of the time, and resampling reads 16x fewer pixels. ``width``/``height`` stay the original's, and
+    :func:`canonical_view` with ``original=`` keeps its geometry in original pixels.
     """
     if not data:
         raise ImageError(f"{uri}: empty file (0 bytes)")
@@ -433,6 +462,17 @@ def decode_image(data: bytes, uri: str, min_side: int = 16, max_pixels: int = 10
         if min(w, h) < min_side:
             raise ImageError(f"{uri}: image is {w}x{h} px, smaller than min_side={min_side}")
         mode = im.mode
+        if draft_for is not None and im.format == "JPEG":
+            draft_view, draft_px = draft_for
+            fx0, fy0, fx1, fy1 = parse_view(draft_view) if draft_view else (0.0, 0.0, 1.0, 1.0)
+            # the crop's side in the upright image is at least this, whatever the EXIF orientation
+            side = min(fx1 - fx0, fy1 - fy0) * min(w, h)
+            r = draft_px / max(side, 1e-9)
+            if r <= 0.5:
+                try:
+                    im.draft(im.mode, (math.ceil(w * r), math.ceil(h * r)))
+                except Exception:
+                    pass  # a JPEG the decoder cannot scale: decode it whole, as without draft_for
         try:
             im.seek(0)  # multi-frame GIF/TIFF: the first frame
             im.load()
@@ -440,8 +480,11 @@ def decode_image(data: bytes, uri: str, min_side: int = 16, max_pixels: int = 10
             msg = str(err)
             what = "truncated" if "truncat" in msg or isinstance(err, EOFError) else "corrupt image data"
             raise ImageError(f"{uri}: {what} ({type(err).__name__}: {msg})") from None
+        rotated = False
         try:
+            orientation = im.getexif().get(0x0112, 1)
             ImageOps.exif_transpose(im, in_place=True)  # in place: no copy of an upright image
+            rotated = orientation in (5, 6, 7, 8)  # a quarter turn: width and height swap
         except Exception:
             pass  # unreadable EXIF: keep the stored orientation rather than drop the image
         try:
@@ -452,7 +495,8 @@ def decode_image(data: bytes, uri: str, min_side: int = 16, max_pixels: int = 10
             raise ImageError(
                 f"{uri}: cannot convert mode {mode} to RGB ({type(err).__name__}: {err})"
             ) from None
-    return DecodedImage(image=rgb, mode=mode, width=rgb.width, height=rgb.height)
+    ow, oh = (h, w) if rotated else (w, h)  # the original's upright size (the image may be drafted)
+    return DecodedImage(image=rgb, mode=mode, width=ow, height=oh)
 
 
 # ---------------------------------------------------------------- canonical view
@@ -471,12 +515,20 @@ def parse_view(view: str) -> tuple[float, float, float, float]:
 
 
 def canonical_view(
-    rgb: np.ndarray | Image.Image, size: int, view: str = ""
+    rgb: np.ndarray | Image.Image,
+    size: int,
+    view: str = "",
+    resample: Resample | str = Resample.bilinear,
+    original: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Crop the view, resize its shorter side to ``size`` and centre-crop a square, in one resampling.
 
     Returns the uint8 [size, size, 3] pixels and the geometry: the kept square in original pixel
-    coordinates, which is what later shift/crop alignment of student and teacher grids needs.
+    coordinates, which is what later shift/crop alignment of student and teacher grids needs. ``bicubic``
+    resamples the exact (fractional) square with PIL; ``bilinear`` rounds the square to whole pixels and
+    uses torch's antialiased uint8 kernel (the recorded square is the rounded one). ``original``: the
+    (width, height) the image stands for when it was decoded smaller (``decode_image(draft_for=...)``); the
+    view and the recorded square are then in the original's pixels.
     """
     if isinstance(rgb, Image.Image):
         src = rgb if rgb.mode == "RGB" else rgb.convert("RGB")
@@ -485,9 +537,29 @@ def canonical_view(
             rgb = np.repeat(rgb[..., None], 3, axis=2)
         src = Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8))
     w, h = src.size
+    ow, oh = original or (w, h)
+    sx, sy = w / ow, h / oh  # image pixels per original pixel (1 unless drafted)
     x0, y0, x1, y1 = parse_view(view) if view else (0.0, 0.0, 1.0, 1.0)
-    cx0, cy0, cw, ch = x0 * w, y0 * h, (x1 - x0) * w, (y1 - y0) * h
+    cx0, cy0, cw, ch = x0 * ow, y0 * oh, (x1 - x0) * ow, (y1 - y0) * oh
     side = min(cw, ch)
     box = (cx0 + (cw - side) / 2, cy0 + (ch - side) / 2, cx0 + (cw + side) / 2, cy0 + (ch + side) / 2)
-    out = src.resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
-    return np.asarray(out, dtype=np.uint8), {"crop": [float(v) for v in box], "size": int(size)}
+    if Resample(resample) == Resample.bicubic:
+        scaled = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+        out = src.resize((size, size), Image.Resampling.BICUBIC, box=scaled, reducing_gap=3.0)
+        return np.asarray(out, dtype=np.uint8), {"crop": [float(v) for v in box], "size": int(size)}
+    import torch  # here, not at the top: listing a source needs no torch
+
+    n = max(1, min(round(side * min(sx, sy)), w, h))
+    left = min(max(0, round(box[0] * sx)), w - n)
+    top = min(max(0, round(box[1] * sy)), h - n)
+    if (left, top, n) != (0, 0, w) or n != h:
+        src = src.crop((left, top, left + n, top + n))
+    pixels = np.array(src)  # [n, n, 3], writable for torch; channels-last suits the uint8 kernel (3x faster)
+    t = torch.from_numpy(pixels).permute(2, 0, 1)[None]
+    if n != size:
+        t = torch.nn.functional.interpolate(
+            t, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        )
+    out_px = np.ascontiguousarray(t[0].permute(1, 2, 0).numpy())
+    crop = [left / sx, top / sy, (left + n) / sx, (top + n) / sy]
+    return out_px, {"crop": [float(v) for v in crop], "size": int(size)}

@@ -223,6 +223,12 @@ class WriterLock:
         self.release()
 
 
+def view_resample_of(meta: dict[str, Any]) -> str:
+    """How a store's canonical views were resampled; stores from before the setting existed used PIL's
+    bicubic."""
+    return str(meta.get("view_resample", "bicubic"))
+
+
 def array_key(teacher: str, partition: str, kind: str) -> str:
     return f"{teacher}/{partition}/{kind}"
 
@@ -344,16 +350,21 @@ class FeatureStore:
         self._put_atomic("store.json", json.dumps(meta, indent=1, sort_keys=True).encode())
 
     def init_or_check(
-        self, partitions: dict[str, int], teachers: dict[str, dict[str, Any]]
+        self,
+        partitions: dict[str, int],
+        teachers: dict[str, dict[str, Any]],
+        view_resample: str = "bilinear",
     ) -> dict[str, Any]:
         """Create the store's metadata, or check an existing store matches this job (refuse otherwise).
 
-        ``teachers`` maps name -> {"fingerprint", "family", "spec"}.
+        ``teachers`` maps name -> {"fingerprint", "family", "spec"}; ``view_resample`` is how the job
+        resamples canonical views (``source.resample``): one store never mixes two.
         """
         if not self.exists():
             meta: dict[str, Any] = {
                 "created_at": time.time(),
                 "partitions": partitions,
+                "view_resample": view_resample,
                 "dense_dtype": "float16",
                 "teachers": {k: dict(v) for k, v in teachers.items()},
             }
@@ -363,6 +374,12 @@ class FeatureStore:
         problems = []
         if meta["partitions"] != partitions:
             problems.append(f"partitions: store has {meta['partitions']}, job asks for {partitions}")
+        have_resample = view_resample_of(meta)
+        if have_resample != view_resample:
+            problems.append(
+                f"source.resample: the store's views were resampled {have_resample}, the job asks for "
+                f"{view_resample} (set source.resample: {have_resample} to add to this store)"
+            )
         have, want = set(meta["teachers"]), set(teachers)
         if have != want:
             problems.append(f"teachers: store has {sorted(have)}, job asks for {sorted(want)}")
@@ -687,6 +704,7 @@ def store_info(store: FeatureStore) -> dict[str, Any]:
         "url": store.url,
         "format": meta["format"],
         "partitions": meta["partitions"],
+        "view_resample": view_resample_of(meta),
         "rows": len(status),
         "rows_ok": n_ok,
         "rows_error": len(status) - n_ok,

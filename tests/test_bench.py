@@ -107,6 +107,10 @@ def test_bench_cache_seed_teachers_counts_model_inputs_with_and_without_mosaic(t
     assert out["batch_size"] == dict.fromkeys(SEED_TEACHERS, batch)
     assert set(out["mosaic_speedup"]) == {"sam3_tiny"} and out["mosaic_speedup"]["sam3_tiny"] > 0
     assert out["teacher_only_images_per_s"] > 0 and out["pipeline_images_per_s"] > 0
+    before, after = out["teacher_only_images_per_s_before_after"]
+    assert (
+        before > 0 and after > 0 and out["teacher_only_images_per_s"] == pytest.approx((before + after) / 2)
+    )
     assert out["bytes_per_image"] > 0 and set(out["devices"].values()) == {"cpu"}
     assert out["pipeline_images"] == 0 and out["steady_state_images_per_s"] is None  # all in the fit phase
 

@@ -334,27 +334,38 @@ def test_views_expand_into_n_distinct_stable_items():
 # ---------------------------------------------------------------- canonical view
 
 
+@pytest.mark.parametrize("resample", ["bilinear", "bicubic"])
 @pytest.mark.parametrize("shape", [(300, 451), (600, 512), (512, 512)])
-def test_canonical_view_is_a_centred_square_inside_the_image(shape):
+def test_canonical_view_is_a_centred_square_inside_the_image(shape, resample):
     h, w = shape
     rgb = np.asarray(Image.fromarray(load_sample_photo("coffee")).resize((w, h)))
-    out, geom = canonical_view(rgb, 224)
+    out, geom = canonical_view(rgb, 224, resample=resample)
     assert out.shape == (224, 224, 3) and out.dtype == np.uint8 and geom["size"] == 224
     x0, y0, x1, y1 = geom["crop"]
     assert x1 - x0 == pytest.approx(y1 - y0) == pytest.approx(min(h, w))
     assert 0 <= x0 and 0 <= y0 and x1 <= w and y1 <= h
-    assert (x0 + x1) / 2 == pytest.approx(w / 2) and (y0 + y1) / 2 == pytest.approx(h / 2)
+    # bilinear keeps whole pixels: the square is centred to within half a pixel
+    tol = 0.5 if resample == "bilinear" else 1e-6
+    assert abs((x0 + x1) / 2 - w / 2) <= tol and abs((y0 + y1) / 2 - h / 2) <= tol
 
 
-def test_view_crop_changes_output_and_geometry_lies_inside_the_view():
+@pytest.mark.parametrize(
+    ("resample", "pil_filter"),
+    [("bilinear", Image.Resampling.BILINEAR), ("bicubic", Image.Resampling.BICUBIC)],
+)
+def test_view_crop_changes_output_and_geometry_lies_inside_the_view(resample, pil_filter):
+    """Both resamplings give the crop PIL's own filter of that name gives (torch's antialiased uint8
+    bilinear kernel follows PIL's), and the recorded square is the one resampled."""
     rgb = load_sample_photo("astronaut")
-    whole, _ = canonical_view(rgb, 128)
+    whole, _ = canonical_view(rgb, 128, resample=resample)
     view = '{"x0":0.5,"x1":1.0,"y0":0.25,"y1":0.75}'
-    part, geom = canonical_view(rgb, 128, view)
+    part, geom = canonical_view(rgb, 128, view, resample)
     assert diff(whole, part) > 10
     assert geom["crop"] == pytest.approx([256.0, 128.0, 512.0, 384.0])
-    direct = np.asarray(Image.fromarray(rgb[128:384, 256:512]).resize((128, 128), Image.Resampling.BICUBIC))
+    direct = np.asarray(Image.fromarray(rgb[128:384, 256:512]).resize((128, 128), pil_filter))
     assert diff(part, direct) < 2
+    other = "bicubic" if resample == "bilinear" else "bilinear"
+    assert 0 < diff(part, canonical_view(rgb, 128, view, other)[0]) < 10  # two filters, one picture
     grey, _ = canonical_view(load_sample_photo("camera"), 64)
     assert grey.shape == (64, 64, 3)
     with pytest.raises(ImageError, match="invalid view"):
@@ -380,3 +391,73 @@ def test_decoded_photo_resamples_to_the_same_views_as_its_pixels():
     assert np.array_equal(
         canonical_view(grey.image, 64)[0], canonical_view(load_sample_photo("camera"), 64)[0]
     )
+
+
+# ---------------------------------------------------------------- drafted JPEG decode
+
+
+def same_square_from_full_decode(full, view_px: np.ndarray, geo: dict, resample: str) -> float:
+    """Mean |difference| between ``view_px`` and the full decode's view of the square ``geo`` records: the
+    recorded square is the one resampled, up to the JPEG decoder's own downscaling."""
+    w, h = full.original_size
+    x0, y0, x1, y1 = geo["crop"]
+    square = json.dumps({"x0": x0 / w, "x1": x1 / w, "y0": y0 / h, "y1": y1 / h})
+    ref, geo_ref = canonical_view(full.image, geo["size"], square, resample, full.original_size)
+    assert geo_ref["crop"] == pytest.approx(geo["crop"], abs=1e-3)
+    return diff(ref, view_px)
+
+
+def _big_jpeg(w: int = 2000, h: int = 1500, orientation: int | None = None) -> bytes:
+    im = Image.fromarray(load_sample_photo("astronaut")).resize((w, h), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    if orientation is None:
+        im.save(buf, "JPEG", quality=92)
+    else:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        im.save(buf, "JPEG", quality=92, exif=exif)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("resample", ["bilinear", "bicubic"])
+@pytest.mark.parametrize(
+    ("view", "decoded"), [("", (500, 375)), ('{"x0":0.5,"x1":1.0,"y0":0.25,"y1":0.75}', (1000, 750))]
+)
+def test_a_large_jpeg_is_decoded_at_the_scale_its_views_need(view, decoded, resample):
+    """A 2000x1500 JPEG for 224 px views decodes at 1/4 (a whole view: 375 px short side) or 1/2 (a half
+    crop: its 750 px side becomes 375); the sizes and the recorded square are the original's, and the
+    view is the one the full decode gives, up to the decoder's own downscaling."""
+    data = _big_jpeg()
+    full = decode_image(data, "big.jpg")
+    small = decode_image(data, "big.jpg", draft_for=(view, 224))
+    assert full.image.size == (2000, 1500) and small.image.size == decoded
+    assert full.original_size == small.original_size == (2000, 1500)
+    a, geo_a = canonical_view(full.image, 224, view, resample, full.original_size)
+    b, geo_b = canonical_view(small.image, 224, view, resample, small.original_size)
+    # bilinear crops whole pixels of the drafted image: the square moves by up to 2 original pixels
+    assert geo_b["crop"] == pytest.approx(geo_a["crop"], abs=2.5)
+    assert same_square_from_full_decode(full, b, geo_b, resample) < 1.0
+    assert diff(a, canonical_view(full.image, 224, '{"x0":0,"x1":0.5,"y0":0,"y1":0.5}')[0]) > 10
+
+
+def test_a_drafted_jpeg_with_an_exif_quarter_turn_keeps_its_upright_size():
+    data = _big_jpeg(orientation=6)  # stored 2000x1500, shown 1500x2000
+    full = decode_image(data, "rot.jpg")
+    small = decode_image(data, "rot.jpg", draft_for=("", 224))
+    assert full.original_size == small.original_size == (1500, 2000)
+    assert full.image.size == (1500, 2000) and small.image.size == (375, 500)
+    _, geo_a = canonical_view(full.image, 224, "", "bilinear", full.original_size)
+    b, geo_b = canonical_view(small.image, 224, "", "bilinear", small.original_size)
+    assert geo_a["crop"] == [0.0, 250.0, 1500.0, 1750.0]
+    assert geo_b["crop"] == pytest.approx(geo_a["crop"], abs=2.5)
+    assert same_square_from_full_decode(full, b, geo_b, "bilinear") < 1.0
+
+
+def test_draft_leaves_small_jpegs_and_other_formats_alone():
+    png = io.BytesIO()
+    Image.fromarray(load_sample_photo("astronaut")).save(png, "PNG")
+    assert decode_image(png.getvalue(), "a.png", draft_for=("", 16)).image.size == (512, 512)
+    jpg = _big_jpeg(600, 440)  # a 224 px view needs more than half of 440 px: no draft
+    assert decode_image(jpg, "a.jpg", draft_for=("", 224)).image.size == (600, 440)
+    # just enough: half of 450 px is 225
+    assert decode_image(_big_jpeg(600, 450), "b.jpg", draft_for=("", 224)).image.size == (300, 225)

@@ -95,6 +95,19 @@ class StoreConformance:
             store.init_or_check({"low": 32}, TEACHERS)
         with pytest.raises(StoreMismatchError, match="teachers"):
             store.init_or_check(PARTS, {**TEACHERS, "t2": TEACHERS["t1"]})
+        with pytest.raises(StoreMismatchError, match="resampled bilinear, the job asks for bicubic"):
+            store.init_or_check(PARTS, TEACHERS, view_resample="bicubic")
+
+    def test_a_store_from_before_the_resample_setting_holds_bicubic_views(self, store):
+        """Stores written before ``source.resample`` existed were resampled with PIL's bicubic: a job with
+        the new default is refused (no mixed views), one that asks for bicubic carries on."""
+        prepared(store)
+        meta = store.meta()
+        del meta["view_resample"]
+        store.write_meta(meta)
+        with pytest.raises(StoreMismatchError, match="set source.resample: bicubic"):
+            store.init_or_check(PARTS, TEACHERS)
+        assert "view_resample" not in store.init_or_check(PARTS, TEACHERS, view_resample="bicubic")
 
     def test_commit_read_roundtrip(self, store):
         prepared(store)
