@@ -552,7 +552,7 @@ def canonical_view(
     n = max(1, min(round(side * min(sx, sy)), w, h))
     left = min(max(0, round(box[0] * sx)), w - n)
     top = min(max(0, round(box[1] * sy)), h - n)
-    if (left, top, n) != (0, 0, w) or n != h:
+    if (left, top, n, n) != (0, 0, w, h):  # not the whole image: cut the square out
         src = src.crop((left, top, left + n, top + n))
     pixels = np.array(src)  # [n, n, 3], writable for torch; channels-last suits the uint8 kernel (3x faster)
     t = torch.from_numpy(pixels).permute(2, 0, 1)[None]
