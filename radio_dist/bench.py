@@ -354,30 +354,37 @@ def write_random_store(
     url: str,
     shard_rows: list[int],
     teachers: dict[str, tuple[int, int, int | None]],
-    px: int,
+    px: int | dict[str, int],
     errors_per_shard: int = 0,
     seed: int = 7,
 ) -> dict[str, list[str]]:
     """A real Zarr/Parquet store with random targets (no teacher runs) — same layout and bytes as a cached one.
 
-    ``teachers`` maps name -> (grid, dense_dim, summary_dim | None). Returns {shard: ok ids in array order}.
-    Used by the ingest benchmark and by tests of the reader and the training loop.
+    ``teachers`` maps name -> (grid, dense_dim, summary_dim | None), the grid at the smallest partition;
+    ``px`` is the view size of one partition ``low`` or a mapping partition -> px (each partition's grid
+    scales with its size, as a teacher's does). Returns {shard: ok ids in array order}. Used by the ingest
+    benchmark and by tests of the reader and the training loop.
     """
     from radio_dist.phis import Moments, fit_phis
     from radio_dist.store import array_key, image_key
 
+    partitions = {"low": px} if isinstance(px, int) else dict(px)
+    smallest = min(partitions.values())
+    grids = {t: {p: g * s // smallest for p, s in partitions.items()} for t, (g, _, _) in teachers.items()}
     store = FeatureStore(url)
     store.init_or_check(
-        {"low": px},
+        partitions,
         {t: {"fingerprint": f"fp-{t}", "family": "synthetic", "spec": {"name": t}} for t in teachers},
     )
     rng = np.random.default_rng(seed)
-    for t, (grid, dim, sdim) in teachers.items():
+    for t, (_, dim, sdim) in teachers.items():
         phis = fit_phis(Moments.from_features(rng.standard_normal((max(400, 2 * dim), dim)) * 2 + 1))
-        outputs: dict[str, Any] = {"dense": [grid, grid, dim]}
-        if sdim:
-            outputs["summary"] = [sdim]
-        store.save_phis(t, phis, 0.8 if sdim else None, {"low": outputs}, fit_images=400)
+        outputs: dict[str, Any] = {}
+        for p in partitions:
+            outputs[p] = {"dense": [grids[t][p], grids[t][p], dim]}
+            if sdim:
+                outputs[p]["summary"] = [sdim]
+        store.save_phis(t, phis, 0.8 if sdim else None, outputs, fit_images=400)
     out: dict[str, list[str]] = {}
     k = 0
     for s, n in enumerate(shard_rows):
@@ -392,8 +399,8 @@ def write_random_store(
                 "view": "",
                 "status": "error" if i in errs else "ok",
                 "error": f"synthetic://{i}: broken" if i in errs else None,
-                "width": px,
-                "height": px,
+                "width": smallest,
+                "height": smallest,
                 "mode": "RGB",
                 "geometry": "{}",
             }
@@ -401,14 +408,15 @@ def write_random_store(
         ]
         r = np.random.default_rng(seed * 1000 + s)
         with store.shard_writer(ids) as w:
-            w.add_array(image_key("low"), r.integers(0, 255, (len(ok), px, px, 3), dtype=np.uint8))
-            for t, (grid, dim, sdim) in teachers.items():
-                dense = r.standard_normal((len(ok), grid, grid, dim), dtype=np.float32).astype(np.float16)
-                w.add_array(array_key(t, "low", "dense"), dense)
-                if sdim:
-                    w.add_array(
-                        array_key(t, "low", "summary"), r.standard_normal((len(ok), sdim), dtype=np.float32)
-                    )
+            for p, s_px in partitions.items():
+                w.add_array(image_key(p), r.integers(0, 255, (len(ok), s_px, s_px, 3), dtype=np.uint8))
+                for t, (_, dim, sdim) in teachers.items():
+                    g = grids[t][p]
+                    dense = r.standard_normal((len(ok), g, g, dim), dtype=np.float32).astype(np.float16)
+                    w.add_array(array_key(t, p, "dense"), dense)
+                    if sdim:
+                        summary = r.standard_normal((len(ok), sdim), dtype=np.float32)
+                        w.add_array(array_key(t, p, "summary"), summary)
             w.add_rows(rows)
         assert w.result is not None
         out[w.result.shard] = ok

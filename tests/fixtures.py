@@ -122,12 +122,14 @@ def write_synthetic_store(
     url: str,
     shard_rows: list[int],
     teachers: tuple[str, ...] = ("t1", "t2"),
-    px: int = 32,
+    px: int | dict[str, int] = 32,
     grid: int = 2,
     dim: int = 8,
     errors_per_shard: int = 0,
 ) -> dict[str, list[str]]:
-    """A real Zarr/Parquet store with random targets (no teachers run): for reader and training-loop tests."""
+    """A real Zarr/Parquet store with random targets (no teachers run): for reader and training-loop tests.
+
+    ``px``: the view size of one partition ``low``, or partition -> px (``grid`` is the smallest one's)."""
     from radio_dist.bench import write_random_store
 
     return write_random_store(url, shard_rows, {t: (grid, dim, dim) for t in teachers}, px, errors_per_shard)

@@ -35,7 +35,8 @@ TINY_STUDENTS = [
 @pytest.fixture(scope="module")
 def store_url(tmp_path_factory):
     url = str(tmp_path_factory.mktemp("distill") / "store")
-    write_synthetic_store(url, [10, 7, 12, 9], errors_per_shard=1)  # 34 ok rows in 4 shards
+    # 34 ok rows in 4 shards; two partitions as C-RADIO caches them (low and high, twice the grid)
+    write_synthetic_store(url, [10, 7, 12, 9], px={"low": 32, "high": 64}, errors_per_shard=1)
     return url
 
 
@@ -82,14 +83,15 @@ def test_refuses_a_store_that_does_not_match(store_url, tmp_path):
         )
     with pytest.raises(StoreMismatchError, match="teacher 'dino' is not in the store"):
         prepare_run(DistillConfig.model_validate({**cfg.model_dump(), "teachers": ["t1", "dino"]}))
-    with pytest.raises(StoreMismatchError, match="partition 'high' is not in the store"):
-        prepare_run(DistillConfig.model_validate({**cfg.model_dump(), "partitions": ["high"]}))
+    assert run["partitions"] == ["high", "low"]
+    with pytest.raises(StoreMismatchError, match="partition 'mid' is not in the store"):
+        prepare_run(DistillConfig.model_validate({**cfg.model_dump(), "partitions": ["mid"]}))
 
 
 def test_killed_worker_resumes_and_sees_every_sample_once(ray_local, store_url, tmp_path):
     """Two workers; one is SIGKILLed mid-epoch; Ray Train restarts both from the last checkpoint."""
     out = tmp_path / "run"
-    cfg = make_cfg(store_url, out, resolutions={"low": [32, 48]})
+    cfg = make_cfg(store_url, out, resolutions={"low": [32, 48], "high": [64, 80]})
     cfg = DistillConfig.model_validate(
         {
             **cfg.model_dump(),
@@ -108,7 +110,10 @@ def test_killed_worker_resumes_and_sees_every_sample_once(ray_local, store_url, 
     assert_exactly_once(out, store_url, epochs=2)
     metrics = read_metrics(str(out))
     assert metrics[-1]["global_step"] == summary["global_step"] > 4
-    assert {m["resolution"] for m in metrics} <= {32, 48}
+    # stochastic resolution from both partitions' sets, each step on its own partition's targets
+    seen = {(m["partition"], m["resolution"]) for m in metrics}
+    assert seen <= {("low", 32), ("low", 48), ("high", 64), ("high", 80)}
+    assert {p for p, _ in seen} == {"low", "high"}
     for name in ("cradio", "vit"):
         assert np.isfinite(metrics[-1][f"{name}/total"])
 
