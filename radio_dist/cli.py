@@ -123,7 +123,7 @@ def build_cache_config(
         data.setdefault("source", {})["views"] = views
     if limit is not None:
         data.setdefault("source", {})["limit"] = limit
-    apply_overrides(data, overrides)
+    apply_overrides(data, overrides, CacheJobConfig)
     if "url" not in data.get("store", {}):
         raise ConfigError("no store given: pass --store PATH_OR_URL (or set store.url in the config file)")
     return validate(CacheJobConfig, data, str(config) if config else "command line")
@@ -471,7 +471,7 @@ def build_distill_config(
         data.setdefault("store", {})["url"] = store
     if out_dir is not None:
         data["out"] = out_dir
-    apply_overrides(data, overrides)
+    apply_overrides(data, overrides, DistillConfig)
     if "url" not in data.get("store", {}):
         raise ConfigError("no store given: pass --store PATH_OR_URL (or set store.url in the config file)")
     if "out" not in data:
@@ -543,7 +543,7 @@ def build_featsharp_config(config: Path | None, out_dir: str | None, overrides: 
     data = read_yaml(config) if config else {}
     if out_dir is not None:
         data["out"] = out_dir
-    apply_overrides(data, overrides)
+    apply_overrides(data, overrides, FeatSharpConfig)
     if "teacher" not in data:
         raise ConfigError(
             "no teacher given: set `teacher` in the config file (a spec or a preset name) or --set teacher=NAME"

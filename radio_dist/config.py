@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -76,8 +76,38 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested dict, in place."""
+def _field_default(model: type[BaseModel] | None, name: str) -> tuple[Any, type[BaseModel] | None]:
+    """``model``'s default for field ``name`` as plain data (None if it has none) and the model below it."""
+    field = model.model_fields.get(name) if model is not None else None
+    if field is None:
+        return None, None
+    default = None if field.is_required() else field.get_default(call_default_factory=True)
+    if default is not None and field.annotation is not None:
+        default = TypeAdapter(field.annotation).dump_python(default, mode="json")
+    return default, _model_in(field.annotation)
+
+
+def _models(annotation: Any) -> set[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return {annotation}
+    return {m for arg in get_args(annotation) for m in _models(arg)}
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The one config model an annotation holds (``M``, ``M | None``, ``list[M]``); None for a union of models."""
+    found = _models(annotation)
+    return next(iter(found)) if len(found) == 1 else None
+
+
+def apply_overrides(
+    data: dict[str, Any], overrides: list[str], model: type[BaseModel] | None = None
+) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested dict, in place.
+
+    With ``model`` (the config model ``data`` is for), a key the data leaves out starts from the model's
+    default: ``pipeline.partitions.high=448`` adds a partition to the default ``{low: 224}`` instead of
+    replacing it (``pipeline.partitions={high: 448}`` replaces it).
+    """
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.path=value (e.g. store.shard_size=64)")
@@ -86,13 +116,17 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if not all(parts):
             raise ConfigError(f"override {item!r}: empty key segment in {key!r}")
         node: Any = data
+        at: type[BaseModel] | None = model
         for i, part in enumerate(parts[:-1]):
             if isinstance(node, list):
                 if not part.isdigit() or int(part) >= len(node):
                     raise ConfigError(f"override {item!r}: {'.'.join(parts[: i + 1])} is not a valid index")
                 node = node[int(part)]
             else:
-                node = node.setdefault(part, {})
+                default, sub = _field_default(at, part)
+                if node.get(part) is None:  # absent (or null): start from the model's default
+                    node[part] = default if isinstance(default, dict | list) else {}
+                node, at = node[part], sub
             if not isinstance(node, dict | list):
                 raise ConfigError(f"override {item!r}: {'.'.join(parts[: i + 1])} is not a mapping")
         value = yaml.safe_load(raw) if raw.strip() else None
@@ -109,5 +143,5 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 def load_model(model: type[M], path: str | Path | None, overrides: list[str] | None = None) -> M:
     """Load ``model`` from an optional YAML file plus overrides; errors name the file and key."""
     data = read_yaml(path) if path is not None else {}
-    apply_overrides(data, overrides or [])
+    apply_overrides(data, overrides or [], model)
     return validate(model, data, str(path) if path is not None else "config")

@@ -59,7 +59,7 @@ def build_submission(
     ``working_dir`` (when given) wins over the runtime_env file's; otherwise the file's, else ".".
     """
     data = read_yaml(config)
-    apply_overrides(data, overrides)
+    apply_overrides(data, overrides, job_model(job))
     cfg = validate(job_model(job), data, str(config))
     runtime_env: dict[str, Any] = read_yaml(runtime_env_file) if runtime_env_file is not None else {}
     if working_dir is None:

@@ -55,6 +55,26 @@ def test_store_commands_on_a_non_store(tmp_path):
     assert res.exit_code == 2 and "not a radio-dist store" in res.output
 
 
+def test_overrides_start_from_the_defaults():
+    """`--set a.b.c=v` on a key the file leaves out adds to the default instead of replacing it."""
+    from radio_dist.cli import build_cache_config, build_distill_config
+
+    cfg = build_cache_config(
+        None, None, "s", None, None, None,
+        ["pipeline.partitions.high=448", "teachers.0.runtime.env.EXTRA=x"],
+    )  # fmt: skip
+    assert cfg.pipeline.partitions == {"low": 224, "high": 448}
+    env = cfg.teachers[0].runtime.env
+    assert env["EXTRA"] == "x" and env["MALLOC_ARENA_MAX"] == "1"  # the allocator defaults kept
+    cfg = build_cache_config(None, None, "s", None, None, None, ["pipeline.partitions={high: 448}"])
+    assert cfg.pipeline.partitions == {"high": 448}  # a whole mapping replaces
+    dcfg = build_distill_config(None, "s", "o", ["train.resolutions.low=[128, 160]", "scaling.num_workers=2"])
+    assert dcfg.train.resolutions == {"low": [128, 160]} and dcfg.scaling.num_workers == 2
+    assert dcfg.scaling.max_failures == 2  # the rest of the section keeps its defaults
+    with pytest.raises(ConfigError, match="not a mapping"):
+        build_cache_config(None, None, "s", None, None, None, ["store.url.x=1"])
+
+
 def test_cache_info_verify_from_a_folder(tmp_path, ray_local):
     photos = tmp_path / "photos"
     write_good_photos(photos, 6)
