@@ -30,6 +30,7 @@ import hashlib
 import io
 import json
 import os
+import sys
 import threading
 import time
 import uuid
@@ -512,7 +513,24 @@ class FeatureStore:
             raise StoreError(f"{self.url}: shard {shard} is not committed")
         group = self.open_shard(shard)
         keys = names if names is not None else list(_array_names(group))
-        return {k: np.asarray(_arr(group, k)[...]) for k in keys}
+        arrays = {k: _arr(group, k) for k in keys}
+        # The arrays this store writes (raw little-endian bytes, chunked along rows) are read as their chunk
+        # files, all in one fsspec `cat` (concurrent on object stores), and used in place: Zarr's own read
+        # path copied and re-assembled them at ~1/4 of the bytes' read rate (3.0k vs 12k samples/s of the
+        # ingest benchmark's store, one thread, page cache warm). Any other layout is read through Zarr.
+        layouts = {k: layout for k, a in arrays.items() if (layout := plain_layout(a)) is not None}
+        paths = {
+            k: [self._path("shards", shard, k, *chunk) for chunk in chunk_keys(arrays[k].shape, lay.rows)]
+            for k, lay in layouts.items()
+        }
+        blobs = self.fs.cat([p for ps in paths.values() for p in ps], on_error="omit") if paths else {}
+        out: dict[str, np.ndarray] = {}
+        for k, a in arrays.items():
+            if k in layouts:
+                out[k] = layouts[k].assemble(a.shape, [blobs.get(p) for p in paths[k]])
+            else:
+                out[k] = np.asarray(a[...])
+        return out
 
     def read_targets(
         self, shard: str, teacher: str, partition: str, space: str = "phis"
@@ -548,6 +566,58 @@ class FeatureStore:
 def shard_of_part(path: str) -> str:
     """Shard id of a manifest part path (``.../manifest/<shard>.parquet``)."""
     return path.rsplit("/", 1)[-1][: -len(".parquet")]
+
+
+@dataclass(frozen=True)
+class PlainLayout:
+    """An array stored as raw bytes in row chunks: ``rows`` rows per chunk file, ``dtype``, ``fill`` value."""
+
+    rows: int
+    dtype: np.dtype
+    fill: Any
+
+    def assemble(self, shape: tuple[int, ...], blobs: list[bytes | None]) -> np.ndarray:
+        """The array from its chunk files in order (None: a chunk Zarr never wrote, all ``fill``)."""
+        row_shape = tuple(shape[1:])
+        parts = [
+            np.full((self.rows, *row_shape), self.fill, self.dtype)
+            if b is None
+            else np.frombuffer(b, self.dtype).reshape(self.rows, *row_shape)
+            for b in blobs
+        ]
+        if not parts:
+            return np.empty(shape, self.dtype)
+        whole = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return whole[: shape[0]]
+
+
+def plain_layout(array: Any) -> PlainLayout | None:
+    """How to read a Zarr v3 array's chunk files directly, when they hold its raw bytes in native byte order
+    and are cut along rows only (what ``_fill_group`` writes); None for any other layout."""
+    meta = array.metadata
+    if getattr(meta, "zarr_format", None) != 3 or len(array.shape) == 0:
+        return None
+    d = meta.to_dict()
+    codecs = d.get("codecs") or []
+    if len(codecs) != 1 or codecs[0].get("name") != "bytes" or d.get("storage_transformers"):
+        return None
+    dtype = np.dtype(array.dtype)
+    endian = (codecs[0].get("configuration") or {}).get("endian")
+    if dtype.itemsize > 1 and endian != sys.byteorder:
+        return None
+    grid, keys = d.get("chunk_grid") or {}, d.get("chunk_key_encoding") or {}
+    chunk_shape = list((grid.get("configuration") or {}).get("chunk_shape") or [])
+    if grid.get("name") != "regular" or chunk_shape[1:] != list(array.shape[1:]) or not chunk_shape:
+        return None
+    if keys.get("name") != "default" or (keys.get("configuration") or {}).get("separator", "/") != "/":
+        return None
+    return PlainLayout(int(chunk_shape[0]), dtype, d.get("fill_value", 0))
+
+
+def chunk_keys(shape: tuple[int, ...], rows: int) -> list[tuple[str, ...]]:
+    """Zarr v3 default chunk keys (``c/i/0/...``) of an array cut into ``rows``-row chunks, in order."""
+    n = -(-shape[0] // rows) if rows > 0 else 0
+    return [("c", str(i), *(["0"] * (len(shape) - 1))) for i in range(n)]
 
 
 def _arr(group: zarr.Group, name: str) -> Any:

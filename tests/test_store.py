@@ -27,6 +27,7 @@ from radio_dist.store import (
     WriterLock,
     array_key,
     image_key,
+    plain_layout,
     store_info,
     verify_store,
 )
@@ -131,6 +132,30 @@ class StoreConformance:
             teacher_space, store.phis("t1").inverse(dense.astype(np.float64)), rtol=1e-5, atol=1e-5
         )
         assert verify_store(store)["ok"]
+
+    def test_chunk_files_read_directly_equal_zarr_reads(self, store):
+        """read_shard reads this store's raw row chunks as files: the arrays equal Zarr's own reads, across
+        several chunks per array, a partial last chunk, and a chunk Zarr never wrote (all fill value)."""
+        prepared(store)
+        ids = [f"r{i}" for i in range(7)]
+        arrays = make_arrays(7, seed=3)
+        dense_key = array_key("t1", "low", "dense")
+        arrays[dense_key][2:4] = 0  # 64-byte rows, 2 per 100-byte chunk: chunk 1 is all zeros
+        with store.shard_writer(ids, chunk_bytes=100) as w:
+            for k, v in arrays.items():
+                w.add_array(k, v)
+            w.add_rows(make_rows(ids))
+        assert w.result is not None
+        shard = w.result.shard
+        group = store.open_shard(shard)
+        for k, v in arrays.items():
+            assert plain_layout(group[k]) is not None and group[k].chunks[0] < len(v)
+        assert not store.fs.exists(store._path("shards", shard, dense_key, "c", "1", "0", "0", "0"))
+        data = store.read_shard(shard)
+        for k, v in arrays.items():
+            np.testing.assert_array_equal(data[k], np.asarray(group[k][...]))
+            np.testing.assert_array_equal(data[k], v)
+            assert data[k].dtype == v.dtype and data[k].shape == v.shape
 
     def test_exception_leaves_nothing_visible(self, store):
         prepared(store)
@@ -281,3 +306,23 @@ def test_sigkill_mid_write_leaves_only_whole_shards(tmp_path):
     assert report["ok"], report["problems"]
     assert report["rows"] > 0 and report["rows"] == report["unique_ids"] == report["rows_checksummed"]
     assert report["rows"] % 8 == 0  # shards are all-or-nothing
+
+
+def test_layouts_this_store_does_not_write_are_read_through_zarr(tmp_path):
+    """Compressed, big-endian or column-chunked arrays have no direct layout (Zarr reads them)."""
+    import zarr
+
+    g = zarr.open_group(str(tmp_path / "g"), mode="w", zarr_format=3)
+    x = np.arange(24, dtype=np.float32).reshape(6, 4)
+    plain = g.create_array("plain", shape=x.shape, dtype=x.dtype, chunks=(4, 4), compressors=None)
+    gz = g.create_array(
+        "gz", shape=x.shape, dtype=x.dtype, chunks=(4, 4), compressors=zarr.codecs.GzipCodec()
+    )
+    cols = g.create_array("cols", shape=x.shape, dtype=x.dtype, chunks=(4, 2), compressors=None)
+    big = g.create_array(
+        "big", shape=x.shape, dtype=x.dtype, chunks=(4, 4), compressors=None,
+        serializer=zarr.codecs.BytesCodec(endian="big"),
+    )  # fmt: skip
+    layout = plain_layout(plain)
+    assert layout is not None and layout.rows == 4
+    assert [plain_layout(a) for a in (gz, cols, big)] == [None, None, None]
