@@ -523,13 +523,27 @@ class FeatureStore:
             k: [self._path("shards", shard, k, *chunk) for chunk in chunk_keys(arrays[k].shape, lay.rows)]
             for k, lay in layouts.items()
         }
-        blobs = self.fs.cat([p for ps in paths.values() for p in ps], on_error="omit") if paths else {}
+        blobs = self.fs.cat([p for ps in paths.values() for p in ps], on_error="return") if paths else {}
         out: dict[str, np.ndarray] = {}
         for k, a in arrays.items():
-            if k in layouts:
-                out[k] = layouts[k].assemble(a.shape, [blobs.get(p) for p in paths[k]])
-            else:
+            if k not in layouts:
                 out[k] = np.asarray(a[...])
+                continue
+            chunks: list[bytes | None] = []
+            for p in paths[k]:
+                blob = blobs.get(p, FileNotFoundError(p))
+                if isinstance(blob, FileNotFoundError):
+                    chunks.append(None)  # Zarr does not write a chunk that is all fill value
+                elif isinstance(blob, BaseException):
+                    raise StoreError(f"{self.url}: shard {shard}: reading {p} failed: {blob!r}") from blob
+                else:
+                    chunks.append(blob)
+            try:
+                out[k] = layouts[k].assemble(a.shape, chunks)
+            except ValueError as e:
+                raise StoreError(
+                    f"{self.url}: shard {shard}, array {k}: {e}; run `radio-dist store verify`"
+                ) from e
         return out
 
     def read_targets(
@@ -579,12 +593,15 @@ class PlainLayout:
     def assemble(self, shape: tuple[int, ...], blobs: list[bytes | None]) -> np.ndarray:
         """The array from its chunk files in order (None: a chunk Zarr never wrote, all ``fill``)."""
         row_shape = tuple(shape[1:])
-        parts = [
-            np.full((self.rows, *row_shape), self.fill, self.dtype)
-            if b is None
-            else np.frombuffer(b, self.dtype).reshape(self.rows, *row_shape)
-            for b in blobs
-        ]
+        size = self.rows * int(np.prod(row_shape, dtype=np.int64)) * self.dtype.itemsize
+        parts = []
+        for i, b in enumerate(blobs):
+            if b is None:
+                parts.append(np.full((self.rows, *row_shape), self.fill, self.dtype))
+            elif len(b) != size:
+                raise ValueError(f"chunk {i} holds {len(b)} bytes, {size} expected")
+            else:
+                parts.append(np.frombuffer(b, self.dtype).reshape(self.rows, *row_shape))
         if not parts:
             return np.empty(shape, self.dtype)
         whole = parts[0] if len(parts) == 1 else np.concatenate(parts)

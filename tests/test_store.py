@@ -156,6 +156,11 @@ class StoreConformance:
             np.testing.assert_array_equal(data[k], np.asarray(group[k][...]))
             np.testing.assert_array_equal(data[k], v)
             assert data[k].dtype == v.dtype and data[k].shape == v.shape
+        # a damaged chunk file is an error that names the array, never a silently short or shifted array
+        chunk = store._path("shards", shard, dense_key, "c", "0", "0", "0", "0")
+        store.fs.pipe(chunk, store.fs.cat(chunk)[:-2])
+        with pytest.raises(StoreError, match=f"array {dense_key}: chunk 0 holds 126 bytes, 128 expected"):
+            store.read_shard(shard)
 
     def test_exception_leaves_nothing_visible(self, store):
         prepared(store)
