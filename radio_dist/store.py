@@ -604,7 +604,8 @@ class PlainLayout:
                 parts.append(np.frombuffer(b, self.dtype).reshape(self.rows, *row_shape))
         if not parts:
             return np.empty(shape, self.dtype)
-        whole = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        # one copy either way: a writable array that owns its memory (the chunk bytes are read-only)
+        whole = parts[0].copy() if len(parts) == 1 else np.concatenate(parts)
         return whole[: shape[0]]
 
 

@@ -125,6 +125,7 @@ class StoreConformance:
         expect = make_arrays(3)
         for k, v in expect.items():
             np.testing.assert_array_equal(data[k], v)
+            assert data[k].flags.writeable  # one chunk each: not the read-only bytes of the file
         dense, summ = store.read_targets(res.shard, "t1", "low")
         assert dense.dtype == np.float32 and summ.shape == (3, 8)
         teacher_space, _ = store.read_targets(res.shard, "t1", "low", space="teacher")
@@ -155,7 +156,7 @@ class StoreConformance:
         for k, v in arrays.items():
             np.testing.assert_array_equal(data[k], np.asarray(group[k][...]))
             np.testing.assert_array_equal(data[k], v)
-            assert data[k].dtype == v.dtype and data[k].shape == v.shape
+            assert data[k].dtype == v.dtype and data[k].shape == v.shape and data[k].flags.writeable
         # a damaged chunk file is an error that names the array, never a silently short or shifted array
         chunk = store._path("shards", shard, dense_key, "c", "0", "0", "0", "0")
         store.fs.pipe(chunk, store.fs.cat(chunk)[:-2])
