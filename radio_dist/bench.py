@@ -25,6 +25,11 @@ pipeline (``teacher_only_images_per_s_before_after``) and ``teacher_only_images_
 shared machine's speed drifts ~10 % over minutes, and a limit taken at one end of the run moved the ratio
 by as much.
 
+``repeats=R`` (``--repeats``) alternates the two R times — limit, pipeline (a fresh store), limit, ... —
+each pipeline run divided by the mean of the limits on either side (``ratio_each``); the result's rates and
+``ratio`` are those of the run with the median ratio (``ratio_median_of``: R). On the 2-core development
+machine one run's ratio moved by +-0.1, more than a change worth measuring.
+
 Teachers: the two offline ImageNet teachers by default; any presets by name (``--teachers dinov3_tiny``);
 ``--seed-teachers``: C-RADIOv4's seed teachers as their tiny random-init presets (dinov3_tiny,
 siglip2_tiny, sam3_tiny with its k=2 mosaic) at the partitions those presets are built for
@@ -234,6 +239,7 @@ def bench_cache(
     partitions: dict[str, int] | None = None,
     seed: bool = False,
     log: Callable[[str], None] = print,
+    repeats: int = 1,
 ) -> dict[str, Any]:
     """Teacher-only loop vs ``run_cache`` on ``images`` sample-photo views (keys: see the module docstring).
 
@@ -243,6 +249,8 @@ def bench_cache(
     """
     if seed and teachers is not None:
         raise ConfigError("bench_cache: pass either seed=True or teachers, not both")
+    if repeats < 1:
+        raise ConfigError(f"bench_cache: repeats must be >= 1, got {repeats}")
     names = SEED_TEACHERS if seed else (teachers if teachers is not None else DEFAULT_TEACHERS)
     if not names:
         raise ConfigError(
@@ -271,7 +279,7 @@ def bench_cache(
             },
             "bench cache",
         )
-        return _bench_cache(cfg, log)
+        return _bench_cache(cfg, log, repeats)
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -298,27 +306,50 @@ def pipeline_rates(summary: CacheSummary, teacher_only_images_per_s: float) -> d
     }
 
 
-def _bench_cache(cfg: CacheJobConfig, log: Callable[[str], None]) -> dict[str, Any]:
+def median_run(ratios: list[float]) -> int:
+    """Index of the run with the median ratio (the lower middle one of an even count)."""
+    if not ratios:
+        raise ValueError("median_run: no runs")
+    order = sorted(range(len(ratios)), key=lambda i: ratios[i])
+    return order[(len(order) - 1) // 2]
+
+
+def _bench_cache(cfg: CacheJobConfig, log: Callable[[str], None], repeats: int = 1) -> dict[str, Any]:
     specs, partitions, images = cfg.teachers, cfg.pipeline.partitions, cfg.source.views
     parts_txt = ", ".join(f"{p} {s}px" for p, s in partitions.items())
     log(f"teacher-only loop over {images} preloaded views ({parts_txt}) ...")
     only = teacher_only_in_subprocess(cfg.source, specs, partitions)
     log(f"  {float(only['images_per_s']):.1f} images/s")
-    log("full pipeline (Ray Data) ...")
-    summary = run_cache(cfg)
-    # The limit again after the pipeline: a shared machine's speed drifts by ~10 % over minutes, so the
-    # ratio divides by the mean of the limit measured before and after (both are reported).
-    log("teacher-only loop again ...")
-    again = teacher_only_in_subprocess(cfg.source, specs, partitions)
-    limits = [float(only["images_per_s"]), float(again["images_per_s"])]
-    t_only = sum(limits) / 2
-    log(f"  {limits[1]:.1f} images/s (mean of both: {t_only:.1f})")
-    rates = pipeline_rates(summary, t_only)
+    limits = [float(only["images_per_s"])]
+    summaries: list[CacheSummary] = []
+    stores: list[str] = []
+    for r in range(repeats):
+        run_cfg = (
+            cfg
+            if r == 0
+            else cfg.model_copy(
+                update={"store": cfg.store.model_copy(update={"url": f"{cfg.store.url}-{r}"})}
+            )
+        )
+        log(f"full pipeline (Ray Data){f', run {r + 1} of {repeats}' if repeats > 1 else ''} ...")
+        summaries.append(run_cache(run_cfg))
+        stores.append(run_cfg.store.url)
+        # The limit again after each pipeline run: a shared machine's speed drifts by ~10 % over minutes, so
+        # each run's ratio divides by the mean of the limit measured before and after it.
+        log("teacher-only loop again ...")
+        limits.append(float(teacher_only_in_subprocess(cfg.source, specs, partitions)["images_per_s"]))
+        log(f"  {limits[-1]:.1f} images/s")
+    each = [pipeline_rates(s, (limits[i] + limits[i + 1]) / 2) for i, s in enumerate(summaries)]
+    pick = median_run([e["ratio"] for e in each])
+    summary, rates = summaries[pick], each[pick]
+    t_only = (limits[pick] + limits[pick + 1]) / 2
+    per_run = ", ".join(f"{e['ratio']:.2f}" for e in each)
     log(
         f"  {rates['pipeline_images_per_s']:.1f} images/s after start-up, "
         f"{rates['pipeline_images_per_s_with_startup']:.1f} with it ({summary.ok} ok, {summary.error} error)"
+        + (f"; ratio per run {per_run}, median {rates['ratio']:.2f}" if repeats > 1 else "")
     )
-    info = store_info(FeatureStore(cfg.store.url))
+    info = store_info(FeatureStore(stores[pick]))
     n_only = int(only["images"])
     alone = only["without_mosaic"]
     per_teacher = {t: n_only / s for t, s in only["seconds"].items()}
@@ -331,8 +362,11 @@ def _bench_cache(cfg: CacheJobConfig, log: Callable[[str], None]) -> dict[str, A
         "cpu_count": os.cpu_count() or 1,
         "devices": {s.name: teacher_device(s) for s in specs},
         "teacher_only_images_per_s": t_only,
-        "teacher_only_images_per_s_before_after": limits,
+        "teacher_only_images_per_s_before_after": limits[pick : pick + 2],
         **rates,
+        "ratio_each": [e["ratio"] for e in each],
+        "ratio_median_of": repeats,
+        "teacher_only_images_per_s_each": limits,
         "bytes_per_image": info["bytes_per_image"],
         "pipeline_seconds": summary.pipeline_seconds,
         "pipeline_first_shard_seconds": summary.first_shard_seconds,

@@ -365,6 +365,14 @@ def bench_cache_cmd(
     workdir: Annotated[
         Path | None, typer.Option(help="Where the benchmark store goes (default: a temp dir).")
     ] = None,
+    repeats: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Alternate limit and pipeline this many times (a fresh store each) and report the run with "
+            "the median ratio; every run's ratio is in ratio_each.",
+        ),
+    ] = 1,
     as_json: JsonOpt = False,
 ) -> None:
     """Teacher-only forward loop vs the full caching pipeline on the same images."""
@@ -387,6 +395,7 @@ def bench_cache_cmd(
             partitions=partitions,
             seed=seed_teachers,
             log=lambda m: err.print(m, highlight=False),
+            repeats=repeats,
         )
     except ConfigError as e:
         _fail(str(e))

@@ -19,6 +19,7 @@ from radio_dist.bench import (
     bench_cache,
     bench_ingest,
     config_teachers,
+    median_run,
     pipeline_rates,
     teacher_device,
     teacher_only,
@@ -84,7 +85,7 @@ def test_bench_cache_seed_teachers_counts_model_inputs_with_and_without_mosaic(t
     n, batch = 16, 8
     k = preset_spec("sam3_tiny").mosaic_k
     assert k is not None and batch % (k * k) == 0
-    args = ["--seed-teachers", "--images", n, "--batch-size", batch, "--fit-images", n]
+    args = ["--seed-teachers", "--images", n, "--batch-size", batch, "--fit-images", n, "--repeats", 2]
     res = runner.invoke(app, ["bench", "cache", *map(str, args), "--workdir", str(tmp_path), "--json"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
@@ -107,10 +108,14 @@ def test_bench_cache_seed_teachers_counts_model_inputs_with_and_without_mosaic(t
     assert out["batch_size"] == dict.fromkeys(SEED_TEACHERS, batch)
     assert set(out["mosaic_speedup"]) == {"sam3_tiny"} and out["mosaic_speedup"]["sam3_tiny"] > 0
     assert out["teacher_only_images_per_s"] > 0 and out["pipeline_images_per_s"] > 0
+    # two runs, limit - pipeline - limit - pipeline - limit; the figures are the median run's (of two: the lower)
+    assert out["ratio_median_of"] == 2 and len(out["ratio_each"]) == 2
+    limits = out["teacher_only_images_per_s_each"]
+    pick = median_run(out["ratio_each"])
+    assert len(limits) == 3 and out["ratio"] == min(out["ratio_each"]) == out["ratio_each"][pick]
     before, after = out["teacher_only_images_per_s_before_after"]
-    assert (
-        before > 0 and after > 0 and out["teacher_only_images_per_s"] == pytest.approx((before + after) / 2)
-    )
+    assert [before, after] == limits[pick : pick + 2] and min(limits) > 0
+    assert out["teacher_only_images_per_s"] == pytest.approx((before + after) / 2)
     assert out["bytes_per_image"] > 0 and set(out["devices"].values()) == {"cpu"}
     assert out["pipeline_images"] == 0 and out["steady_state_images_per_s"] is None  # all in the fit phase
 
@@ -155,6 +160,8 @@ def test_bench_cache_config_file_and_bad_input(tmp_path):
         bench_cache(images=8, batch_size=6, seed=True, workdir=tmp_path)
     with pytest.raises(ConfigError, match="unknown teacher family 'resnet9000'"):
         bench_cache(images=8, teachers=["resnet9000"], workdir=tmp_path)
+    with pytest.raises(ConfigError, match="repeats must be >= 1"):
+        bench_cache(images=8, teachers=["dinov3_tiny"], repeats=0, workdir=tmp_path)
     with pytest.raises(ConfigError, match="partition 'low-res'"):
         bench_cache(images=8, teachers=["dinov3_tiny"], partitions={"low-res": 64}, workdir=tmp_path)
     res = runner.invoke(app, ["bench", "cache", "--seed-teachers", "--config", str(job)])
@@ -163,6 +170,14 @@ def test_bench_cache_config_file_and_bad_input(tmp_path):
     bad.write_text(yaml.safe_dump({"teachers": [{**dino, "resolutoin": {}}]}))
     res = runner.invoke(app, ["bench", "cache", "--config", str(bad)])
     assert res.exit_code == 2 and "unknown key 'resolutoin'" in res.output
+
+
+def test_median_run_picks_the_middle_ratio():
+    assert median_run([0.7, 0.9, 0.8]) == 2
+    assert median_run([0.8, 0.7]) == 1  # even count: the lower middle
+    assert median_run([0.75]) == 0
+    with pytest.raises(ValueError, match="no runs"):
+        median_run([])
 
 
 def test_pipeline_rate_leaves_start_up_out_and_reports_it_apart():
