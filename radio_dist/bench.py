@@ -315,6 +315,8 @@ def median_run(ratios: list[float]) -> int:
 
 
 def _bench_cache(cfg: CacheJobConfig, log: Callable[[str], None], repeats: int = 1) -> dict[str, Any]:
+    import ray
+
     specs, partitions, images = cfg.teachers, cfg.pipeline.partitions, cfg.source.views
     parts_txt = ", ".join(f"{p} {s}px" for p, s in partitions.items())
     log(f"teacher-only loop over {images} preloaded views ({parts_txt}) ...")
@@ -332,8 +334,11 @@ def _bench_cache(cfg: CacheJobConfig, log: Callable[[str], None], repeats: int =
             )
         )
         log(f"full pipeline (Ray Data){f', run {r + 1} of {repeats}' if repeats > 1 else ''} ...")
+        started_here = not ray.is_initialized()
         summaries.append(run_cache(run_cfg))
         stores.append(run_cfg.store.url)
+        if started_here:  # the limit runs on a quiet machine, not beside an idle Ray instance's services
+            ray.shutdown()
         # The limit again after each pipeline run: a shared machine's speed drifts by ~10 % over minutes, so
         # each run's ratio divides by the mean of the limit measured before and after it.
         log("teacher-only loop again ...")
