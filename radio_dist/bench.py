@@ -499,16 +499,16 @@ def _log_stderr(message: str) -> None:
 
 
 def _bench_ingest(
-    store_url: str | None = None,
-    images: int = 1024,
-    shard_size: int = 256,
-    batch_size: int = 32,
-    steps: int = 6,
-    students: list[Any] | None = None,
-    workdir: Path | None = None,
-    log: Callable[[str], None] = _log_stderr,
+    store_url: str | None,
+    images: int,
+    shard_size: int,
+    batch_size: int,
+    steps: int,
+    students: list[Any] | None,
+    workdir: Path | None,
 ) -> dict[str, Any]:
-    """Store reader vs raw reads of the same bytes, and S students trained together vs one by one.
+    """Store reader vs raw reads of the same bytes, and S students trained together vs one by one
+    (``bench_ingest``'s arguments; progress lines to stderr).
 
     - ``ratio``: samples/s that ``ShardStream`` delivers to a consumer (as torch tensors) over a whole epoch,
       divided by samples/s of reading the same shard files raw (fsspec ``cat`` + ``np.frombuffer``). Both read
@@ -517,6 +517,7 @@ def _bench_ingest(
       step), divided by the sum over students of ``steps`` steps training that student alone (its own read per
       step). ``multi_student_overhead``: the together time over the students' pure compute (no reading).
     """
+    log = _log_stderr
     import fsspec
 
     from radio_dist.distill import StudentState, TrainConfig, _to_images, default_students, student_losses
