@@ -173,7 +173,9 @@ def cache_teachers(
 
     def on_event(kind: str, ev: dict[str, Any]) -> None:
         nonlocal task
-        if kind == "listed":
+        if kind == "warning":
+            err.print(f"warning: {ev['message']}", highlight=False)
+        elif kind == "listed":
             err.print(f"listed {ev['items']} inputs from {cfg.source.kind.value} source", highlight=False)
         elif kind == "todo":
             err.print(

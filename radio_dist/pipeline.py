@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 from pydantic import Field, field_validator
 
-from radio_dist.config import StrictModel
+from radio_dist.config import ConfigError, StrictModel
 from radio_dist.phis import Moments, PhiS, angular_dispersion, fit_phis
 from radio_dist.sources import (
     ImageError,
@@ -57,7 +58,7 @@ class PipelineConfig(StrictModel):
         default_factory=lambda: {"low": 224},
         description="Canonical square view size (px) per resolution partition, e.g. {low: 432, high: 1152}.",
     )
-    decode_batch_size: int = Field(8, ge=1, description="Images per decode task batch.")
+    decode_batch_size: int = Field(32, ge=1, description="Images per decode task batch.")
     id_batch_size: int = Field(64, ge=1, description="Inputs per content-hashing task batch.")
     decode_num_cpus: float = Field(0.5, gt=0, description="Ray CPUs per decode task.")
     decode_tasks: int = Field(2, ge=1, description="Most decode tasks in flight at once.")
@@ -462,7 +463,71 @@ def actor_threads(spec: TeacherSpec) -> int:
     return spec.runtime.threads or max(1, round(spec.runtime.num_cpus))
 
 
-def _teacher_stages(ds: Any, cfg: CacheJobConfig, normalize: bool) -> Any:
+# An actor costs seconds of start-up (a fresh worker importing torch & co., the model, a probe forward: ~8 s
+# of CPU for the CPU presets); one that would run only a few batches does not earn that back.
+MIN_BATCHES_PER_ACTOR = 8
+
+
+def actor_pool_size(spec: TeacherSpec, images: int) -> int:
+    """Actors of ``spec``'s pool for a phase of ``images`` images: ``runtime.pool_size``, but no more than one
+    per ``MIN_BATCHES_PER_ACTOR`` batches (at least one)."""
+    batches = -(-images // spec.runtime.batch_size)
+    return max(1, min(spec.runtime.pool_size, batches // MIN_BATCHES_PER_ACTOR))
+
+
+def resource_demand(cfg: CacheJobConfig) -> dict[str, float]:
+    """Ray resources a caching run needs at once to make progress: every teacher actor at its full pool
+    (actors hold theirs for the whole run) plus one decode or write task. ``{"CPU": .., "GPU": ..}``."""
+    actors = sum(t.runtime.num_cpus * t.runtime.pool_size for t in cfg.teachers)
+    task = max(cfg.pipeline.decode_num_cpus, cfg.pipeline.write_num_cpus)
+    gpus = sum(t.runtime.num_gpus * t.runtime.pool_size for t in cfg.teachers)
+    return {"CPU": actors + task, "GPU": gpus}
+
+
+def resource_problem(cfg: CacheJobConfig, available: dict[str, float]) -> str | None:
+    """Why the job cannot run on a Ray cluster with ``available`` resources (``ray.cluster_resources()``),
+    naming the settings to change; None when it fits. Ray itself would wait for the resources forever."""
+    need = resource_demand(cfg)
+    pools = ", ".join(
+        f"{t.name}: {t.runtime.pool_size} x {t.runtime.num_cpus:g} CPU"
+        + (f" + {t.runtime.num_gpus:g} GPU" if t.runtime.num_gpus else "")
+        for t in cfg.teachers
+    )
+    have_cpu, have_gpu = float(available.get("CPU", 0.0)), float(available.get("GPU", 0.0))
+    if need["GPU"] > have_gpu + 1e-9:
+        return (
+            f"the teachers' actor pools ask for {need['GPU']:g} GPUs ({pools}) but the Ray cluster has "
+            f"{have_gpu:g}: lower teachers.N.runtime.pool_size or num_gpus (num_gpus: 0 runs on the CPU)"
+        )
+    if need["CPU"] > have_cpu + 1e-9:
+        task = max(cfg.pipeline.decode_num_cpus, cfg.pipeline.write_num_cpus)
+        return (
+            f"the teachers' actor pools hold {need['CPU'] - task:g} Ray CPUs for the whole run ({pools}) and a "
+            f"decode or write task needs {task:g} more, but the Ray cluster has {have_cpu:g}: lower "
+            "teachers.N.runtime.pool_size or num_cpus (a Ray CPU is a scheduling share; an actor's torch "
+            "threads are runtime.threads), or give Ray more CPUs (ray.num_cpus)"
+        )
+    return None
+
+
+def _check_resources(cfg: CacheJobConfig, progress: ProgressFn | None) -> None:
+    """Refuse a job that cannot run on a local instance; on a cluster (which may autoscale) only warn."""
+    import ray
+
+    problem = resource_problem(cfg, ray.cluster_resources())
+    if problem is None:
+        return
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        message = f"{problem}; the job waits until the cluster has them (an autoscaler may add nodes)"
+        if progress:
+            progress("warning", {"message": message})
+        else:  # a Ray job (jobs/cache_teachers.py): stderr is the job's log
+            print(f"warning: {message}", file=sys.stderr, flush=True)
+        return
+    raise ConfigError(f"cache job: {problem}")
+
+
+def _teacher_stages(ds: Any, cfg: CacheJobConfig, normalize: bool, images: int) -> Any:
     import ray.data
 
     for spec in cfg.teachers:
@@ -476,7 +541,7 @@ def _teacher_stages(ds: Any, cfg: CacheJobConfig, normalize: bool) -> Any:
             },
             batch_size=rt.batch_size,
             batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=rt.pool_size),
+            compute=ray.data.ActorPoolStrategy(size=actor_pool_size(spec, images)),
             num_cpus=rt.num_cpus,
             num_gpus=rt.num_gpus,
             runtime_env={"env_vars": {"OMP_NUM_THREADS": str(actor_threads(spec)), **rt.env}},
@@ -595,13 +660,14 @@ def _run_cache(cfg: CacheJobConfig, store: FeatureStore, progress: ProgressFn | 
 
     t0 = time.perf_counter()
     summary = CacheSummary()
+    _init_ray(cfg.ray)
+    _check_resources(cfg, progress)  # before the store is touched: a refused job leaves it as it was
     store.init_or_check(cfg.pipeline.partitions, teacher_records(cfg.teachers), cfg.source.resample.value)
 
     items: list[SourceItem] = list_items(cfg.source)
     summary.listed = len(items)
     if progress:
         progress("listed", {"items": len(items)})
-    _init_ray(cfg.ray)
     _configure_data(cfg.ray)
 
     ids_ds = ray.data.from_items(
@@ -634,7 +700,7 @@ def _run_cache(cfg: CacheJobConfig, store: FeatureStore, progress: ProgressFn | 
     if todo and not store.has_phis():
         todo.sort(key=lambda r: r["id"])
         fit, todo = todo[: cfg.phis.fit_images], todo[cfg.phis.fit_images :]
-        ds_fit = _teacher_stages(_decoded(fit, cfg), cfg, normalize=False).materialize()
+        ds_fit = _teacher_stages(_decoded(fit, cfg), cfg, normalize=False, images=len(fit)).materialize()
         phis = _fit_phis(ds_fit, cfg, store, progress)
         summary.phis_fitted = True
         norm = ds_fit.map_batches(
@@ -644,7 +710,12 @@ def _run_cache(cfg: CacheJobConfig, store: FeatureStore, progress: ProgressFn | 
     t2 = time.perf_counter()
     summary.fit_seconds = t2 - t1
     if todo:
-        first = _write(_teacher_stages(_decoded(todo, cfg), cfg, normalize=True), cfg, summary, progress)
+        first = _write(
+            _teacher_stages(_decoded(todo, cfg), cfg, normalize=True, images=len(todo)),
+            cfg,
+            summary,
+            progress,
+        )
         summary.pipeline_images = len(todo)
         summary.first_shard_seconds = (first or t2) - t2
     summary.pipeline_seconds = time.perf_counter() - t2

@@ -71,7 +71,12 @@ class TeacherRuntime(StrictModel):
     """How a teacher is run; not part of its fingerprint (it does not change the targets)."""
 
     batch_size: int = Field(16, ge=1, description="Images per forward call.")
-    pool_size: int = Field(1, ge=1, description="Actors in this teacher's Ray Data actor pool.")
+    pool_size: int = Field(
+        1,
+        ge=1,
+        description="Actors in this teacher's Ray Data actor pool (at most: a phase with fewer than 8 batches "
+        "per actor starts fewer, never less than one).",
+    )
     num_gpus: float = Field(0.0, ge=0, description="GPUs per actor (0 on CPU machines).")
     num_cpus: float = Field(
         0.5, gt=0, description="Ray CPUs reserved per actor (fractional leaves room for decode/write tasks)."

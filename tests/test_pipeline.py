@@ -19,8 +19,21 @@ import pytest
 import torch
 from fixtures import FIXTURE_MAX_PIXELS, make_bad_inputs, write_good_photos
 
-from radio_dist.pipeline import CacheJobConfig, run_cache
-from radio_dist.store import FeatureStore, StoreLockedError, StoreMismatchError, store_info, verify_store
+from radio_dist.config import ConfigError
+from radio_dist.pipeline import (
+    CacheJobConfig,
+    _check_resources,
+    actor_pool_size,
+    resource_problem,
+    run_cache,
+)
+from radio_dist.store import (
+    FeatureStore,
+    StoreLockedError,
+    StoreMismatchError,
+    store_info,
+    verify_store,
+)
 from radio_dist.teacher import create_teacher, preset_spec
 
 TEACHERS = ["efficientnet_lite0", "mobilenet_v2"]
@@ -37,7 +50,8 @@ def job(source: dict, store: str, **kw) -> CacheJobConfig:
             "source": source,
             "teachers": [s.model_dump(mode="json") for s in specs],
             "store": {"url": store, "shard_size": 5},
-            "pipeline": {"partitions": {"low": 96}},
+            # small decode blocks (the default is 32): the kill tests need a run that commits shard by shard
+            "pipeline": {"partitions": {"low": 96}, "decode_batch_size": 4},
             "phis": {"fit_images": 12},
             **kw,
         }
@@ -129,6 +143,51 @@ def test_store_refuses_a_job_with_other_teachers(cached):
     other.teachers[0].mean = (0.4, 0.4, 0.4)
     with pytest.raises(StoreMismatchError, match="teacher 'effnet_lite0': fingerprint"):
         run_cache(other)
+
+
+def _pools(cfg: CacheJobConfig, pool_size: int, num_cpus: float, num_gpus: float = 0.0) -> CacheJobConfig:
+    out = cfg.model_copy(deep=True)
+    out.teachers[0].runtime = out.teachers[0].runtime.model_copy(
+        update={"pool_size": pool_size, "num_cpus": num_cpus, "num_gpus": num_gpus}
+    )
+    return out
+
+
+def test_actor_pools_are_sized_to_the_work():
+    spec = preset_spec("efficientnet_lite0")  # the CPU presets: two actors per teacher
+    assert (spec.runtime.pool_size, spec.runtime.num_cpus) == (2, 0.25)
+    spec.runtime.batch_size = 32
+    # fewer than 8 batches per actor start fewer actors: 15 batches of 32 -> 1, 16 -> 2 (481 images: 16)
+    assert [actor_pool_size(spec, n) for n in (0, 13, 64, 480, 481, 512, 100_000)] == [1, 1, 1, 1, 2, 2, 2]
+    spec.runtime.pool_size = 5
+    assert actor_pool_size(spec, 8 * 32 * 3) == 3 and actor_pool_size(spec, 8 * 32 * 5 + 1) == 5
+
+
+def test_a_job_the_ray_instance_cannot_hold_is_refused_before_the_store_is_touched(tmp_path, ray_local):
+    """Actors that hold every Ray CPU leave none for decode: Ray would wait forever, so the job is refused
+    with the settings to change (the local fixture instance has 2 CPUs and no GPU)."""
+    url = str(tmp_path / "store")
+    cfg = job({"kind": "sample-photos", "views": 4}, url)
+    assert resource_problem(cfg, ray_local.cluster_resources()) is None  # the presets fit two cores
+    big = _pools(cfg, pool_size=4, num_cpus=0.5)  # 2 CPUs of actors + 0.25 of mobilenet_v2's + a task
+    with pytest.raises(ConfigError, match=r"effnet_lite0: 4 x 0.5 CPU.*Ray cluster has 2: lower"):
+        run_cache(big)
+    with pytest.raises(ConfigError, match=r"ask for 1 GPUs.*has 0"):
+        run_cache(_pools(cfg, pool_size=1, num_cpus=0.25, num_gpus=1))
+    assert not FeatureStore(url).exists()  # refused before the store was created
+
+
+def test_on_a_cluster_a_job_too_big_for_it_now_is_a_warning(ray_local):
+    """A cluster may autoscale: a job bigger than its present resources is announced, not refused."""
+    cfg = _pools(job({"kind": "sample-photos", "views": 4}, "unused"), pool_size=8, num_cpus=1)
+    cfg.ray.address = "ray://head:10001"
+    events: list[tuple[str, dict]] = []
+    _check_resources(cfg, lambda kind, ev: events.append((kind, ev)))
+    assert [k for k, _ in events] == ["warning"]
+    assert "effnet_lite0: 8 x 1 CPU" in events[0][1]["message"] and "waits" in events[0][1]["message"]
+    cfg.ray.address = None
+    with pytest.raises(ConfigError, match="8 x 1 CPU"):
+        _check_resources(cfg, None)
 
 
 def _radio_dist(*args: str) -> list[str]:
