@@ -174,7 +174,7 @@ def test_a_job_the_ray_instance_cannot_hold_is_refused_before_the_store_is_touch
         run_cache(big)
     with pytest.raises(ConfigError, match=r"ask for 1 GPUs.*has 0"):
         run_cache(_pools(cfg, pool_size=1, num_cpus=0.25, num_gpus=1))
-    assert not FeatureStore(url).exists()  # refused before the store was created
+    assert not FeatureStore(url).exists()  # refused before the store was initialized
 
 
 def test_on_a_cluster_a_job_too_big_for_it_now_is_a_warning(ray_local):
