@@ -463,8 +463,9 @@ def actor_threads(spec: TeacherSpec) -> int:
     return spec.runtime.threads or max(1, round(spec.runtime.num_cpus))
 
 
-# An actor costs seconds of start-up (a fresh worker importing torch & co., the model, a probe forward: ~8 s
-# of CPU for the CPU presets); one that would run only a few batches does not earn that back.
+# An actor costs seconds of start-up (a fresh Ray worker importing torch & co., building the model, a probe
+# forward: 4.6-5.9 s of CPU for the CPU presets in a fresh process, before Ray's own worker start-up); one that
+# would run only a few batches does not earn that back.
 MIN_BATCHES_PER_ACTOR = 8
 
 

@@ -13,8 +13,8 @@ def cpu_runtime() -> TeacherRuntime:
     """Runtime of the small CPU teachers: two single-threaded actors per teacher, a quarter of a Ray CPU each.
 
     With one actor per teacher each stage is capped at one core, and the faster stage waits for the slower
-    one while nothing else can run: on a 2-core machine 10-15 % of the CPU sat idle (sampled from /proc/stat
-    every 0.5 s over a 1024-view run). Two actors per teacher keep a runnable forward on every core (idle
+    one while nothing else can run: on a 2-core machine 0.07-0.15 of the two CPUs sat idle (sampled from
+    /proc/stat every 0.5 s over 1024-view runs). Two actors per teacher keep a runnable forward on every core (idle
     0.00 in the same sampling). A quarter CPU each leaves Ray room for decode and write tasks on two cores.
     """
     return TeacherRuntime(pool_size=2, num_cpus=0.25)
