@@ -48,14 +48,7 @@ from radio_dist.store import (
     array_key,
     image_key,
 )
-from radio_dist.teacher import (
-    ALLOCATOR_ENV,
-    MIN_BATCHES_PER_ACTOR,
-    TeacherSpec,
-    create_teacher,
-    fingerprint,
-    preset_spec,
-)
+from radio_dist.teacher import ALLOCATOR_ENV, TeacherSpec, create_teacher, fingerprint, preset_spec
 
 DEFAULT_TEACHERS = ("efficientnet_lite0", "mobilenet_v2")
 
@@ -470,6 +463,12 @@ def actor_threads(spec: TeacherSpec) -> int:
     return spec.runtime.threads or max(1, round(spec.runtime.num_cpus))
 
 
+# An actor costs seconds of start-up (a fresh Ray worker importing torch & co., building the model, a probe
+# forward: 4.6-5.9 s of CPU for the CPU presets in a fresh process, before Ray's own worker start-up); one that
+# would run only a few batches does not earn that back.
+MIN_BATCHES_PER_ACTOR = 8
+
+
 def actor_pool_size(spec: TeacherSpec, images: int) -> int:
     """Actors of ``spec``'s pool for a phase of ``images`` images: ``runtime.pool_size``, but no more than one
     per ``MIN_BATCHES_PER_ACTOR`` batches (at least one)."""
@@ -479,12 +478,11 @@ def actor_pool_size(spec: TeacherSpec, images: int) -> int:
 
 def resource_demand(cfg: CacheJobConfig) -> dict[str, float]:
     """Ray resources a caching run needs at once to make progress: every teacher actor at its full pool
-    (actors hold theirs for the whole run) plus one decode or write task."""
-    return {
-        "actor_CPU": sum(t.runtime.num_cpus * t.runtime.pool_size for t in cfg.teachers),
-        "task_CPU": max(cfg.pipeline.decode_num_cpus, cfg.pipeline.write_num_cpus),
-        "GPU": sum(t.runtime.num_gpus * t.runtime.pool_size for t in cfg.teachers),
-    }
+    (actors hold theirs for the whole run) plus one decode or write task. ``{"CPU": .., "GPU": ..}``."""
+    actors = sum(t.runtime.num_cpus * t.runtime.pool_size for t in cfg.teachers)
+    task = max(cfg.pipeline.decode_num_cpus, cfg.pipeline.write_num_cpus)
+    gpus = sum(t.runtime.num_gpus * t.runtime.pool_size for t in cfg.teachers)
+    return {"CPU": actors + task, "GPU": gpus}
 
 
 def resource_problem(cfg: CacheJobConfig, available: dict[str, float]) -> str | None:
@@ -502,10 +500,11 @@ def resource_problem(cfg: CacheJobConfig, available: dict[str, float]) -> str | 
             f"the teachers' actor pools ask for {need['GPU']:g} GPUs ({pools}) but the Ray cluster has "
             f"{have_gpu:g}: lower teachers.N.runtime.pool_size or num_gpus (num_gpus: 0 runs on the CPU)"
         )
-    if need["actor_CPU"] + need["task_CPU"] > have_cpu + 1e-9:
+    if need["CPU"] > have_cpu + 1e-9:
+        task = max(cfg.pipeline.decode_num_cpus, cfg.pipeline.write_num_cpus)
         return (
-            f"the teachers' actor pools hold {need['actor_CPU']:g} Ray CPUs for the whole run ({pools}) and a "
-            f"decode or write task needs {need['task_CPU']:g} more, but the Ray cluster has {have_cpu:g}: lower "
+            f"the teachers' actor pools hold {need['CPU'] - task:g} Ray CPUs for the whole run ({pools}) and a "
+            f"decode or write task needs {task:g} more, but the Ray cluster has {have_cpu:g}: lower "
             "teachers.N.runtime.pool_size or num_cpus (a Ray CPU is a scheduling share; an actor's torch "
             "threads are runtime.threads), or give Ray more CPUs (ray.num_cpus)"
         )

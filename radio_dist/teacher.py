@@ -67,12 +67,6 @@ ALLOCATOR_ENV = {
 }
 
 
-# An actor costs seconds of start-up (a fresh Ray worker importing torch & co., building the model, a probe
-# forward: 4.6-5.9 s of CPU for the CPU presets in a fresh process, before Ray's own worker start-up); one that
-# would run only a few batches does not earn that back (pipeline.actor_pool_size).
-MIN_BATCHES_PER_ACTOR = 8
-
-
 class TeacherRuntime(StrictModel):
     """How a teacher is run; not part of its fingerprint (it does not change the targets)."""
 
@@ -80,8 +74,8 @@ class TeacherRuntime(StrictModel):
     pool_size: int = Field(
         1,
         ge=1,
-        description="Actors in this teacher's Ray Data actor pool (at most: a phase with fewer than "
-        f"{MIN_BATCHES_PER_ACTOR} batches per actor starts fewer, never less than one).",
+        description="Actors in this teacher's Ray Data actor pool (at most: a phase with fewer than 8 batches "
+        "per actor starts fewer, never less than one).",
     )
     num_gpus: float = Field(0.0, ge=0, description="GPUs per actor (0 on CPU machines).")
     num_cpus: float = Field(
