@@ -12,7 +12,8 @@ import argparse
 import json
 
 from radio_dist.config import load_model
-from radio_dist.pipeline import CacheJobConfig, run_cache
+from radio_dist.cache.config import CacheJobConfig
+from radio_dist.cache.pipeline import run_cache
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,7 +13,8 @@ import argparse
 import json
 
 from radio_dist.config import load_model
-from radio_dist.distill import DistillConfig, run_distill
+from radio_dist.train.config import DistillConfig
+from radio_dist.train.distill import run_distill
 
 
 def main(argv: list[str] | None = None) -> None:

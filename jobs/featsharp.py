@@ -14,7 +14,7 @@ import argparse
 import json
 
 from radio_dist.config import load_model
-from radio_dist.featsharp import FeatSharpConfig, run_featsharp
+from radio_dist.featsharp.train import FeatSharpConfig, run_featsharp
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -100,7 +100,7 @@ def build_cache_config(
     limit: int | None,
     overrides: list[str],
 ) -> Any:
-    from radio_dist.pipeline import DEFAULT_TEACHERS, CacheJobConfig
+    from radio_dist.cache.config import DEFAULT_TEACHERS, CacheJobConfig
     from radio_dist.teacher import preset_spec
 
     data = read_yaml(config) if config else {}
@@ -152,7 +152,7 @@ def cache_teachers(
     """Run teachers once per image and write PHI-S targets to the store (resumes an interrupted run)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from radio_dist.pipeline import run_cache
+    from radio_dist.cache.pipeline import run_cache
     from radio_dist.sources import SourceError
     from radio_dist.store import StoreError
 
@@ -378,7 +378,7 @@ def bench_cache_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Teacher-only forward loop vs the full caching pipeline on the same images."""
-    from radio_dist.bench import bench_cache, config_teachers
+    from radio_dist.bench.cache import bench_cache, config_teachers
 
     if (teachers is not None) + seed_teachers + (config is not None) > 1:
         _fail("pass at most one of --teachers, --seed-teachers, --config")
@@ -416,7 +416,7 @@ def bench_ingest_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Store reader vs raw reads of the same bytes; S students trained together vs one by one."""
-    from radio_dist.bench import bench_ingest
+    from radio_dist.bench.ingest import bench_ingest
 
     if as_json:
         _json_only_stdout()
@@ -473,7 +473,7 @@ def _train_with_progress(
 def build_distill_config(
     config: Path | None, store: str | None, out_dir: str | None, overrides: list[str]
 ) -> Any:
-    from radio_dist.distill import DistillConfig, default_students
+    from radio_dist.train.config import DistillConfig, default_students
 
     data = read_yaml(config) if config else {}
     if "students" not in data:  # materialize the default family so `--set students.0.arch=...` works
@@ -508,7 +508,7 @@ def distill_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Train every student at once from the cached targets (resumes from OUT's last checkpoint)."""
-    from radio_dist.distill import run_distill
+    from radio_dist.train.distill import run_distill
     from radio_dist.store import StoreError
 
     try:
@@ -544,12 +544,12 @@ def distill_cmd(
         parts = {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith(f"{s}/")}
         t.add_row(f"last loss {s}", "  ".join(f"{k} {v:.3f}" for k, v in sorted(parts.items())))
     t.add_row("metrics", f"{cfg.out}/metrics.jsonl")
-    t.add_row("exported", f"{cfg.out}/students/<name>  (radio_dist.students.load_student)")
+    t.add_row("exported", f"{cfg.out}/students/<name>  (radio_dist.train.students.load_student)")
     out.print(t)
 
 
 def build_featsharp_config(config: Path | None, out_dir: str | None, overrides: list[str]) -> Any:
-    from radio_dist.featsharp import FeatSharpConfig
+    from radio_dist.featsharp.train import FeatSharpConfig
 
     data = read_yaml(config) if config else {}
     if out_dir is not None:
@@ -578,7 +578,7 @@ def featsharp_train_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Train FeatSharp with Ray Train (resumes from OUT's last checkpoint); reports held-out error vs bilinear."""
-    from radio_dist.featsharp import run_featsharp
+    from radio_dist.featsharp.train import run_featsharp
 
     try:
         cfg = build_featsharp_config(config, out_dir, set_ or [])
@@ -624,7 +624,7 @@ def featsharp_eval_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Held-out consistency error of a FeatSharp file next to bilinear upsampling."""
-    from radio_dist.featsharp import evaluate_file
+    from radio_dist.featsharp.report import evaluate_file
     from radio_dist.sources import SourceConfig
 
     src = source_from_arg(source)
@@ -655,7 +655,7 @@ def eval_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Cosine fidelity of each student to each teacher on held-out images, at several resolutions."""
-    from radio_dist.evaluate import EvalConfig, evaluate, load_students
+    from radio_dist.train.evaluate import EvalConfig, evaluate, load_students
     from radio_dist.sources import SourceConfig
     from radio_dist.store import FeatureStore, StoreError
 

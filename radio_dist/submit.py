@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel
 
 from radio_dist.config import ConfigError, apply_overrides, read_yaml, validate
+from radio_dist.ray_setup import ALLOCATOR_ENV
 
 
 class JobName(str, Enum):
@@ -35,14 +36,14 @@ CONFIG_ENV = "RADIO_DIST_CONFIG"
 
 def job_model(job: JobName) -> type[BaseModel]:
     if job is JobName.cache_teachers:
-        from radio_dist.pipeline import CacheJobConfig
+        from radio_dist.cache.config import CacheJobConfig
 
         return CacheJobConfig
     if job is JobName.featsharp:
-        from radio_dist.featsharp import FeatSharpConfig
+        from radio_dist.featsharp.train import FeatSharpConfig
 
         return FeatSharpConfig
-    from radio_dist.distill import DistillConfig
+    from radio_dist.train.config import DistillConfig
 
     return DistillConfig
 
@@ -75,12 +76,7 @@ def build_submission(
     env_vars = dict(runtime_env.get("env_vars") or {})
     env_vars[CONFIG_ENV] = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
     env_vars.setdefault("HF_HUB_OFFLINE", "1")
-    from radio_dist.teacher import ALLOCATOR_ENV
-
-    for (
-        key,
-        value,
-    ) in ALLOCATOR_ENV.items():  # the job's workers keep freed memory (see pipeline.local_ray_options)
+    for key, value in ALLOCATOR_ENV.items():  # the job's workers keep freed memory (as a local instance's do)
         env_vars.setdefault(key, value)
     runtime_env["env_vars"] = env_vars
     return {

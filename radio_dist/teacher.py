@@ -1,8 +1,14 @@
-"""The teacher contract: spec, registry, base class, fingerprint.
+"""The teacher contract: spec, registries, base class, fingerprint.
 
 A teacher is built from a :class:`TeacherSpec` by the factory registered under ``spec.family``. It maps a
 batch of uint8 NHWC images to a :class:`TeacherOutput` (summary ``[B, C]``, dense ``[B, h, w, C']``).
 The engine never imports a concrete teacher: the ``teachers`` package registers them on import.
+
+An *adaptation* changes how a family's model is run to produce a partition's targets (SAM3's mosaic,
+FeatSharp's learned upsampling). Each registers itself (``register_adaptation``) with the spec options it
+owns and the check of those options; this module names none of them. An adaptation either wraps any
+family's teacher (``wrap``) or is implemented by the families that declare it (``register_teacher(...,
+adaptations=...)``).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from radio_dist.config import StrictModel
+from radio_dist.ray_setup import ALLOCATOR_ENV
 
 
 class WeightsKind(str, Enum):
@@ -29,12 +36,6 @@ class WeightsKind(str, Enum):
     file = "file"  # a local (or fsspec) file path
     hub = "hub"  # a hub id: the only kind allowed to touch the network
     none = "none"  # random init from ``seed`` (tests, tiny configs)
-
-
-class Adaptation(str, Enum):
-    none = "none"
-    featsharp = "featsharp"
-    mosaic = "mosaic"
 
 
 class Precision(str, Enum):
@@ -50,21 +51,6 @@ class WeightsSpec(StrictModel):
     )
     hub_id: str | None = Field(None, description="Hub model id (kind=hub); the only network access allowed.")
     seed: int = Field(0, description="Random-init seed (kind=none); every actor builds identical weights.")
-
-
-# glibc malloc returns big freed blocks to the OS after every batch, so the next batch page-faults them
-# back in: measured on a 2-core CPU, sys time was ~half of an EfficientNet-Lite0 forward (6.5 s -> 2.8 s
-# for 5 batches of 32 with these set). Keeping freed memory in the process costs only address space.
-# Ray Data calls an actor's UDF in a worker thread, and a non-main thread allocates from its own glibc
-# arena, whose heaps are capped at 64 MiB: a bigger activation is mmap'd and munmap'd on every forward
-# whatever the thresholds say (EfficientNet-Lite0, batch 32, 1 thread, called in a thread: 28 ms/image; a
-# pipeline actor took 55-83k page faults/s). One arena: every thread allocates from the main heap (21 ms/image).
-ALLOCATOR_ENV = {
-    "MALLOC_ARENA_MAX": "1",
-    "MALLOC_MMAP_THRESHOLD_": "4294967296",
-    "MALLOC_TRIM_THRESHOLD_": "4294967296",
-    "MALLOC_TOP_PAD_": "67108864",
-}
 
 
 class TeacherRuntime(StrictModel):
@@ -91,8 +77,7 @@ class TeacherRuntime(StrictModel):
     )
 
 
-MOSAIC_K = "mosaic_k"  # the spec option holding the mosaic's views per side
-FEATSHARP_OPTION = "featsharp"  # the spec option holding the FeatSharp file (adaptation featsharp)
+NO_ADAPTATION = "none"
 
 
 class TeacherSpec(StrictModel):
@@ -121,14 +106,16 @@ class TeacherSpec(StrictModel):
     num_prefix_tokens: int | None = Field(
         None, description="Prefix tokens (CLS + registers) to drop from ViT outputs; None = from the model."
     )
-    adaptation: Adaptation = Field(
-        Adaptation.none,
-        description="none | featsharp | mosaic (mosaic: options.mosaic_k = views per side of one native input).",
+    adaptation: str = Field(
+        NO_ADAPTATION,
+        description="How the family's model is run for some partitions: none, or a registered adaptation "
+        "(`radio-dist teachers list` names them, e.g. mosaic for SAM3, featsharp for any family); its "
+        "settings are spec options it owns.",
     )
     options: dict[str, Any] = Field(
         default_factory=dict,
-        description="Family-specific constructor options (e.g. timm kwargs overrides); `mosaic_k` is reserved "
-        "for adaptation=mosaic.",
+        description="Family-specific constructor options (e.g. timm kwargs overrides) and the options of the "
+        "spec's adaptation (e.g. mosaic_k).",
     )
     runtime: TeacherRuntime = Field(default_factory=TeacherRuntime, description="Pool / batch / device.")
 
@@ -148,42 +135,31 @@ class TeacherSpec(StrictModel):
 
     @model_validator(mode="after")
     def _adaptation_ok(self) -> TeacherSpec:
-        k = self.options.get(MOSAIC_K)
-        if self.adaptation == Adaptation.mosaic:
-            if not isinstance(k, int) or isinstance(k, bool) or k < 2:
-                raise ValueError(
-                    f"teacher {self.name!r}: adaptation=mosaic needs options.{MOSAIC_K}, an integer >= 2 "
-                    f"(views per side of one native input, e.g. 3 for 336 px views in SAM3's 1008 px); got {k!r}"
-                )
-            if self.runtime.batch_size % (k * k):
-                raise ValueError(
-                    f"teacher {self.name!r}: runtime.batch_size={self.runtime.batch_size} is not a multiple of "
-                    f"{MOSAIC_K}**2 = {k * k}; set it to one (e.g. {k * k * max(1, self.runtime.batch_size // (k * k))}) "
-                    "so every batch fills whole mosaics"
-                )
-        elif k is not None:
-            raise ValueError(
-                f"teacher {self.name!r}: options.{MOSAIC_K} is set but adaptation is "
-                f"{self.adaptation.value!r}; set adaptation: mosaic or remove {MOSAIC_K}"
-            )
-        fs = self.options.get(FEATSHARP_OPTION)
-        if self.adaptation == Adaptation.featsharp:
-            if not isinstance(fs, str) or not fs:
-                raise ValueError(
-                    f"teacher {self.name!r}: adaptation=featsharp needs options.{FEATSHARP_OPTION}, the path of a "
-                    "FeatSharp file (OUT/featsharp.safetensors of `radio-dist featsharp train`)"
-                )
-        elif fs is not None:
-            raise ValueError(
-                f"teacher {self.name!r}: options.{FEATSHARP_OPTION} is set but adaptation is "
-                f"{self.adaptation.value!r}; set adaptation: featsharp or remove {FEATSHARP_OPTION}"
-            )
+        """The adaptation exists, its options are valid, and no other adaptation's options are set."""
+        adaptations = registered_adaptations()
+        if self.adaptation != NO_ADAPTATION and self.adaptation not in adaptations:
+            known = ", ".join([NO_ADAPTATION, *sorted(adaptations)])
+            raise ValueError(f"teacher {self.name!r}: unknown adaptation {self.adaptation!r}; use one of {known}")
+        for entry in adaptations.values():
+            if entry.name == self.adaptation:
+                entry.check(self)
+                continue
+            for key in entry.options:
+                if key in self.options:
+                    raise ValueError(
+                        f"teacher {self.name!r}: options.{key} is set but adaptation is {self.adaptation!r}; "
+                        f"set adaptation: {entry.name} or remove {key}"
+                    )
         return self
 
-    @property
-    def mosaic_k(self) -> int | None:
-        """Views per mosaic side when ``adaptation`` is mosaic, else None (part of the fingerprint via options)."""
-        return int(self.options[MOSAIC_K]) if self.adaptation == Adaptation.mosaic else None
+    def family_options(self) -> dict[str, Any]:
+        """``options`` without those owned by adaptations: what the family's constructor receives."""
+        owned = {k for entry in registered_adaptations().values() for k in entry.options}
+        return {k: v for k, v in self.options.items() if k not in owned}
+
+    def without_adaptation(self) -> TeacherSpec:
+        """The same teacher (same weights, resolutions, runtime) run plainly: adaptation none, its options gone."""
+        return self.model_copy(update={"adaptation": NO_ADAPTATION, "options": self.family_options()})
 
     def identity(self) -> dict[str, Any]:
         """The parts of the spec that determine the targets (everything but ``runtime``)."""
@@ -236,17 +212,16 @@ def resolve_weights_path(weights: WeightsSpec) -> Path | None:
 
 
 def fingerprint(spec: TeacherSpec, extra: dict[str, Any] | None = None) -> str:
-    """Hash of the spec's identity plus a checksum of its weights (and adaptation state in ``extra``)."""
+    """Hash of the spec's identity plus a checksum of its weights (an adaptation's own state, such as a learned
+    file, through its ``identity``), and ``extra``."""
     wpath = resolve_weights_path(spec.weights)
     weights_sum = (
         sha256_file(wpath) if wpath is not None else f"{spec.weights.kind.value}:{spec.weights.seed}"
     )
     identity = spec.identity()
-    if spec.adaptation == Adaptation.featsharp:  # the upsampler's weights change the targets: its content
-        from radio_dist.featsharp import featsharp_checksum  # counts, not where the file lies
-
-        sha = featsharp_checksum(str(spec.options[FEATSHARP_OPTION]))
-        identity["options"] = {**identity["options"], FEATSHARP_OPTION: f"sha256:{sha}"}
+    adaptation = registered_adaptations().get(spec.adaptation)
+    if adaptation is not None and adaptation.identity is not None:  # e.g. a learned file: its content counts
+        identity["options"] = adaptation.identity(spec)
     payload = {"spec": identity, "weights_sha256": weights_sum, "extra": extra or {}}
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:32]
@@ -333,33 +308,86 @@ class TeacherEntry:
     factory: TeacherFactory
     description: str
     default_spec: Callable[[], TeacherSpec] | None  # a ready-to-run preset (None: needs a weights file)
+    adaptations: tuple[str, ...] = ()  # the adaptations without a wrapper that this family implements
+
+
+@dataclass(frozen=True)
+class AdaptationEntry:
+    """A registered adaptation.
+
+    ``options``: the spec options it owns (refused on a spec with another adaptation; not passed to the
+    family's constructor by ``family_options``). ``check(spec)``: raises ``ValueError`` naming the option
+    and the fix. ``wrap(spec, factory)``: builds the adapted teacher around any family's (None: families
+    implement it themselves and declare so in ``register_teacher``). ``identity(spec)``: the spec's options
+    as the fingerprint hashes them (e.g. a file's path replaced by its checksum), when not as written.
+    """
+
+    name: str
+    description: str
+    options: tuple[str, ...]
+    check: Callable[[TeacherSpec], None]
+    wrap: Callable[[TeacherSpec, TeacherFactory], Teacher] | None = None
+    identity: Callable[[TeacherSpec], dict[str, Any]] | None = None
 
 
 _REGISTRY: dict[str, TeacherEntry] = {}
+_ADAPTATIONS: dict[str, AdaptationEntry] = {}
 
 
 def register_teacher(
-    family: str, *, description: str, default_spec: Callable[[], TeacherSpec] | None = None
+    family: str,
+    *,
+    description: str,
+    default_spec: Callable[[], TeacherSpec] | None = None,
+    adaptations: tuple[str, ...] = (),
 ) -> Callable[[TeacherFactory], TeacherFactory]:
-    """Decorator registering a teacher factory under ``family``; registering a name twice raises."""
+    """Decorator registering a teacher factory under ``family``; registering a name twice raises.
+
+    ``adaptations``: the registered adaptations without a wrapper that this family's model implements."""
 
     def deco(factory: TeacherFactory) -> TeacherFactory:
         if family in _REGISTRY:
             raise ValueError(f"teacher family {family!r} is already registered")
-        _REGISTRY[family] = TeacherEntry(family, factory, description, default_spec)
+        _REGISTRY[family] = TeacherEntry(family, factory, description, default_spec, tuple(adaptations))
         return factory
 
     return deco
 
 
+def register_adaptation(
+    name: str,
+    *,
+    description: str,
+    options: tuple[str, ...],
+    check: Callable[[TeacherSpec], None],
+    wrap: Callable[[TeacherSpec, TeacherFactory], Teacher] | None = None,
+    identity: Callable[[TeacherSpec], dict[str, Any]] | None = None,
+) -> AdaptationEntry:
+    """Register an adaptation (see ``AdaptationEntry``); a name registered twice, or ``none``, raises."""
+    if name == NO_ADAPTATION or name in _ADAPTATIONS:
+        raise ValueError(f"adaptation {name!r} is already registered")
+    taken = {k: e.name for e in _ADAPTATIONS.values() for k in e.options}
+    for key in options:
+        if key in taken:
+            raise ValueError(f"adaptation {name!r}: option {key!r} is already owned by adaptation {taken[key]!r}")
+    entry = AdaptationEntry(name, description, tuple(options), check, wrap, identity)
+    _ADAPTATIONS[name] = entry
+    return entry
+
+
 def load_teacher_plugins() -> None:
-    """Import the ``teachers`` package so its families register (the engine never names them)."""
+    """Import the ``teachers`` package so its families and adaptations register (the engine names none)."""
     importlib.import_module(os.environ.get("RADIO_DIST_TEACHERS_MODULE", "teachers"))
 
 
 def registered_teachers() -> dict[str, TeacherEntry]:
     load_teacher_plugins()
     return dict(_REGISTRY)
+
+
+def registered_adaptations() -> dict[str, AdaptationEntry]:
+    load_teacher_plugins()
+    return dict(_ADAPTATIONS)
 
 
 def get_entry(family: str) -> TeacherEntry:
@@ -371,13 +399,18 @@ def get_entry(family: str) -> TeacherEntry:
 
 def create_teacher(spec: TeacherSpec, device: str | torch.device = "cpu") -> Teacher:
     """Build a teacher from its spec (model loaded once), in eval mode on ``device``."""
-    factory = get_entry(spec.family).factory
-    if spec.adaptation == Adaptation.featsharp:  # any family: its teacher wrapped with the upsampler
-        from radio_dist.featsharp import build_featsharp_teacher
-
-        teacher = build_featsharp_teacher(spec, factory)
+    entry = get_entry(spec.family)
+    adaptation = registered_adaptations().get(spec.adaptation)
+    if adaptation is not None and adaptation.wrap is not None:  # any family, wrapped
+        teacher = adaptation.wrap(spec, entry.factory)
+    elif adaptation is not None and spec.adaptation not in entry.adaptations:
+        implemented = ", ".join([NO_ADAPTATION, *entry.adaptations])
+        raise ValueError(
+            f"teacher {spec.name!r} (family {spec.family}): adaptation {spec.adaptation!r} is not implemented "
+            f"for this family; use one of {implemented}"
+        )
     else:
-        teacher = factory(spec)
+        teacher = entry.factory(spec)
     return teacher.eval().requires_grad_(False).to(device)
 
 

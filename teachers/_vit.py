@@ -17,7 +17,7 @@ from typing import Any
 import timm
 import torch
 
-from radio_dist.teacher import MOSAIC_K, Adaptation, Teacher, TeacherSpec, WeightsKind
+from radio_dist.teacher import Teacher, TeacherSpec, WeightsKind
 from teachers._common import seeded_init, weights_path
 
 FIXED_KWARGS: dict[str, Any] = {"num_classes": 0, "dynamic_img_size": True}
@@ -82,8 +82,7 @@ class TimmViTTeacher(Teacher):
 
     family = ""
     summaries: tuple[str, ...] = ()  # the spec.summary values this family supports
-    adaptations: tuple[Adaptation, ...] = (Adaptation.none,)  # the spec.adaptation values it implements
-    reserved_options: tuple[str, ...] = (MOSAIC_K,)
+    reserved_options: tuple[str, ...] = ()  # family options that are not timm constructor arguments
     model_defaults: dict[str, Any] = {}
 
     def __init__(self, spec: TeacherSpec) -> None:
@@ -97,12 +96,7 @@ class TimmViTTeacher(Teacher):
                 f"teacher {spec.name!r} (family {self.family}): summary {spec.summary!r} is not available; "
                 f"use one of {', '.join(self.summaries)}"
             )
-        if spec.adaptation not in self.adaptations:
-            raise ValueError(
-                f"teacher {spec.name!r} (family {self.family}): adaptation {spec.adaptation.value!r} is not "
-                f"implemented for this family; use one of {', '.join(a.value for a in self.adaptations)}"
-            )
-        self.timm_kwargs = {k: v for k, v in spec.options.items() if k not in self.reserved_options}
+        self.timm_kwargs = {k: v for k, v in spec.family_options().items() if k not in self.reserved_options}
         self.model: Any = build_timm_vit(spec, self.timm_kwargs, self.model_defaults)
         self.patch, self.prefix = check_geometry(spec, self.model)
 

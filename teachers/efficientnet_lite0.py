@@ -37,7 +37,7 @@ class EfficientNetLite0(Teacher):
         super().__init__(spec)
         seeded_init(spec)
         self.model: Any = timm.create_model(
-            spec.arch or "tf_efficientnet_lite0", pretrained=False, **spec.options
+            spec.arch or "tf_efficientnet_lite0", pretrained=False, **spec.family_options()
         )
         path = weights_path(spec)
         if path is not None:

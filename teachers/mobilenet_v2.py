@@ -33,7 +33,7 @@ class MobileNetV2(Teacher):
     def __init__(self, spec: TeacherSpec) -> None:
         super().__init__(spec)
         seeded_init(spec)
-        self.model: Any = torchvision.models.mobilenet_v2(weights=None, **spec.options)
+        self.model: Any = torchvision.models.mobilenet_v2(weights=None, **spec.family_options())
         path = weights_path(spec)
         if path is not None:
             self.model.load_state_dict(load_state_dict(path))

@@ -5,9 +5,12 @@ low-resolution partition: k*k views of ``native / k`` px are tiled into one nati
 once, and its ``k*g x k*g`` output grid is cut back into k*k per-image ``g x g`` grids. N views cost
 ``ceil(N / k**2)`` teacher forwards instead of N.
 
-Pure functions of arrays (torch tensors or numpy arrays, channels last); no teacher knows about them but
-the ones that use them. Tiles are laid out row-major: image ``i`` of a mosaic sits at row ``i // k``,
-column ``i % k``. The last mosaic is padded with zeros (after pixel normalization: the mean colour).
+The adaptation ``mosaic`` is registered here: a spec with ``adaptation: mosaic`` sets ``options.mosaic_k``
+(k, views per side) and a ``runtime.batch_size`` that fills whole mosaics; a family that implements it
+(SAM3: ``teachers.sam3``) declares so when it registers. ``tile`` / ``untile`` are pure functions of arrays
+(torch tensors or numpy arrays, channels last). Tiles are laid out row-major: image ``i`` of a mosaic sits
+at row ``i // k``, column ``i % k``. The last mosaic is padded with zeros (after pixel normalization: the
+mean colour).
 """
 
 from __future__ import annotations
@@ -17,7 +20,42 @@ from typing import TypeVar
 import numpy as np
 import torch
 
+from radio_dist.teacher import TeacherSpec, register_adaptation
+
 ArrayT = TypeVar("ArrayT", torch.Tensor, np.ndarray)
+
+MOSAIC = "mosaic"
+MOSAIC_K = "mosaic_k"  # the spec option holding the mosaic's views per side
+
+
+def check_mosaic_spec(spec: TeacherSpec) -> None:
+    """``adaptation: mosaic`` needs an integer ``options.mosaic_k`` >= 2 and batches of whole mosaics."""
+    k = spec.options.get(MOSAIC_K)
+    if not isinstance(k, int) or isinstance(k, bool) or k < 2:
+        raise ValueError(
+            f"teacher {spec.name!r}: adaptation=mosaic needs options.{MOSAIC_K}, an integer >= 2 "
+            f"(views per side of one native input, e.g. 3 for 336 px views in SAM3's 1008 px); got {k!r}"
+        )
+    if spec.runtime.batch_size % (k * k):
+        raise ValueError(
+            f"teacher {spec.name!r}: runtime.batch_size={spec.runtime.batch_size} is not a multiple of "
+            f"{MOSAIC_K}**2 = {k * k}; set it to one (e.g. {k * k * max(1, spec.runtime.batch_size // (k * k))}) "
+            "so every batch fills whole mosaics"
+        )
+
+
+def mosaic_k(spec: TeacherSpec) -> int | None:
+    """Views per mosaic side of a spec with ``adaptation: mosaic``, else None."""
+    return int(spec.options[MOSAIC_K]) if spec.adaptation == MOSAIC else None
+
+
+register_adaptation(
+    MOSAIC,
+    description="k x k low-partition views tiled into one native input, run once, output grid cut back "
+    f"(options.{MOSAIC_K} = k); implemented by the families that declare it (sam3)",
+    options=(MOSAIC_K,),
+    check=check_mosaic_spec,
+)
 
 
 def mosaic_count(n: int, k: int) -> int:

@@ -21,7 +21,7 @@ use ``none``).
 
 **Mosaic** (``adaptation: mosaic``, ``options.mosaic_k = k``): a batch whose input size (after the spec's
 per-partition ``resolution``) times k equals the native size (``options.img_size``) is tiled k x k into
-native inputs, run once, and cut back (``radio_dist.mosaic``); native-size batches run as they are; any
+native inputs, run once, and cut back (``teachers.mosaic``); native-size batches run as they are; any
 other size is an error. N low-partition views cost ceil(N / k^2) encoder inputs (``model_inputs``).
 With SAM3's numbers (k = 3, 336 px views, 24x24 tiles) every window is exactly one tile and the tiled
 position embedding is the same in every tile, so windowed blocks see each view as if alone; only the
@@ -57,10 +57,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from radio_dist.mosaic import tile, untile
 from radio_dist.teacher import (
-    MOSAIC_K,
-    Adaptation,
     TeacherRuntime,
     TeacherSpec,
     WeightsKind,
@@ -68,6 +65,7 @@ from radio_dist.teacher import (
     register_teacher,
 )
 from teachers._vit import TimmViTTeacher
+from teachers.mosaic import MOSAIC, MOSAIC_K, mosaic_k, tile, untile
 
 ROPE_THETA = 10000.0
 
@@ -84,7 +82,7 @@ def tiny_spec() -> TeacherSpec:
         mean=(0.5, 0.5, 0.5),
         std=(0.5, 0.5, 0.5),
         summary="none",
-        adaptation=Adaptation.mosaic,
+        adaptation=MOSAIC,
         resolution={"low": 56, "high": 112},
         options={
             "img_size": 112,
@@ -140,8 +138,7 @@ def axial_rope(h: int, w: int, head_dim: int, scale: float, device: torch.device
 class SAM3Encoder(TimmViTTeacher):
     family = "sam3"
     summaries = ("none", "pooled")
-    adaptations = (Adaptation.none, Adaptation.mosaic)
-    reserved_options = (MOSAIC_K, "window_size", "global_blocks")
+    reserved_options = ("window_size", "global_blocks")
     model_defaults = {"class_token": False}  # SAM3 keeps no CLS token in the sequence
 
     @staticmethod
@@ -186,7 +183,7 @@ class SAM3Encoder(TimmViTTeacher):
                 f"teacher {spec.name!r}: position embedding of {m.pos_embed.shape[1]} tokens does not fit a "
                 f"{g}x{g} native grid holding a {self.window}x{self.window} window"
             )
-        self.k = spec.mosaic_k
+        self.k = mosaic_k(spec)
         if self.k is not None and (self.native % self.k or (self.native // self.k) % self.patch):
             raise ValueError(
                 f"teacher {spec.name!r}: native size {self.native} px does not split into {self.k}x{self.k} "
@@ -253,6 +250,7 @@ register_teacher(
     "weights file; dense = encoder tokens; mosaic for the low partition. Preset sam3_tiny: random-init "
     "tiny test config, not pretrained",
     default_spec=tiny_spec,
+    adaptations=(MOSAIC,),
 )(SAM3Encoder)
 
 

@@ -24,7 +24,7 @@ class TimmTeacher(Teacher):
             raise ValueError(f"teacher {spec.name!r} (family timm) needs `arch`: a timm model name")
         seeded_init(spec)
         hub = spec.weights.kind == WeightsKind.hub
-        kwargs = dict(spec.options)
+        kwargs = spec.family_options()
         if hub:
             kwargs["pretrained_cfg_overlay"] = {"hf_hub_id": spec.weights.hub_id}
         self.model: Any = timm.create_model(spec.arch, pretrained=hub, **kwargs)

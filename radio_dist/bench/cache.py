@@ -52,13 +52,15 @@ Keys of the result besides the rates (``T/P`` = teacher T at partition P):
   run (1.0, or ceil(b / k^2) / b per batch of b views with a k x k mosaic: 0.25 for k = 2).
 - ``teacher_only_model_inputs_per_image``: the same counted in the teacher-only loop (same work: same figures
   up to batch boundaries).
-- ``mosaic_k``: T -> k for every teacher whose spec mosaics (empty without one).
-- ``model_inputs_per_image_without_mosaic``: ``T/P`` for those teachers, counted by running a copy of the
-  spec without mosaic (``adaptation: none``, no ``mosaic_k``; same weights) over the same batches in the
-  teacher-only process, after (and outside) the timed loop.
+- ``adaptations``: T -> ``{adaptation, options}`` for every teacher with one (e.g. SAM3's ``mosaic`` with
+  ``mosaic_k``; empty without one).
+- ``model_inputs_per_image_without_adaptation``: ``T/P`` for the teachers whose adaptation their family
+  implements (``has_plain_baseline``: a mosaic, not FeatSharp), counted by running the plain copy of the spec
+  (``spec.without_adaptation()``: adaptation none, its options gone; same weights) over the same batches in
+  the teacher-only process, after (and outside) the timed loop.
 - ``teacher_only_images_per_s_per_teacher``: T -> images/s of that teacher alone (all its partitions) in the
-  timed loop; ``teacher_only_images_per_s_without_mosaic``: T -> the same for the copy without mosaic;
-  ``mosaic_speedup``: T -> the ratio of the two (with / without).
+  timed loop; ``teacher_only_images_per_s_without_adaptation``: T -> the same for the plain copy;
+  ``adaptation_speedup``: T -> the ratio of the two (with / without).
 """
 
 from __future__ import annotations
@@ -75,10 +77,19 @@ import numpy as np
 import torch
 
 from radio_dist.config import ConfigError, read_yaml, validate
-from radio_dist.pipeline import DEFAULT_TEACHERS, CacheJobConfig, CacheSummary, run_cache
+from radio_dist.bench.fresh_process import in_fresh_process
+from radio_dist.cache.config import DEFAULT_TEACHERS, CacheJobConfig
+from radio_dist.cache.pipeline import CacheSummary, run_cache
+from radio_dist.cache.stages import teacher_device, teacher_partitions
 from radio_dist.sources import SourceConfig, SourceKind, canonical_view, decode_image, list_items, read_bytes
 from radio_dist.store import FeatureStore, StoreConfig, store_info
-from radio_dist.teacher import ALLOCATOR_ENV, MOSAIC_K, Adaptation, TeacherSpec, create_teacher, preset_spec
+from radio_dist.teacher import (
+    NO_ADAPTATION,
+    TeacherSpec,
+    create_teacher,
+    preset_spec,
+    registered_adaptations,
+)
 
 SEED_TEACHERS = ("dinov3_tiny", "siglip2_tiny", "sam3_tiny")
 # The views the tiny presets are built for (tests/test_seed_teachers.py): DINOv3/SigLIP2 at 64 px (4x4
@@ -97,22 +108,13 @@ def _preload(source: SourceConfig, partitions: dict[str, int]) -> dict[str, np.n
     return {p: np.stack(v) for p, v in views.items()}
 
 
-def without_mosaic(spec: TeacherSpec) -> TeacherSpec:
-    """The same teacher (same weights) with every view its own model input: adaptation none, no mosaic_k."""
-    data = spec.model_dump(mode="json")
-    data["adaptation"] = Adaptation.none.value
-    data["options"] = {k: v for k, v in spec.options.items() if k != MOSAIC_K}
-    return TeacherSpec.model_validate(data)
-
-
-def teacher_partitions(spec: TeacherSpec, partitions: dict[str, int]) -> list[str]:
-    """The partitions a teacher runs on in the pipeline (its ``only_partitions``, in the job's order)."""
-    return [p for p in partitions if spec.only_partitions is None or p in spec.only_partitions]
-
-
-def teacher_device(spec: TeacherSpec) -> str:
-    """Where the pipeline's actor runs this teacher (``TeacherStage``): CUDA only with num_gpus > 0."""
-    return "cuda" if spec.runtime.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+def has_plain_baseline(spec: TeacherSpec) -> bool:
+    """True when the spec's adaptation is implemented by its family (e.g. SAM3's mosaic): the family's own
+    model then runs the same views either way, and the plain teacher (``spec.without_adaptation()``) is the
+    baseline its model inputs and speed are compared with. An adaptation that wraps the teacher in another
+    model (FeatSharp) has no such baseline."""
+    entry = registered_adaptations().get(spec.adaptation)
+    return entry is not None and entry.wrap is None
 
 
 def _run_teacher(
@@ -146,8 +148,8 @@ def teacher_only(
     views: dict[str, np.ndarray], specs: list[TeacherSpec], partitions: dict[str, int]
 ) -> dict[str, Any]:
     """The limit: every teacher alone in this process, all cores. Returns images/s of all of them in sequence,
-    seconds and model inputs per teacher, and the same for a copy without mosaic of every mosaic teacher
-    (run after the timed teachers, not part of the rate)."""
+    seconds and model inputs per teacher, and the same for the plain copy of every teacher with a plain
+    baseline (``has_plain_baseline``; run after the timed teachers, not part of the rate)."""
     torch.set_num_threads(os.cpu_count() or 1)
     n = len(next(iter(views.values())))
     seconds: dict[str, float] = {}
@@ -156,15 +158,15 @@ def teacher_only(
         seconds[spec.name], inputs[spec.name] = _run_teacher(spec, views, partitions)
     alone: dict[str, dict[str, Any]] = {}
     for spec in specs:
-        if spec.mosaic_k is not None:
-            s, i = _run_teacher(without_mosaic(spec), views, partitions)
+        if has_plain_baseline(spec):
+            s, i = _run_teacher(spec.without_adaptation(), views, partitions)
             alone[spec.name] = {"seconds": s, "model_inputs": i}
     return {
         "images": n,
         "images_per_s": n / sum(seconds.values()),
         "seconds": seconds,
         "model_inputs": inputs,
-        "without_mosaic": alone,
+        "without_adaptation": alone,
     }
 
 
@@ -172,24 +174,6 @@ def _teacher_only_child(
     source: SourceConfig, specs: list[TeacherSpec], partitions: dict[str, int]
 ) -> dict[str, Any]:
     return teacher_only(_preload(source, partitions), specs, partitions)
-
-
-def in_fresh_process(env: dict[str, str], fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn(*args)`` in a spawned process started with ``env`` added to its environment (glibc reads its
-    malloc settings once, at process start, so they cannot be given to a running process)."""
-    import multiprocessing as mp
-
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        with mp.get_context("spawn").Pool(1) as pool:
-            return pool.apply(fn, args)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def teacher_only_in_subprocess(
@@ -223,6 +207,12 @@ def _bench_spec(teacher: str | TeacherSpec, batch_size: int | None) -> TeacherSp
     data["runtime"]["batch_size"] = batch_size
     # the whole spec re-checked: a mosaic needs batch_size % k^2 == 0
     return validate(TeacherSpec, data, f"teacher {teacher.name!r} at batch size {batch_size}")
+
+
+def adaptation_of(spec: TeacherSpec) -> dict[str, Any]:
+    """A teacher's adaptation and the options it owns, as the result reports them."""
+    entry = registered_adaptations()[spec.adaptation]
+    return {"adaptation": spec.adaptation, "options": {k: spec.options[k] for k in entry.options if k in spec.options}}
 
 
 def _per_image(counts: dict[str, dict[str, int]], images: int) -> dict[str, float]:
@@ -356,7 +346,7 @@ def _bench_cache(cfg: CacheJobConfig, log: Callable[[str], None], repeats: int =
     )
     info = store_info(FeatureStore(stores[pick]))
     n_only = int(only["images"])
-    alone = only["without_mosaic"]
+    alone = only["without_adaptation"]
     per_teacher = {t: n_only / s for t, s in only["seconds"].items()}
     per_teacher_alone = {t: n_only / a["seconds"] for t, a in alone.items()}
     return {
@@ -383,263 +373,11 @@ def _bench_cache(cfg: CacheJobConfig, log: Callable[[str], None], repeats: int =
         },
         "model_inputs_per_image": _per_image(summary.teacher_inputs, summary.ok),
         "teacher_only_model_inputs_per_image": _per_image(only["model_inputs"], n_only),
-        "mosaic_k": {s.name: s.mosaic_k for s in specs if s.mosaic_k is not None},
-        "model_inputs_per_image_without_mosaic": _per_image(
+        "adaptations": {s.name: adaptation_of(s) for s in specs if s.adaptation != NO_ADAPTATION},
+        "model_inputs_per_image_without_adaptation": _per_image(
             {t: a["model_inputs"] for t, a in alone.items()}, n_only
         ),
         "teacher_only_images_per_s_per_teacher": per_teacher,
-        "teacher_only_images_per_s_without_mosaic": per_teacher_alone,
-        "mosaic_speedup": {t: per_teacher[t] / r for t, r in per_teacher_alone.items()},
+        "teacher_only_images_per_s_without_adaptation": per_teacher_alone,
+        "adaptation_speedup": {t: per_teacher[t] / r for t, r in per_teacher_alone.items()},
     }
-
-
-# -- bench ingest ----------------------------------------------------------------------------------------------
-
-
-def write_random_store(
-    url: str,
-    shard_rows: list[int],
-    teachers: dict[str, tuple[int, int, int | None]],
-    px: int | dict[str, int],
-    errors_per_shard: int = 0,
-    seed: int = 7,
-) -> dict[str, list[str]]:
-    """A real Zarr/Parquet store with random targets (no teacher runs) — same layout and bytes as a cached one.
-
-    ``teachers`` maps name -> (grid, dense_dim, summary_dim | None), the grid at the smallest partition;
-    ``px`` is the view size of one partition ``low`` or a mapping partition -> px (each partition's grid
-    scales with its size, as a teacher's does). Returns {shard: ok ids in array order}. Used by the ingest
-    benchmark and by tests of the reader and the training loop.
-    """
-    from radio_dist.phis import Moments, fit_phis
-    from radio_dist.store import array_key, image_key
-
-    partitions = {"low": px} if isinstance(px, int) else dict(px)
-    smallest = min(partitions.values())
-    grids = {t: {p: g * s // smallest for p, s in partitions.items()} for t, (g, _, _) in teachers.items()}
-    store = FeatureStore(url)
-    store.init_or_check(
-        partitions,
-        {t: {"fingerprint": f"fp-{t}", "family": "synthetic", "spec": {"name": t}} for t in teachers},
-    )
-    rng = np.random.default_rng(seed)
-    for t, (_, dim, sdim) in teachers.items():
-        phis = fit_phis(Moments.from_features(rng.standard_normal((max(400, 2 * dim), dim)) * 2 + 1))
-        outputs: dict[str, Any] = {}
-        for p in partitions:
-            outputs[p] = {"dense": [grids[t][p], grids[t][p], dim]}
-            if sdim:
-                outputs[p]["summary"] = [sdim]
-        store.save_phis(t, phis, 0.8 if sdim else None, outputs, fit_images=400)
-    out: dict[str, list[str]] = {}
-    k = 0
-    for s, n in enumerate(shard_rows):
-        ids = [f"img{k + i:07d}" for i in range(n)]
-        k += n
-        errs = set(ids[:errors_per_shard])
-        ok = [i for i in ids if i not in errs]
-        rows = [
-            {
-                "id": i,
-                "source": f"synthetic://{i}",
-                "view": "",
-                "status": "error" if i in errs else "ok",
-                "error": f"synthetic://{i}: broken" if i in errs else None,
-                "width": smallest,
-                "height": smallest,
-                "mode": "RGB",
-                "geometry": "{}",
-            }
-            for i in ids
-        ]
-        r = np.random.default_rng(seed * 1000 + s)
-        with store.shard_writer(ids) as w:
-            for p, s_px in partitions.items():
-                w.add_array(image_key(p), r.integers(0, 255, (len(ok), s_px, s_px, 3), dtype=np.uint8))
-                for t, (_, dim, sdim) in teachers.items():
-                    g = grids[t][p]
-                    dense = r.standard_normal((len(ok), g, g, dim), dtype=np.float32).astype(np.float16)
-                    w.add_array(array_key(t, p, "dense"), dense)
-                    if sdim:
-                        summary = r.standard_normal((len(ok), sdim), dtype=np.float32)
-                        w.add_array(array_key(t, p, "summary"), summary)
-            w.add_rows(rows)
-        assert w.result is not None
-        out[w.result.shard] = ok
-    return out
-
-
-DEMO_TEACHERS: dict[str, tuple[int, int, int | None]] = {
-    "effnet_lite0": (7, 1280, 1280),
-    "mobilenet_v2": (7, 1280, 1280),
-}
-
-
-def bench_ingest(
-    store_url: str | None = None,
-    images: int = 1024,
-    shard_size: int = 256,
-    batch_size: int = 32,
-    steps: int = 6,
-    students: list[Any] | None = None,
-    workdir: Path | None = None,
-    log: Callable[[str], None] = print,
-) -> dict[str, Any]:
-    """``_bench_ingest`` in a fresh process with the allocator settings every Ray worker of a local instance
-    gets (``ALLOCATOR_ENV``): the reader and the students run in Ray Train workers, and without them every
-    batch-sized allocation page-faults (the raw read ran at ~3.5k samples/s instead of ~13k, the reader's
-    figures moved by 2x between passes). Progress lines go to stderr from there."""
-    log("measuring in a fresh process with the training workers' allocator settings ...")
-    args = (store_url, images, shard_size, batch_size, steps, students, workdir)
-    return dict(in_fresh_process(dict(ALLOCATOR_ENV), _bench_ingest, *args))
-
-
-def _log_stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def _bench_ingest(
-    store_url: str | None,
-    images: int,
-    shard_size: int,
-    batch_size: int,
-    steps: int,
-    students: list[Any] | None,
-    workdir: Path | None,
-) -> dict[str, Any]:
-    """Store reader vs raw reads of the same bytes, and S students trained together vs one by one
-    (``bench_ingest``'s arguments; progress lines to stderr).
-
-    - ``ratio``: samples/s that ``ShardStream`` delivers to a consumer (as torch tensors) over a whole epoch,
-      divided by samples/s of reading the same shard files raw (fsspec ``cat`` + ``np.frombuffer``). Both read
-      warm (a first pass fills the page cache), so this isolates the reader's own overhead.
-    - ``multi_student_ratio``: wall time of ``steps`` steps training every student on each batch (one read per
-      step), divided by the sum over students of ``steps`` steps training that student alone (its own read per
-      step). ``multi_student_overhead``: the together time over the students' pure compute (no reading).
-    """
-    log = _log_stderr
-    import fsspec
-
-    from radio_dist.distill import StudentState, TrainConfig, _to_images, default_students, student_losses
-    from radio_dist.ingest import ReaderConfig, ShardStream, committed_shards, epoch_plan
-    from radio_dist.losses import ema_update
-    from radio_dist.students import TeacherHeadInfo
-
-    torch.set_num_threads(os.cpu_count() or 1)
-    tmp = tempfile.TemporaryDirectory(dir=workdir) if store_url is None else None
-    if store_url is None:
-        assert tmp is not None
-        store_url = str(Path(tmp.name) / "store")
-        n_shards = -(-images // shard_size)
-        log(f"writing a {images}-image store with random targets shaped like the demo teachers' ...")
-        write_random_store(
-            store_url, [min(shard_size, images - i * shard_size) for i in range(n_shards)], DEMO_TEACHERS, 224
-        )
-    store = FeatureStore(store_url)
-    meta = store.meta()
-    teachers = sorted(meta["teachers"])
-    partition = sorted(meta["partitions"])[0]
-    shards = committed_shards(store)
-    fs, root = fsspec.core.url_to_fs(store_url)
-    files = [
-        f for s in shards for f in fs.find(f"{root.rstrip('/')}/shards/{s.shard}") if "/c/" in f
-    ]  # chunks
-    rows = sum(len(s.ids) for s in shards)
-
-    def raw_pass() -> tuple[float, int]:
-        t0 = time.perf_counter()
-        nbytes = 0
-        for blob in fs.cat(files).values():
-            nbytes += np.frombuffer(blob, dtype=np.uint8).size
-        return time.perf_counter() - t0, nbytes
-
-    def reader_pass() -> float:
-        plan = epoch_plan(shards, 0, 0, 1, batch_size, 4)[0]
-        t0 = time.perf_counter()
-        n = 0
-        for b in ShardStream(store, plan, teachers, [partition], lambda s: partition, ReaderConfig()):
-            _ = torch.from_numpy(b.images), {t: torch.from_numpy(v) for t, v in b.dense.items()}
-            n += len(b)
-        assert n == rows
-        return time.perf_counter() - t0
-
-    raw_pass()  # warm the page cache for both
-    raw_s, nbytes = min(raw_pass() for _ in range(2))
-    reader_s = min(reader_pass() for _ in range(2))
-    res: dict[str, Any] = {
-        "rows": rows,
-        "bytes_per_sample": nbytes / rows,
-        "raw_samples_per_s": rows / raw_s,
-        "raw_mb_per_s": nbytes / raw_s / 1e6,
-        "reader_samples_per_s": rows / reader_s,
-        "ratio": raw_s / reader_s,
-    }
-    log(f"reader {res['reader_samples_per_s']:.0f} samples/s vs raw {res['raw_samples_per_s']:.0f} samples/s")
-
-    # -- S students together vs separately --------------------------------------------------------------------
-    specs = students or default_students()
-    outputs = meta["teachers"]
-    heads = {
-        t: TeacherHeadInfo(
-            summary_dim=(outputs[t]["outputs"][partition].get("summary") or [None])[-1],
-            dense_dim=outputs[t]["outputs"][partition]["dense"][-1],
-        )
-        for t in teachers
-    }
-    px = int(meta["partitions"][partition])
-    train = TrainConfig(batch_size=batch_size)
-    run = {"teachers": teachers, "dispersion": {t: outputs[t].get("summary_dispersion") for t in teachers}}
-    device = torch.device("cpu")
-    plan = epoch_plan(shards, 0, 0, 1, batch_size, 4)[0]
-
-    def train_steps(names: list[str], read: bool) -> tuple[float, float]:
-        states = {s.name: StudentState(s, heads, train, device) for s in specs if s.name in names}
-        stream = iter(ShardStream(store, plan, teachers, [partition], lambda s: partition, ReaderConfig()))
-        cached = next(stream)
-        compute = 0.0
-        t0 = time.perf_counter()
-        for step in range(steps + 1):  # step 0 warms up (allocations, first-call overheads); not timed
-            if step == 1:
-                t0, compute = time.perf_counter(), 0.0
-            batch = next(stream) if read and step else cached
-            c0 = time.perf_counter()
-            images = _to_images(batch, px, device)
-            for i, st in enumerate(states.values()):
-                st.opt.zero_grad(set_to_none=False)
-                rng = np.random.default_rng([step, i])
-                loss, _ = student_losses(st, images, batch, run, train, rng, train.damp_sigma, device)
-                loss.backward()
-                st.opt.step()
-                if st.ema is not None:
-                    ema_update(st.ema, st.model, train.ema_momentum)
-            compute += time.perf_counter() - c0
-        return time.perf_counter() - t0, compute
-
-    if plan.steps < steps + 2:
-        raise ValueError(f"the store has {rows} rows: too few for {steps + 2} steps of {batch_size}")
-    names = [s.name for s in specs]
-    together, together_compute = train_steps(names, read=True)
-    separate = {}
-    compute_only = {}
-    for n in names:
-        separate[n], _ = train_steps([n], read=True)
-        _, compute_only[n] = train_steps([n], read=False)
-    res.update(
-        {
-            "students": names,
-            "batch_size": batch_size,
-            "steps": steps,
-            "together_step_s": together / steps,
-            "separate_step_s": {n: v / steps for n, v in separate.items()},
-            "compute_step_s": {n: v / steps for n, v in compute_only.items()},
-            "multi_student_ratio": together / sum(separate.values()),
-            "multi_student_overhead": together / sum(compute_only.values()),
-        }
-    )
-    log(
-        f"{len(names)} students together {together / steps:.2f} s/step vs separately "
-        f"{sum(separate.values()) / steps:.2f} s/step (pure compute {sum(compute_only.values()) / steps:.2f})"
-    )
-    if tmp is not None:
-        tmp.cleanup()
-    return res

@@ -6,8 +6,7 @@ targets come from. Each student sees that view resized to every evaluation resol
 mapped back to teacher space with the store's PHI-S, is resampled to the teacher's grid and compared token by
 token (cosine, in PHI-S space and in teacher space), its summary by cosine. Two floors are scored alongside:
 an untrained student of the same spec, and the "mean predictor" (the store's average targets) — beating
-the latter is what shows a student learned something about each image. An untrained student of the same spec is scored alongside as the
-floor. A student that only works at the resolution it saw most (mode switching) shows up as a collapse of
+the latter is what shows a student learned something about each image. A student that only works at the resolution it saw most (mode switching) shows up as a collapse of
 fidelity at the other resolutions.
 """
 
@@ -23,10 +22,18 @@ from PIL import Image
 from pydantic import Field
 
 from radio_dist.config import StrictModel
-from radio_dist.sources import SourceConfig, canonical_view, decode_image, image_id, list_items, read_bytes
-from radio_dist.store import FeatureStore, StoreError, view_resample_of
-from radio_dist.students import LoadedStudent, StudentModel, TeacherHeadInfo, build_student, load_student
+from radio_dist.sources import (
+    SourceConfig,
+    canonical_view,
+    decode_image,
+    image_id,
+    list_items,
+    read_bytes,
+)
+from radio_dist.store import FeatureStore, StoreError
 from radio_dist.teacher import TeacherSpec, create_teacher
+from radio_dist.train.reader import committed_shards
+from radio_dist.train.students import LoadedStudent, StudentModel, TeacherHeadInfo, build_student, load_student
 
 
 class EvalConfig(StrictModel):
@@ -101,14 +108,14 @@ def evaluate(
 ) -> dict[str, Any]:
     """{"students": {name: {teacher: {res: {"dense_cos", "summary_cos"}}}}, "untrained": ..., ...}."""
     meta = store.meta()
-    partitions = {p: int(px) for p, px in meta["partitions"].items()}
+    partitions = {p: int(px) for p, px in meta.partitions.items()}
     resolutions = cfg.resolutions or sorted(
         {max(32, int(round(px * f / 32)) * 32) for px in partitions.values() for f in (0.5, 1.0, 1.5)}
     )
     # each resolution is scored against the partition whose cached size is closest to it
     part_of = {r: _nearest_partition(partitions, r) for r in resolutions}
     images = held_out_images(store, cfg.source, cfg.images)
-    resample = view_resample_of(meta)
+    resample = meta.view_resample
     teachers_used = sorted({t for s in students.values() for t in s.teacher_names})
     models = dict(students)
     floors = {name: untrained_like(s) for name, s in students.items()}
@@ -122,7 +129,7 @@ def evaluate(
         for t in teachers_used:
             if progress:
                 progress(f"teacher {t} at {p}={px}px on {len(views)} held-out images")
-            spec = TeacherSpec.model_validate(meta["teachers"][t]["spec"])
+            spec = TeacherSpec.model_validate(meta.teachers[t].spec)
             teacher = create_teacher(spec)
             mean = store_mean_targets(store, t, p)
             for i in range(0, len(views), cfg.batch_size):
@@ -165,8 +172,6 @@ def store_mean_targets(
     The "mean predictor" floor: a student that learned only the average target scores this, so fidelity
     above it is what the student learned about each image.
     """
-    from radio_dist.ingest import committed_shards
-
     dense_sum, summary_sum, n = None, None, 0
     for sh in committed_shards(store)[:max_shards]:
         d, smry = store.read_targets(sh.shard, teacher, partition)

@@ -22,6 +22,7 @@ tokens. Losses are computed in at least float32 whatever the input dtype (bf16 a
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -35,7 +36,7 @@ Shift = tuple[int, int]
 
 # -- stochastic resolutions ---------------------------------------------------------------------------------
 def sample_resolution(
-    rng: np.random.Generator, sets: dict[str, list[int]], weights: dict[str, float] | None = None
+    rng: np.random.Generator, sets: Mapping[str, Sequence[int]], weights: Mapping[str, float] | None = None
 ) -> tuple[str, int]:
     """Draw ``(partition, resolution)``: a partition by ``weights`` (equal by default), then a size uniformly.
 

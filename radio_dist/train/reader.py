@@ -201,18 +201,18 @@ class ShardStream:
         self.dtypes: dict[str, Any] = {}
         self.summary_keys: dict[tuple[str, str], bool] = {}
         for p in self.partitions:
-            px = int(meta["partitions"][p])
+            px = int(meta.partitions[p])
             self.shapes[image_key(p)] = (px, px, 3)
             self.dtypes[image_key(p)] = np.uint8
             for t in self.teachers:
-                outputs = meta["teachers"][t].get("outputs", {}).get(p)
+                outputs = meta.teachers[t].outputs.get(p)
                 if outputs is None:
                     raise StoreError(f"{store.url}: teacher {t!r} has no outputs for partition {p!r}")
-                self.shapes[array_key(t, p, "dense")] = tuple(outputs["dense"])
-                self.dtypes[array_key(t, p, "dense")] = np.dtype(meta.get("dense_dtype", "float16"))
-                self.summary_keys[(t, p)] = bool(outputs.get("summary"))
-                if outputs.get("summary"):
-                    self.shapes[array_key(t, p, "summary")] = tuple(outputs["summary"])
+                self.shapes[array_key(t, p, "dense")] = tuple(outputs.dense)
+                self.dtypes[array_key(t, p, "dense")] = np.dtype(meta.dense_dtype)
+                self.summary_keys[(t, p)] = bool(outputs.summary)
+                if outputs.summary:
+                    self.shapes[array_key(t, p, "summary")] = tuple(outputs.summary)
 
     def _names(self) -> list[str]:
         names = []

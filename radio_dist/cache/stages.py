@@ -1,0 +1,289 @@
+"""The caching pipeline's stages: what runs inside Ray Data tasks and actors, one batch at a time.
+
+1. ``IdStage`` (tasks): read each input once, hash its content -> stable image id; unreadable inputs become
+   error rows.
+2. ``DecodeStage`` (tasks): read + decode + one canonical square view per partition; bad input -> error row.
+3. ``TeacherStage`` (one actor pool per teacher): model loaded once per actor, inference mode; dense targets
+   PHI-S-normalized in the actor and cast to fp16, summaries kept raw.
+4. ``WriteStage`` (tasks): ``shard_size`` rows -> one immutable Zarr shard + its manifest part (the commit).
+
+``NormalizeStage`` and ``moments_stage`` serve the one-time PHI-S fit sample. A teacher actor imports this
+module, the store, the sources and the teacher registry: nothing of training.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, cast
+
+import numpy as np
+import torch
+
+from radio_dist.sources import ImageError, SourceConfig, canonical_view, decode_image, image_id, read_bytes
+from radio_dist.phis import Moments, PhiS
+from radio_dist.store import FeatureStore, ShardWriter, StoreConfig, array_key, image_key
+from radio_dist.teacher import TeacherSpec, create_teacher
+
+
+def actor_threads(spec: TeacherSpec) -> int:
+    """torch threads of a teacher's actor: ``runtime.threads``, default its Ray CPUs (at least one)."""
+    return spec.runtime.threads or max(1, round(spec.runtime.num_cpus))
+
+
+def teacher_partitions(spec: TeacherSpec, partitions: dict[str, int]) -> list[str]:
+    """The partitions a teacher runs on (its ``only_partitions``, in the job's order)."""
+    return [p for p in partitions if spec.only_partitions is None or p in spec.only_partitions]
+
+
+def teacher_device(spec: TeacherSpec) -> str:
+    """Where a teacher's actor runs it: CUDA only with ``runtime.num_gpus > 0`` and a GPU visible."""
+    return "cuda" if spec.runtime.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
+def column(kind: str, *parts: str) -> str:
+    """A pipeline column: ``img__P``, ``dense__T__P``, ``summary__T__P``, ``fwin__T__P``, ``fwimg__T`` ..."""
+    return "__".join((kind, *parts))
+
+
+def unreadable_id(uri: str) -> str:
+    """Ids for inputs whose bytes cannot be read live in their own namespace (hash of the uri)."""
+    return "u" + image_id(uri.encode(), "unreadable")[1:]
+
+
+class IdStage:
+    def __init__(self, storage_options: dict[str, Any]) -> None:
+        self.storage_options = storage_options
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids, errors = [], []
+        for uri, view in zip(batch["uri"], batch["view"], strict=True):
+            try:
+                ids.append(image_id(read_bytes(str(uri), self.storage_options), str(view)))
+                errors.append("")
+            except ImageError as e:
+                ids.append(unreadable_id(str(uri)))
+                errors.append(str(e))
+            except Exception as e:  # a reader bug must not kill the run: record it on the row
+                ids.append(unreadable_id(str(uri)))
+                errors.append(f"{uri}: unexpected {type(e).__name__} while reading: {e}")
+        return {"uri": batch["uri"], "view": batch["view"], "id": np.array(ids), "error": np.array(errors)}
+
+
+class DecodeStage:
+    def __init__(self, source: SourceConfig, partitions: dict[str, int]) -> None:
+        self.source = source
+        self.partitions = partitions
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        n = len(batch["id"])
+        out: dict[str, Any] = {k: batch[k] for k in ("id", "uri", "view")}
+        status, error, width, height, mode, geometry = [], [], [], [], [], []
+        images = {p: np.zeros((n, s, s, 3), np.uint8) for p, s in self.partitions.items()}
+        for i in range(n):
+            uri, view, iid, err = (
+                str(batch["uri"][i]),
+                str(batch["view"][i]),
+                str(batch["id"][i]),
+                str(batch["error"][i]),
+            )
+            w = h = 0
+            m = ""
+            geo: dict[str, Any] = {}
+            if not err:
+                try:
+                    data = read_bytes(uri, self.source.storage_options)
+                    if image_id(data, view) != iid:
+                        raise ImageError(
+                            f"{uri}: content changed while caching (id mismatch); re-run the job"
+                        )
+                    img = decode_image(
+                        data,
+                        uri,
+                        self.source.min_side,
+                        self.source.max_pixels,
+                        draft_for=(view, max(self.partitions.values())),
+                    )
+                    w, h, m = img.width, img.height, img.mode
+                    for p, size in self.partitions.items():
+                        images[p][i], geo[p] = canonical_view(
+                            img.image, size, view, self.source.resample, img.original_size
+                        )
+                except ImageError as e:
+                    err = str(e)
+                except Exception as e:  # a decoder bug must not kill the run: record it on the row
+                    err = f"{uri}: unexpected {type(e).__name__} while decoding: {e}"
+            status.append("error" if err else "ok")
+            error.append(err)
+            width.append(w)
+            height.append(h)
+            mode.append(m)
+            geometry.append(json.dumps(geo))
+        out.update(
+            status=np.array(status),
+            error=np.array(error),
+            width=np.array(width, np.int32),
+            height=np.array(height, np.int32),
+            mode=np.array(mode),
+            geometry=np.array(geometry),
+        )
+        for p in self.partitions:
+            out[column("img", p)] = images[p]
+        return out
+
+
+def phis_targets(phis: PhiS, dense: torch.Tensor) -> torch.Tensor:
+    """Raw teacher features -> stored targets: PHI-S space, clamped to the fp16 range, fp16."""
+    return cast(torch.Tensor, phis.forward(dense)).clamp_(-65000, 65000).half()
+
+
+class TeacherStage:
+    """Actor UDF: one teacher, loaded once; adds its dense (+ summary) columns for every partition."""
+
+    def __init__(self, spec: TeacherSpec, partitions: dict[str, int], store: StoreConfig | None) -> None:
+        """``store`` given: normalize with the store's PHI-S (read here, not shipped through Ray)."""
+        self.threads = actor_threads(spec)
+        torch.set_num_threads(self.threads)
+        self.teacher = create_teacher(spec, teacher_device(spec))
+        self.spec = spec
+        self.partitions = teacher_partitions(spec, partitions)
+        self.sizes = partitions
+        self.phis = FeatureStore.from_config(store).phis(spec.name) if store is not None else None
+        # Output shapes per partition from one probe forward (not counted), so an all-error batch still
+        # yields columns of the right shape and dtype.
+        self.shapes: dict[str, tuple[tuple[int, ...], int | None]] = {}
+        for p in self.partitions:
+            s = self.sizes[p]
+            out = self.teacher(
+                np.zeros((1, s, s, 3), np.uint8), resolution=self.teacher.input_resolution(p, s)
+            )
+            self.shapes[p] = (
+                tuple(out.dense.shape[1:]),
+                None if out.summary is None else out.summary.shape[1],
+            )
+        self.teacher.forward_images = self.teacher.forward_calls = self.teacher.model_inputs = 0
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        # Ray Data may call the UDF from another thread than __init__; OpenMP's thread count is per thread,
+        # so without this the forward ran with one OpenMP thread per core in every actor (oversubscribed).
+        torch.set_num_threads(self.threads)
+        ok = np.asarray(batch["status"]) == "ok"
+        n = len(ok)
+        name = self.spec.name
+        before_i, before_c = self.teacher.forward_images, self.teacher.forward_calls
+        dtype = np.float16 if self.phis is not None else np.float32
+        for p in self.partitions:
+            dshape, sdim = self.shapes[p]
+            dense_out = np.zeros((n, *dshape), dtype)
+            summ_out = np.zeros((n, sdim), np.float32) if sdim is not None else None
+            inputs_before = self.teacher.model_inputs
+            if ok.any():
+                res = self.teacher.input_resolution(p, self.sizes[p])
+                out = self.teacher(np.asarray(batch[column("img", p)])[ok], resolution=res)
+                dense = out.dense
+                dense_out[ok] = (
+                    (phis_targets(self.phis, dense) if self.phis is not None else dense).cpu().numpy()
+                )
+                if summ_out is not None and out.summary is not None:
+                    summ_out[ok] = out.summary.cpu().numpy()
+            batch[column("dense", name, p)] = dense_out
+            if summ_out is not None:
+                batch[column("summary", name, p)] = summ_out
+            fw_inputs = np.zeros(n, np.int64)
+            fw_inputs[0] = self.teacher.model_inputs - inputs_before
+            batch[column("fwin", name, p)] = fw_inputs
+        fw_img = np.zeros(n, np.int64)
+        fw_calls = np.zeros(n, np.int64)
+        fw_img[0] = self.teacher.forward_images - before_i
+        fw_calls[0] = self.teacher.forward_calls - before_c
+        batch[column("fwimg", name)] = fw_img
+        batch[column("fwcalls", name)] = fw_calls
+        return batch
+
+
+class NormalizeStage:
+    """PHI-S-normalize raw dense columns (only used for the fit sample, which ran unnormalized)."""
+
+    def __init__(self, phis: dict[str, PhiS]) -> None:
+        self.phis = phis
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        for key in list(batch):
+            if key.startswith("dense__"):
+                teacher = key.split("__")[1]
+                raw = torch.from_numpy(np.array(batch[key], np.float32))
+                batch[key] = phis_targets(self.phis[teacher], raw).numpy()
+        return batch
+
+
+def moments_stage(batch: dict[str, Any]) -> dict[str, Any]:
+    """Per-batch float64 moments of every teacher's raw dense features (all partitions pooled)."""
+    ok = np.asarray(batch["status"]) == "ok"
+    out: dict[str, Any] = {}
+    per_teacher: dict[str, Moments] = {}
+    for key in batch:
+        if key.startswith("dense__"):
+            teacher = key.split("__")[1]
+            dense = np.asarray(batch[key])
+            # an all-error batch still reports (empty) moments so every batch has the same columns
+            m = Moments.from_features(dense[ok]) if ok.any() else Moments.empty(dense.shape[-1])
+            per_teacher[teacher] = per_teacher[teacher].merge(m) if teacher in per_teacher else m
+    for teacher, m in per_teacher.items():
+        for k, v in m.to_arrays().items():
+            out[f"{teacher}__{k}"] = np.asarray(v)[None]
+    return out
+
+
+class WriteStage:
+    """Task UDF: a batch of ``shard_size`` rows becomes one committed shard; returns one stats row."""
+
+    def __init__(self, store: StoreConfig, teachers: list[str], partitions: list[str]) -> None:
+        self.store = FeatureStore.from_config(store)
+        self.chunk_bytes = store.chunk_bytes
+        self.teachers = teachers
+        self.partitions = partitions
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        status = np.asarray(batch["status"])
+        ok = status == "ok"
+        rows = [
+            {
+                "id": str(batch["id"][i]),
+                "source": str(batch["uri"][i]),
+                "view": str(batch["view"][i]),
+                "status": str(status[i]),
+                "error": str(batch["error"][i]) or None,
+                "width": int(batch["width"][i]),
+                "height": int(batch["height"][i]),
+                "mode": str(batch["mode"][i]),
+                "geometry": str(batch["geometry"][i]),
+            }
+            for i in range(len(status))
+        ]
+        with ShardWriter(self.store, [str(r["id"]) for r in rows], self.chunk_bytes) as w:
+            if ok.any():
+                for p in self.partitions:
+                    w.add_array(image_key(p), np.asarray(batch[column("img", p)])[ok])
+                for t in self.teachers:
+                    for p in self.partitions:
+                        for kind in ("dense", "summary"):
+                            col = column(kind, t, p)
+                            if col in batch:
+                                w.add_array(array_key(t, p, kind), np.asarray(batch[col])[ok])
+            w.add_rows(rows)
+        res = w.result
+        assert res is not None
+        stats: dict[str, Any] = {
+            "shard": np.array([res.shard]),
+            "n_ok": np.array([res.n_ok]),
+            "n_error": np.array([res.n_error]),
+            "nbytes": np.array([res.nbytes]),
+            "skipped": np.array([res.skipped]),
+            "errors": np.array([json.dumps([(r["source"], r["error"]) for r in rows if r["error"]][:5])]),
+        }
+        for t in self.teachers:
+            stats[column("fwimg", t)] = np.array([int(np.asarray(batch[column("fwimg", t)]).sum())])
+            stats[column("fwcalls", t)] = np.array([int(np.asarray(batch[column("fwcalls", t)]).sum())])
+            for p in self.partitions:  # only the partitions this teacher runs on have the column
+                if column("fwin", t, p) in batch:
+                    stats[column("fwin", t, p)] = np.array([int(np.asarray(batch[column("fwin", t, p)]).sum())])
+        return stats

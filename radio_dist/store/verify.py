@@ -1,0 +1,141 @@
+"""`radio-dist store info` and `store verify`: what a store holds, and whether it is whole."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from radio_dist.store.chunks import array_names, member
+from radio_dist.store.feature_store import FeatureStore
+from radio_dist.store.manifest import MANIFEST_SCHEMA, array_key, image_key, shard_of_part
+
+
+def store_info(store: FeatureStore) -> dict[str, Any]:
+    """Summary for `radio-dist store info`: rows, teachers, shapes, bytes per image."""
+    meta = store.meta()
+    man = store.manifest(columns=["id", "status", "shard"])
+    status = man.column("status").to_pylist()
+    n_ok = sum(s == "ok" for s in status)
+    shard_bytes = store.nbytes("shards")
+    teachers = {}
+    for name, t in meta.teachers.items():
+        teachers[name] = {
+            "family": t.family,
+            "fingerprint": t.fingerprint,
+            "outputs": {p: o.model_dump() for p, o in t.outputs.items()},
+            "phis_rotation": t.phis.rotation if t.phis else None,
+            "phis_alpha": t.phis.alpha if t.phis else None,
+            "summary_dispersion": t.summary_dispersion,
+        }
+    return {
+        "url": store.url,
+        "format": meta.format,
+        "partitions": meta.partitions,
+        "view_resample": meta.view_resample,
+        "rows": len(status),
+        "rows_ok": n_ok,
+        "rows_error": len(status) - n_ok,
+        "shards": len(set(man.column("shard").to_pylist())),
+        "orphan_shards": len(store.orphan_shards()),
+        "teachers": teachers,
+        "bytes_shards": shard_bytes,
+        "bytes_total": store.nbytes(),
+        "bytes_per_image": (shard_bytes / n_ok) if n_ok else 0.0,
+    }
+
+
+def verify_store(store: FeatureStore, check_data: bool = True) -> dict[str, Any]:
+    """Check counts, uniqueness, shapes, checksums and PHI-S files; ``ok`` is False on any problem."""
+    problems: list[str] = []
+    notes: list[str] = []
+    meta = store.meta()
+    for name, t in meta.teachers.items():
+        info = t.phis
+        if info is None:
+            problems.append(f"teacher {name!r}: no PHI-S parameters recorded")
+            continue
+        try:
+            blob = store.get(info.file)
+        except FileNotFoundError:
+            problems.append(f"teacher {name!r}: PHI-S file {info.file} is missing")
+            continue
+        if hashlib.sha256(blob).hexdigest() != info.sha256:
+            problems.append(f"teacher {name!r}: PHI-S file {info.file} checksum mismatch")
+    expected: dict[str, tuple[int, ...]] = {}
+    for p, size in meta.partitions.items():
+        expected[image_key(p)] = (size, size, 3)
+    for name, t in meta.teachers.items():
+        for p, shapes in t.outputs.items():
+            expected[array_key(name, p, "dense")] = tuple(shapes.dense)
+            if shapes.summary:
+                expected[array_key(name, p, "summary")] = tuple(shapes.summary)
+    seen: dict[str, str] = {}
+    n_rows = checked = 0
+    parts = store.manifest_parts()
+    for part in parts:
+        shard = shard_of_part(part)
+        try:
+            table = pq.read_table(io.BytesIO(store.fs.cat_file(part)))
+        except Exception as e:  # a corrupt commit record is itself the finding
+            problems.append(f"manifest part {part}: unreadable ({e})")
+            continue
+        if not MANIFEST_SCHEMA.equals(table.schema, check_metadata=False):
+            problems.append(f"manifest part {part}: unexpected schema")
+            continue
+        rows = table.to_pylist()
+        n_rows += len(rows)
+        for r in rows:
+            if r["shard"] != shard:
+                problems.append(f"row {r['id']}: shard {r['shard']} recorded in part of shard {shard}")
+            if r["id"] in seen:
+                problems.append(f"image id {r['id']} committed twice (shards {seen[r['id']]} and {shard})")
+            seen[r["id"]] = shard
+        ok_rows = [r for r in rows if r["status"] == "ok"]
+        if not ok_rows:
+            continue
+        try:
+            group = store.open_shard(shard)
+            names = set(array_names(group))
+        except Exception as e:
+            problems.append(f"shard {shard}: committed but unreadable ({e})")
+            continue
+        missing = set(expected) - names
+        if missing:
+            problems.append(f"shard {shard}: missing arrays {sorted(missing)}")
+            continue
+        arrays = {}
+        for k in sorted(names):
+            arr = member(group, k)
+            if arr.shape[0] != len(ok_rows):
+                problems.append(
+                    f"shard {shard}: {k} has {arr.shape[0]} rows, manifest has {len(ok_rows)} ok rows"
+                )
+            if k in expected and tuple(arr.shape[1:]) != expected[k]:
+                problems.append(f"shard {shard}: {k} shape {arr.shape[1:]} != {expected[k]} in store.json")
+            if check_data:
+                arrays[k] = np.asarray(arr[...])
+        if check_data and all(a.shape[0] == len(ok_rows) for a in arrays.values()):
+            for r in ok_rows:
+                if row_checksum(arrays, r["index"]) != r["checksum"]:
+                    problems.append(
+                        f"shard {shard}: checksum mismatch for image {r['id']} (row {r['index']})"
+                    )
+                checked += 1
+    orphans = store.orphan_shards()
+    if orphans:
+        notes.append(
+            f"{len(orphans)} uncommitted shard dir(s) from interrupted writes (invisible to readers)"
+        )
+    return {
+        "ok": not problems,
+        "problems": problems,
+        "notes": notes,
+        "rows": n_rows,
+        "unique_ids": len(seen),
+        "shards": len(parts),
+        "rows_checksummed": checked,
+    }

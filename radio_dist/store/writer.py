@@ -1,0 +1,154 @@
+"""Writing one shard whole and committing it: data first, made durable, then its manifest part.
+
+Locally the shard's Zarr group is written through Zarr's LocalStore and fsynced before the commit; on object
+stores every object is one PUT of its whole bytes, and the manifest part is PUT only once every data PUT has
+succeeded. On an exception nothing is committed; an orphaned directory may remain and is ignored by readers.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+
+from radio_dist.store.chunks import consolidate, fill_group
+from radio_dist.store.feature_store import FeatureStore
+from radio_dist.store.manifest import MANIFEST_SCHEMA, ROW_FIELDS, row_checksum, shard_id_for
+
+
+@dataclass
+class ShardResult:
+    shard: str
+    n_ok: int
+    n_error: int
+    nbytes: int
+    skipped: bool = False  # already committed (a retried task): nothing was written
+
+
+
+class ShardWriter:
+    """Context manager that writes one shard whole and commits it on a clean exit.
+
+    Usage::
+
+        with ShardWriter(store, ids) as w:
+            w.add_array("images/low", imgs)           # ok rows only, in ok-row order
+            w.add_rows(rows)                          # every row (ok and error), manifest fields
+    On an exception nothing is committed; an orphaned directory may remain and is ignored by readers.
+    """
+
+    def __init__(self, store: FeatureStore, ids: Iterable[str], chunk_bytes: int = 1 << 20) -> None:
+        self.store = store
+        self.shard = shard_id_for(ids)  # the same ids give the same shard: a retried write is recognised
+        self.chunk_bytes = chunk_bytes
+        self.arrays: dict[str, np.ndarray] = {}
+        self.rows: list[dict[str, Any]] = []
+        self.result: ShardResult | None = None
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def add_array(self, name: str, arr: np.ndarray) -> None:
+        if name in self.arrays:
+            raise ValueError(f"shard {self.shard}: array {name!r} added twice")
+        self.arrays[name] = np.ascontiguousarray(arr)
+
+    def add_rows(self, rows: list[dict[str, Any]]) -> None:
+        self.rows.extend(rows)
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.result = self.commit()
+
+    def commit(self) -> ShardResult:
+        ok = [r for r in self.rows if r["status"] == "ok"]
+        n_err = len(self.rows) - len(ok)
+        for name, arr in self.arrays.items():
+            if arr.shape[0] != len(ok):
+                raise ValueError(
+                    f"shard {self.shard}: array {name!r} has {arr.shape[0]} rows, {len(ok)} ok rows"
+                )
+        ids = [r["id"] for r in self.rows]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"shard {self.shard}: duplicate image ids in one shard")
+        if self.store.is_committed(self.shard):  # a retried task: the first attempt already committed
+            return ShardResult(self.shard, len(ok), n_err, 0, skipped=True)
+        nbytes = write_shard_data(self.store, self.shard, self.arrays, self.chunk_bytes) if ok else 0
+        now = time.time()
+        table_rows = []
+        ok_i = 0
+        for r in self.rows:
+            is_ok = r["status"] == "ok"
+            table_rows.append(
+                {
+                    **{k: r.get(k) for k in ROW_FIELDS},
+                    "error": r.get("error") or None,
+                    "shard": self.shard,
+                    "index": ok_i if is_ok else -1,
+                    "checksum": row_checksum(self.arrays, ok_i) if is_ok else "",
+                    "committed_at": now,
+                }
+            )
+            ok_i += int(is_ok)
+        table = pa.Table.from_pylist(table_rows, schema=MANIFEST_SCHEMA)
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        self.store.put_atomic(f"manifest/{self.shard}.parquet", buf.getvalue())  # the commit
+        return ShardResult(self.shard, len(ok), n_err, nbytes + buf.tell())
+
+
+def write_shard_data(store: FeatureStore, shard: str, arrays: dict[str, np.ndarray], chunk_bytes: int) -> int:
+    """Write a shard's Zarr group whole and make it durable (before any commit); returns data bytes.
+
+    Locally through Zarr's LocalStore, then fsync. On object stores each array is encoded in memory and
+    its chunks uploaded together (one PUT per object), then the metadata documents; objects left under
+    the shard's prefix by an earlier, interrupted attempt at the same shard are removed.
+    """
+    if store.is_local:
+        local = zarr.storage.LocalStore(store.path("shards", shard))
+        fill_group(zarr.open_group(local, mode="w", zarr_format=3), arrays, chunk_bytes, None)
+        consolidate(local)
+        fsync_tree(store.path("shards", shard))
+        return sum(a.nbytes for a in arrays.values())
+    prefix = store.path("shards", shard)
+    stale = set(store.fs.find(store.fresh(prefix)))
+    objects: dict[str, Any] = {}  # zarr key -> Buffer
+
+    def upload(keys: list[str]) -> None:  # concurrent PUTs, each retried by s3fs/botocore
+        store.fs.pipe({f"{prefix}/{k}": objects.pop(k).to_bytes() for k in keys})
+        stale.difference_update(f"{prefix}/{k}" for k in keys)
+
+    def upload_chunks(name: str) -> None:  # as each array is done: one array's bytes in memory at a time
+        upload([k for k in objects if k.startswith(f"{name}/c/")])
+
+    mem = zarr.storage.MemoryStore(store_dict=objects)
+    fill_group(zarr.open_group(mem, mode="w", zarr_format=3), arrays, chunk_bytes, upload_chunks)
+    consolidate(mem)
+    upload(list(objects))
+    if stale:
+        store.fs.rm(sorted(stale))
+    return sum(a.nbytes for a in arrays.values())
+
+
+def fsync_tree(path: str) -> None:
+    """Make a local shard durable before its commit record is written."""
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(dirpath, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -1,0 +1,107 @@
+"""Helpers that build real stores without running a teacher, for tests and benchmarks (as ``zarr.testing``).
+
+``write_random_store`` writes a real Zarr/Parquet store (the same layout, records and bytes as a cached one)
+with random targets; ``write_synthetic_store`` is the small-store shorthand the test suite uses;
+``DEMO_TEACHERS`` are the shapes of the demo's two teachers (``radio-dist bench ingest``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from radio_dist.phis import Moments, fit_phis
+from radio_dist.store import FeatureStore, OutputShapes, ShardWriter, TeacherRecord, array_key, image_key
+
+DEMO_TEACHERS: dict[str, tuple[int, int, int | None]] = {
+    "effnet_lite0": (7, 1280, 1280),
+    "mobilenet_v2": (7, 1280, 1280),
+}
+
+
+def write_random_store(
+    url: str,
+    shard_rows: list[int],
+    teachers: dict[str, tuple[int, int, int | None]],
+    px: int | dict[str, int],
+    errors_per_shard: int = 0,
+    seed: int = 7,
+) -> dict[str, list[str]]:
+    """A real Zarr/Parquet store with random targets (no teacher runs) — same layout and bytes as a cached one.
+
+    ``teachers`` maps name -> (grid, dense_dim, summary_dim | None), the grid at the smallest partition;
+    ``px`` is the view size of one partition ``low`` or a mapping partition -> px (each partition's grid
+    scales with its size, as a teacher's does). Returns {shard: ok ids in array order}.
+    """
+    partitions = {"low": px} if isinstance(px, int) else dict(px)
+    smallest = min(partitions.values())
+    grids = {t: {p: g * s // smallest for p, s in partitions.items()} for t, (g, _, _) in teachers.items()}
+    store = FeatureStore(url)
+    store.init_or_check(
+        partitions,
+        {t: TeacherRecord(fingerprint=f"fp-{t}", family="synthetic", spec={"name": t}) for t in teachers},
+    )
+    rng = np.random.default_rng(seed)
+    for t, (_, dim, sdim) in teachers.items():
+        phis = fit_phis(Moments.from_features(rng.standard_normal((max(400, 2 * dim), dim)) * 2 + 1))
+        outputs = {
+            p: OutputShapes(dense=[grids[t][p], grids[t][p], dim], summary=[sdim] if sdim else None)
+            for p in partitions
+        }
+        store.save_phis(t, phis, 0.8 if sdim else None, outputs, fit_images=400)
+    out: dict[str, list[str]] = {}
+    k = 0
+    for s, n in enumerate(shard_rows):
+        ids = [f"img{k + i:07d}" for i in range(n)]
+        k += n
+        errs = set(ids[:errors_per_shard])
+        ok = [i for i in ids if i not in errs]
+        rows = [
+            {
+                "id": i,
+                "source": f"synthetic://{i}",
+                "view": "",
+                "status": "error" if i in errs else "ok",
+                "error": f"synthetic://{i}: broken" if i in errs else None,
+                "width": smallest,
+                "height": smallest,
+                "mode": "RGB",
+                "geometry": "{}",
+            }
+            for i in ids
+        ]
+        r = np.random.default_rng(seed * 1000 + s)
+        with ShardWriter(store, ids) as w:
+            for p, s_px in partitions.items():
+                w.add_array(image_key(p), r.integers(0, 255, (len(ok), s_px, s_px, 3), dtype=np.uint8))
+                for t, (_, dim, sdim) in teachers.items():
+                    g = grids[t][p]
+                    dense = r.standard_normal((len(ok), g, g, dim), dtype=np.float32).astype(np.float16)
+                    w.add_array(array_key(t, p, "dense"), dense)
+                    if sdim:
+                        summary = r.standard_normal((len(ok), sdim), dtype=np.float32)
+                        w.add_array(array_key(t, p, "summary"), summary)
+            w.add_rows(rows)
+        assert w.result is not None
+        out[w.result.shard] = ok
+    return out
+
+
+DEMO_TEACHERS: dict[str, tuple[int, int, int | None]] = {
+    "effnet_lite0": (7, 1280, 1280),
+    "mobilenet_v2": (7, 1280, 1280),
+}
+
+
+def write_synthetic_store(
+    url: str,
+    shard_rows: list[int],
+    teachers: tuple[str, ...] = ("t1", "t2"),
+    px: int | dict[str, int] = 32,
+    grid: int = 2,
+    dim: int = 8,
+    errors_per_shard: int = 0,
+) -> dict[str, list[str]]:
+    """A small store for reader and training-loop tests: ``teachers`` with ``grid`` x ``grid`` x ``dim`` dense
+    targets and ``dim`` summaries at the smallest partition. ``px``: the view size of one partition ``low``,
+    or partition -> px."""
+    return write_random_store(url, shard_rows, {t: (grid, dim, dim) for t in teachers}, px, errors_per_shard)

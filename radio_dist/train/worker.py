@@ -1,0 +1,189 @@
+"""The Ray Train worker scaffold that every radio-dist training job runs in (distillation, FeatSharp).
+
+A job's ``train_loop_per_worker`` opens a ``TrainWorker`` and keeps only its own step::
+
+    worker = TrainWorker.start(cfg.scaling, cfg.train.threads, RunDir(cfg.out, ...), cfg.debug)
+    restored = worker.restore()                    # None on a fresh start, else .meta and .states
+    while ...:
+        ...one step...
+        worker.log(line)                           # OUT/metrics.jsonl, written by rank 0
+        worker.after_step(done)                    # fault injection: SIGKILL once at debug.kill_at_step
+        worker.checkpoint(metrics, meta, states)   # every rank calls it: Ray Train's report is a barrier
+        worker.after_checkpoint(done)              # fault injection: stop once after debug.stop_after_step
+    worker.close()
+
+A checkpoint is a directory of named state dicts (``NAME.pt``, written by rank 0) and the job's metadata
+(``state.json``); it is restored with ``torch.load(weights_only=True)``: a checkpoint on shared storage never
+runs code. The logs a job opens through ``open_log`` are synced at every checkpoint, so an object store holds
+exactly what the last checkpoint covers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import Field
+
+from radio_dist.config import StrictModel
+from radio_dist.train.rundir import RunDir, RunLog
+
+STATE_FILE = "state.json"
+
+
+class ScalingSettings(StrictModel):
+    """How many Ray Train workers and what each gets; only values change between laptop and cluster."""
+
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel).")
+    use_gpu: bool = Field(False, description="One GPU per worker.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
+    max_failures: int = Field(2, ge=-1, description="Worker failures recovered from the last checkpoint.")
+
+    def demand(self) -> dict[str, float]:
+        """Ray resources the job's workers hold for the whole run: ``{"CPU": .., "GPU": ..}``."""
+        return {
+            "CPU": self.num_workers * self.cpus_per_worker,
+            "GPU": float(self.num_workers) if self.use_gpu else 0.0,
+        }
+
+
+class DebugSettings(StrictModel):
+    """Fault injection for the tests that prove nothing is lost or duplicated."""
+
+    kill_at_step: int | None = Field(None, ge=0, description="SIGKILL one worker at this global step, once.")
+    kill_rank: int = Field(0, ge=0, description="Which worker kill_at_step kills.")
+    stop_after_step: int | None = Field(
+        None,
+        ge=0,
+        description="Raise after this global step (simulates a job that stops and is re-launched).",
+    )
+
+
+@dataclass(frozen=True)
+class WorkerContext:
+    """Where this worker runs: its rank among ``world`` workers and its torch device."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def distributed(self) -> bool:
+        """True when the workers share a torch process group (more than one worker)."""
+        import torch.distributed as dist
+
+        return self.world > 1 and dist.is_available() and dist.is_initialized()
+
+
+def worker_context(scaling: ScalingSettings, threads: int | None = None) -> WorkerContext:
+    """This Ray Train worker's context; sets torch's threads (``threads``, default: the worker's CPUs)."""
+    import ray.train
+
+    ctx = ray.train.get_context()
+    device = torch.device("cuda") if scaling.use_gpu and torch.cuda.is_available() else torch.device("cpu")
+    torch.set_num_threads(threads or max(1, int(scaling.cpus_per_worker)))
+    return WorkerContext(ctx.get_world_rank(), ctx.get_world_size(), device)
+
+
+@dataclass
+class Restored:
+    """What ``TrainWorker.restore`` found: the job's metadata and its named state dicts (on the device)."""
+
+    meta: dict[str, Any]
+    states: dict[str, Any]
+
+
+class TrainWorker:
+    """One Ray Train worker of a job: context, run directory, metrics log, checkpoints, fault injection."""
+
+    def __init__(self, ctx: WorkerContext, out: RunDir, debug: DebugSettings) -> None:
+        self.ctx, self.out, self.debug = ctx, out, debug
+        self.logs: list[RunLog] = []
+        self.metrics = self.open_log("metrics.jsonl") if ctx.rank == 0 else None
+
+    @classmethod
+    def start(
+        cls, scaling: ScalingSettings, threads: int | None, out: RunDir, debug: DebugSettings
+    ) -> TrainWorker:
+        return cls(worker_context(scaling, threads), out, debug)
+
+    @property
+    def rank(self) -> int:
+        return self.ctx.rank
+
+    @property
+    def device(self) -> torch.device:
+        return self.ctx.device
+
+    def open_log(self, rel: str) -> RunLog:
+        """A JSON-lines log in the run directory, synced at every checkpoint and closed by ``close``."""
+        log = RunLog(self.out, rel)
+        self.logs.append(log)
+        return log
+
+    def log(self, record: dict[str, Any]) -> None:
+        """One metrics line (rank 0 writes; the others' calls do nothing)."""
+        if self.metrics is not None:
+            self.metrics.write(record)
+
+    def restore(self) -> Restored | None:
+        """The checkpoint Ray Train resumes this attempt from, or None on a fresh start."""
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return None
+        with ckpt.as_directory() as d:
+            meta = json.loads((Path(d) / STATE_FILE).read_text())
+            states = {
+                p.stem: torch.load(p, map_location=self.device, weights_only=True)
+                for p in sorted(Path(d).glob("*.pt"))
+            }
+        return Restored(meta, states)
+
+    def checkpoint(self, metrics: dict[str, Any], meta: dict[str, Any], states: dict[str, Any]) -> None:
+        """Report ``metrics`` with a checkpoint of ``states`` (name -> state dict) and ``meta`` (JSON), both
+        written by rank 0. Every rank must call it at the same steps (Ray Train's report is a barrier)."""
+        import ray.train
+
+        for log in self.logs:
+            log.sync()
+        if self.rank != 0:
+            ray.train.report(metrics, checkpoint=None)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            for name, state in states.items():
+                torch.save(state, Path(d) / f"{name}.pt")
+            (Path(d) / STATE_FILE).write_text(json.dumps(meta))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+    def after_step(self, done: int) -> None:
+        """Fault injection: ``debug.kill_at_step`` SIGKILLs worker ``kill_rank`` once, after that step
+        (``done`` steps done), leaving a marker so the restarted attempt runs through."""
+        k = self.debug.kill_at_step
+        if k is not None and done == k + 1 and self.rank == self.debug.kill_rank:
+            marker = f"killed-{k}"
+            if not self.out.exists(marker):
+                self.out.touch(marker)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    def after_checkpoint(self, done: int) -> None:
+        """Fault injection: ``debug.stop_after_step`` raises on every worker once, after that step (a job that
+        stops and is launched again)."""
+        k = self.debug.stop_after_step
+        if k is not None and done == k + 1:
+            marker = f"stopped-{k}-rank{self.rank}"
+            if not self.out.exists(marker):
+                self.out.touch(marker)
+                raise RuntimeError(f"debug.stop_after_step: stopping after step {k}")
+
+    def close(self) -> None:
+        for log in self.logs:
+            log.close()
+        self.logs = []
