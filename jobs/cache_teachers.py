@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from radio_dist.config import load_model
 from radio_dist.cache.config import CacheJobConfig
 from radio_dist.cache.pipeline import run_cache
+from radio_dist.config import load_model
 
 
 def main(argv: list[str] | None = None) -> None:

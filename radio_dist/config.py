@@ -27,8 +27,9 @@ class ConfigError(ValueError):
     """A config file or override is invalid; the message names the input and the fix."""
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid config ({err.error_count()} problem(s)):"]
+def format_validation_error(err: ValidationError, source: str, what: str = "config") -> str:
+    """One line per problem, each naming the key (``a.b.c``), what is wrong and the value found."""
+    lines = [f"{source}: invalid {what} ({err.error_count()} problem(s)):"]
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "<root>"
         if e["type"] == "extra_forbidden":

@@ -139,7 +139,9 @@ class TeacherSpec(StrictModel):
         adaptations = registered_adaptations()
         if self.adaptation != NO_ADAPTATION and self.adaptation not in adaptations:
             known = ", ".join([NO_ADAPTATION, *sorted(adaptations)])
-            raise ValueError(f"teacher {self.name!r}: unknown adaptation {self.adaptation!r}; use one of {known}")
+            raise ValueError(
+                f"teacher {self.name!r}: unknown adaptation {self.adaptation!r}; use one of {known}"
+            )
         for entry in adaptations.values():
             if entry.name == self.adaptation:
                 entry.check(self)
@@ -369,7 +371,9 @@ def register_adaptation(
     taken = {k: e.name for e in _ADAPTATIONS.values() for k in e.options}
     for key in options:
         if key in taken:
-            raise ValueError(f"adaptation {name!r}: option {key!r} is already owned by adaptation {taken[key]!r}")
+            raise ValueError(
+                f"adaptation {name!r}: option {key!r} is already owned by adaptation {taken[key]!r}"
+            )
     entry = AdaptationEntry(name, description, tuple(options), check, wrap, identity)
     _ADAPTATIONS[name] = entry
     return entry

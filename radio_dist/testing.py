@@ -86,12 +86,6 @@ def write_random_store(
     return out
 
 
-DEMO_TEACHERS: dict[str, tuple[int, int, int | None]] = {
-    "effnet_lite0": (7, 1280, 1280),
-    "mobilenet_v2": (7, 1280, 1280),
-}
-
-
 def write_synthetic_store(
     url: str,
     shard_rows: list[int],

@@ -26,7 +26,7 @@ A job entry::
 The high partition (1152 px = 72x72 tokens) goes through FeatSharp, which works for any family: train it with
 ``radio-dist featsharp train`` (``jobs/configs/featsharp_sample.yaml``, ``deploy/kuberay/rayjob-featsharp.yaml``),
 then add ``adaptation: featsharp``, ``options: {featsharp: OUT/featsharp.safetensors}`` and
-``resolution: {low: 384, high: 1152}`` to the entry above (drop ``only_partitions``); see radio_dist/featsharp.py.
+``resolution: {low: 384, high: 1152}`` to the entry above (drop ``only_partitions``); see docs/featsharp.md.
 The preset ``siglip2_tiny`` is a random-init 2-block, 64-d config of the same architecture for tests.
 """
 

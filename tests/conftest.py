@@ -35,9 +35,9 @@ S3_BUCKET = "radio-dist-test"
 def ray_local():
     import ray
 
-    from radio_dist.teacher import ALLOCATOR_ENV
+    from radio_dist.ray_setup import ALLOCATOR_ENV
 
-    # the workers' environment of a local instance radio-dist starts itself (pipeline.local_ray_options)
+    # the workers' environment of a local instance radio-dist starts itself (ray_setup.local_ray_options)
     ray.init(
         num_cpus=2,
         include_dashboard=False,

@@ -116,20 +116,3 @@ def make_bad_inputs(folder: Path, max_pixels: int = FIXTURE_MAX_PIXELS) -> dict[
     write("empty.jpg", b"")
     write("notes.txt", b"not an image: a stray text file that landed in the image folder\n")
     return status
-
-
-def write_synthetic_store(
-    url: str,
-    shard_rows: list[int],
-    teachers: tuple[str, ...] = ("t1", "t2"),
-    px: int | dict[str, int] = 32,
-    grid: int = 2,
-    dim: int = 8,
-    errors_per_shard: int = 0,
-) -> dict[str, list[str]]:
-    """A real Zarr/Parquet store with random targets (no teachers run): for reader and training-loop tests.
-
-    ``px``: the view size of one partition ``low``, or partition -> px (``grid`` is the smallest one's)."""
-    from radio_dist.bench import write_random_store
-
-    return write_random_store(url, shard_rows, {t: (grid, dim, dim) for t in teachers}, px, errors_per_shard)

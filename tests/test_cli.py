@@ -11,9 +11,9 @@ import zarr
 from fixtures import write_good_photos
 from typer.testing import CliRunner
 
+from radio_dist.cache.config import CacheJobConfig
 from radio_dist.cli import app
 from radio_dist.config import ConfigError, load_model
-from radio_dist.pipeline import CacheJobConfig
 from radio_dist.store import FeatureStore, array_key
 
 runner = CliRunner()
@@ -25,6 +25,11 @@ def test_teachers_list():
     assert res.exit_code == 0, res.output
     rows = {r["family"]: r for r in json.loads(res.stdout)}
     assert rows["efficientnet_lite0"]["preset"] == "effnet_lite0" and rows["timm"]["preset"] is None
+    # SAM3 implements the mosaic itself; FeatSharp wraps any family
+    assert rows["sam3"]["adaptations"] == ["featsharp", "mosaic"]
+    assert rows["mobilenet_v2"]["adaptations"] == ["featsharp"]
+    table = runner.invoke(app, ["teachers", "list"])
+    assert table.exit_code == 0 and "adaptation mosaic (options: mosaic_k)" in table.stdout
 
 
 def test_example_job_config_validates():
@@ -57,7 +62,8 @@ def test_store_commands_on_a_non_store(tmp_path):
 
 def test_overrides_start_from_the_defaults():
     """`--set a.b.c=v` on a key the file leaves out adds to the default instead of replacing it."""
-    from radio_dist.cli import build_cache_config, build_distill_config
+    from radio_dist.cli.cache import build_cache_config
+    from radio_dist.cli.train import build_distill_config
 
     cfg = build_cache_config(
         None, None, "s", None, None, None,
@@ -113,7 +119,7 @@ def test_cache_info_verify_from_a_folder(tmp_path, ray_local):
     # flip one stored value: verify must fail and say where
     fs = FeatureStore(store)
     shard = next(r["shard"] for r in fs.manifest().to_pylist() if r["status"] == "ok")
-    arr = zarr.open_array(fs._zarr_store(shard), path=array_key("mobilenet_v2", "low", "dense"), mode="r+")
+    arr = zarr.open_array(fs.zarr_store(shard), path=array_key("mobilenet_v2", "low", "dense"), mode="r+")
     arr[0, 0, 0, 0] = arr[0, 0, 0, 0] + 1
     res = runner.invoke(app, ["store", "verify", store])
     assert res.exit_code == 1 and f"shard {shard}: checksum mismatch" in res.output
@@ -141,7 +147,7 @@ def test_a_source_with_nothing_decodable_fails_clearly(tmp_path, ray_local):
 
 
 def test_example_distill_config_validates_and_bad_input_is_named(tmp_path):
-    from radio_dist.distill import DistillConfig
+    from radio_dist.train.config import DistillConfig
 
     cfg = load_model(DistillConfig, REPO / "jobs/configs/distill_sample.yaml")
     assert [s.name for s in cfg.students] == ["cradio", "vit_tiny", "convnext_atto"]

@@ -24,10 +24,11 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from pydantic import BaseModel
 
+from radio_dist.cache.config import CacheJobConfig
+from radio_dist.cache.resources import resource_demand
 from radio_dist.config import ConfigError, validate
-from radio_dist.distill import DistillConfig
-from radio_dist.featsharp import FeatSharpConfig
-from radio_dist.pipeline import CacheJobConfig
+from radio_dist.featsharp.train import FeatSharpConfig
+from radio_dist.train.config import DistillConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -215,15 +216,14 @@ def cpu_capacity(spec: dict[str, Any]) -> float:
 
 
 def demand(cfg: BaseModel) -> tuple[float, float]:
-    """(GPUs, CPUs) a job holds at once: teacher actor pools + decode/write tasks, or Ray Train workers."""
+    """(GPUs, CPUs) a job holds at its busiest, as the code computes it: teacher actor pools with every decode
+    task and a write task in flight, or the Ray Train workers."""
     if isinstance(cfg, CacheJobConfig):
-        gpus = sum(t.runtime.num_gpus * t.runtime.pool_size for t in cfg.teachers)
-        cpus = sum(t.runtime.num_cpus * t.runtime.pool_size for t in cfg.teachers)
-        cpus += cfg.pipeline.decode_tasks * cfg.pipeline.decode_num_cpus + cfg.pipeline.write_num_cpus
-        return gpus, cpus
+        need = resource_demand(cfg, all_tasks=True)
+        return need.gpus, need.cpus
     assert isinstance(cfg, DistillConfig | FeatSharpConfig)  # Ray Train jobs
-    n = cfg.scaling.num_workers
-    return (n if cfg.scaling.use_gpu else 0), n * cfg.scaling.cpus_per_worker
+    workers = cfg.scaling.demand()
+    return workers["GPU"], workers["CPU"]
 
 
 def check_fits(cfg: BaseModel, spec: dict[str, Any], where: str) -> None:
@@ -382,6 +382,9 @@ def test_config_mounted_on_every_pod():
 
 
 def test_cluster_launcher_yaml_passes_rays_own_validation():
+    # Private on purpose: these are the schema checks `ray up` runs before it contacts the cloud, and Ray has
+    # no public API for them (`ray up` itself needs cloud credentials). A Ray upgrade that moves them fails
+    # this import loudly, not silently.
     from ray.autoscaler._private.util import prepare_config, validate_config
 
     raw = load_docs(DEPLOY / "cluster.yaml")
@@ -442,6 +445,8 @@ def test_lock_covers_every_runtime_dependency():
 
 
 def test_runtime_env_parses_and_uploads_the_code_only():
+    # Private on purpose: the matcher Ray applies to `excludes` when it packs the working_dir; the public path
+    # to it is an upload to a running cluster. RuntimeEnv below is the public validation of the fields.
     from ray._private.runtime_env.packaging import _get_excludes
     from ray.runtime_env import RuntimeEnv
 
@@ -452,7 +457,13 @@ def test_runtime_env_parses_and_uploads_the_code_only():
     excluded = _get_excludes(working_dir, data["excludes"])
     for rel in [".venv", "store", "runs/demo", ".git"]:
         assert excluded(working_dir / rel), f"{rel} would be uploaded"
-    for rel in ["jobs/distill.py", "radio_dist/store.py", "teachers/mobilenet_v2.py", "jobs/configs"]:
+    for rel in [
+        "jobs/distill.py",
+        "radio_dist/store/feature_store.py",
+        "teachers/mobilenet_v2.py",
+        "jobs/configs",
+    ]:
+        assert (working_dir / rel).exists(), f"{rel} is not in the checkout"  # the check means something
         assert not excluded(working_dir / rel), f"{rel} would not be uploaded"
     assert data["env_vars"]["HF_HUB_OFFLINE"] == "1"
 

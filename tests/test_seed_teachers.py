@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from radio_dist.mosaic import mosaic_count, tile, untile
-from radio_dist.pipeline import CacheJobConfig, run_cache
+from radio_dist.cache.config import CacheJobConfig
+from radio_dist.cache.pipeline import run_cache
 from radio_dist.sources import load_sample_photo
 from radio_dist.store import FeatureStore, store_info, verify_store
 from radio_dist.teacher import (
@@ -22,6 +22,7 @@ from radio_dist.teacher import (
     preset_spec,
     registered_teachers,
 )
+from teachers.mosaic import mosaic_count, mosaic_k, tile, untile
 
 PHOTOS = ["chelsea", "coffee", "astronaut", "rocket", "china", "flower", "grace_hopper", "hubble_deep_field"]
 
@@ -156,7 +157,8 @@ def test_spec_geometry_and_choices_are_checked():
 
 def test_mosaic_spec_checks_and_fingerprint_covers_k():
     sam = preset_spec("sam3_tiny")
-    assert sam.mosaic_k == 2
+    assert mosaic_k(sam) == 2 and mosaic_k(alone_spec(sam)) is None
+    assert sam.without_adaptation() == alone_spec(sam)  # the contract's plain copy: same as by hand
     k4 = variant(sam, options={**sam.options, "mosaic_k": 4})  # batch 16 = 4**2: valid
     assert fingerprint(k4) != fingerprint(sam)
     assert fingerprint(alone_spec(sam)) != fingerprint(sam)
@@ -167,6 +169,10 @@ def test_mosaic_spec_checks_and_fingerprint_covers_k():
         variant(sam, options={**sam.options, "mosaic_k": 3})  # runtime.batch_size 16
     with pytest.raises(ValueError, match="mosaic_k is set but adaptation is 'none'"):
         variant(sam, adaptation="none")
+    with pytest.raises(ValueError, match="options.featsharp is set but adaptation is 'mosaic'"):
+        variant(sam, options={**sam.options, "featsharp": "f.safetensors"})
+    with pytest.raises(ValueError, match="unknown adaptation 'mosaik'; use one of none, featsharp, mosaic"):
+        variant(sam, adaptation="mosaik")
 
 
 # ------------------------------------------------------------------------------------------- SAM3

@@ -19,8 +19,8 @@ import pytest
 from typer.testing import CliRunner
 
 from radio_dist.cli import app
-from radio_dist.distill import sample_audit
 from radio_dist.store import FeatureStore, verify_store
+from radio_dist.train.audit import sample_audit
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -170,8 +170,8 @@ def test_a_failing_job_fails_the_command(ray_head, tmp_path):
 def test_submitted_jobs_keep_freed_memory_unless_the_runtime_env_says_otherwise(tmp_path):
     """Every worker of a submitted job gets the allocator settings (Ray Train runs the training loop in a
     thread); a value the user's runtime_env file sets wins."""
+    from radio_dist.ray_setup import ALLOCATOR_ENV
     from radio_dist.submit import JobName, build_submission
-    from radio_dist.teacher import ALLOCATOR_ENV
 
     cfg = REPO / "jobs/configs/distill_sample.yaml"
     env = build_submission(JobName.distill, cfg, [], REPO, None)["runtime_env"]["env_vars"]

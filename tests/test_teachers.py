@@ -140,7 +140,8 @@ def test_actor_allocator_env_keeps_big_blocks_for_a_worker_thread():
     """Ray Data runs an actor's function in a worker thread: with the actors' default environment, freeing and
     re-allocating a block bigger than a thread arena's heap does not page-fault it back in every time (five
     rounds of 96 MiB = ~120k faults without it)."""
-    from radio_dist.teacher import ALLOCATOR_ENV, TeacherRuntime
+    from radio_dist.ray_setup import ALLOCATOR_ENV
+    from radio_dist.teacher import TeacherRuntime
 
     assert TeacherRuntime().env == ALLOCATOR_ENV
     pages = 5 * 96 * 2**20 // 4096

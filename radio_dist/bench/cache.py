@@ -66,7 +66,6 @@ Keys of the result besides the rates (``T/P`` = teacher T at partition P):
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -76,11 +75,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from radio_dist.config import ConfigError, read_yaml, validate
 from radio_dist.bench.fresh_process import in_fresh_process
 from radio_dist.cache.config import DEFAULT_TEACHERS, CacheJobConfig
 from radio_dist.cache.pipeline import CacheSummary, run_cache
 from radio_dist.cache.stages import teacher_device, teacher_partitions
+from radio_dist.config import ConfigError, read_yaml, validate
 from radio_dist.sources import SourceConfig, SourceKind, canonical_view, decode_image, list_items, read_bytes
 from radio_dist.store import FeatureStore, StoreConfig, store_info
 from radio_dist.teacher import (
@@ -212,7 +211,10 @@ def _bench_spec(teacher: str | TeacherSpec, batch_size: int | None) -> TeacherSp
 def adaptation_of(spec: TeacherSpec) -> dict[str, Any]:
     """A teacher's adaptation and the options it owns, as the result reports them."""
     entry = registered_adaptations()[spec.adaptation]
-    return {"adaptation": spec.adaptation, "options": {k: spec.options[k] for k in entry.options if k in spec.options}}
+    return {
+        "adaptation": spec.adaptation,
+        "options": {k: spec.options[k] for k in entry.options if k in spec.options},
+    }
 
 
 def _per_image(counts: dict[str, dict[str, int]], images: int) -> dict[str, float]:

@@ -123,7 +123,11 @@ def _bench_ingest(
     specs = students or default_students()
     train = TrainConfig(batch_size=batch_size)
     job = DistillConfig(  # the plan a distillation job of these students would train on (out is not written)
-        store=StoreConfig(url=store_url), out="unused-by-bench", students=specs, train=train, partitions=[partition]
+        store=StoreConfig(url=store_url),
+        out="unused-by-bench",
+        students=specs,
+        train=train,
+        partitions=[partition],
     )
     plan = prepare_run(job)
     px = int(meta.partitions[partition])

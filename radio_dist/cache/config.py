@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator
 
-from radio_dist.sources import SourceConfig
 from radio_dist.config import StrictModel
 from radio_dist.ray_setup import RayConfig
+from radio_dist.sources import SourceConfig
 from radio_dist.store import StoreConfig
 from radio_dist.teacher import TeacherSpec, preset_spec
 

@@ -22,7 +22,6 @@ import numpy as np
 
 from radio_dist.cache.config import CacheJobConfig
 from radio_dist.cache.resources import actor_pool_size, resource_problem
-from radio_dist.sources import SourceError, SourceItem, list_items
 from radio_dist.cache.stages import (
     DecodeStage,
     IdStage,
@@ -36,6 +35,7 @@ from radio_dist.cache.stages import (
 from radio_dist.config import ConfigError
 from radio_dist.phis import Moments, PhiS, angular_dispersion, fit_phis
 from radio_dist.ray_setup import configure_data, init_ray
+from radio_dist.sources import SourceError, SourceItem, list_items
 from radio_dist.store import FeatureStore, OutputShapes, TeacherRecord, WriterLock
 from radio_dist.teacher import TeacherSpec, fingerprint
 
@@ -82,7 +82,7 @@ def teacher_records(specs: list[TeacherSpec]) -> dict[str, TeacherRecord]:
     }
 
 
-def _check_resources(cfg: CacheJobConfig, progress: ProgressFn | None) -> None:
+def check_resources(cfg: CacheJobConfig, progress: ProgressFn | None) -> None:
     """Refuse a job that cannot run on a local instance; on a cluster (which may autoscale) only warn."""
     import ray
 
@@ -235,7 +235,7 @@ def _run_cache(cfg: CacheJobConfig, store: FeatureStore, progress: ProgressFn | 
     t0 = time.perf_counter()
     summary = CacheSummary()
     init_ray(cfg.ray)
-    _check_resources(cfg, progress)  # before the store is touched: a refused job leaves it as it was
+    check_resources(cfg, progress)  # before the store is touched: a refused job leaves it as it was
     store.init_or_check(cfg.pipeline.partitions, teacher_records(cfg.teachers), cfg.source.resample.value)
 
     items: list[SourceItem] = list_items(cfg.source)

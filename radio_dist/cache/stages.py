@@ -19,8 +19,8 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from radio_dist.sources import ImageError, SourceConfig, canonical_view, decode_image, image_id, read_bytes
 from radio_dist.phis import Moments, PhiS
+from radio_dist.sources import ImageError, SourceConfig, canonical_view, decode_image, image_id, read_bytes
 from radio_dist.store import FeatureStore, ShardWriter, StoreConfig, array_key, image_key
 from radio_dist.teacher import TeacherSpec, create_teacher
 
@@ -285,5 +285,7 @@ class WriteStage:
             stats[column("fwcalls", t)] = np.array([int(np.asarray(batch[column("fwcalls", t)]).sum())])
             for p in self.partitions:  # only the partitions this teacher runs on have the column
                 if column("fwin", t, p) in batch:
-                    stats[column("fwin", t, p)] = np.array([int(np.asarray(batch[column("fwin", t, p)]).sum())])
+                    stats[column("fwin", t, p)] = np.array(
+                        [int(np.asarray(batch[column("fwin", t, p)]).sum())]
+                    )
         return stats

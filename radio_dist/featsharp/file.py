@@ -29,7 +29,9 @@ FEATSHARP_OPTION = "featsharp"  # the spec option holding the file (adaptation f
 class LoadedFeatSharp:
     model: FeatSharp
     phis: PhiS
-    meta: dict[str, Any]  # format, teacher spec + fingerprint, low px, factor, upsampler config, held-out photos
+    meta: dict[
+        str, Any
+    ]  # format, teacher spec + fingerprint, low px, factor, upsampler config, held-out photos
 
     @property
     def factor(self) -> int:

@@ -31,7 +31,14 @@ from radio_dist.config import StrictModel
 from radio_dist.featsharp.file import FORMAT, LoadedFeatSharp, featsharp_bytes, teacher_model_key
 from radio_dist.featsharp.model import FeatSharp, UpsamplerConfig, consistency_loss, sample_jitters
 from radio_dist.featsharp.report import consistency_report
-from radio_dist.featsharp.views import fit_teacher_phis, load_views, make_views, photo_of, split_held_out, with_identity
+from radio_dist.featsharp.views import (
+    fit_teacher_phis,
+    load_views,
+    make_views,
+    photo_of,
+    split_held_out,
+    with_identity,
+)
 from radio_dist.phis import PhiS
 from radio_dist.ray_setup import RayConfig, init_ray
 from radio_dist.sources import SourceConfig, SourceItem, list_items
@@ -158,7 +165,9 @@ def featsharp_step(
     """One optimizer step on ``images`` (uint8, high-res) and their jitters; the loss, averaged over workers."""
     gen = torch.Generator().manual_seed(int(rng.integers(1 << 62)))
     b, t = len(images), cfg.train
-    theta = sample_jitters(b * t.jitters, gen, t.zoom, t.max_rotation_deg, t.max_shift).view(b, t.jitters, 2, 3)
+    theta = sample_jitters(b * t.jitters, gen, t.zoom, t.max_rotation_deg, t.max_shift).view(
+        b, t.jitters, 2, 3
+    )
     with torch.no_grad():
         x = teacher.normalize(images)
         v = make_views(teacher, phis, x, cfg.upsampler.factor, cfg.low_px, theta.to(x.device))

@@ -167,7 +167,10 @@ class FeatureStore:
         try:
             return StoreMeta.model_validate(data)
         except ValidationError as e:
-            raise StoreError(format_validation_error(e, self.path("store.json"))) from None
+            raise StoreError(
+                format_validation_error(e, self.path("store.json"), "store metadata")
+                + "\n(written by another radio-dist version, or edited by hand: rebuild the store or restore the file)"
+            ) from None
 
     def write_meta(self, meta: StoreMeta) -> None:
         blob = json.dumps(meta.model_dump(mode="json"), indent=1, sort_keys=True).encode()

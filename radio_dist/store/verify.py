@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 
 from radio_dist.store.chunks import array_names, member
 from radio_dist.store.feature_store import FeatureStore
-from radio_dist.store.manifest import MANIFEST_SCHEMA, array_key, image_key, shard_of_part
+from radio_dist.store.manifest import MANIFEST_SCHEMA, array_key, image_key, row_checksum, shard_of_part
 
 
 def store_info(store: FeatureStore) -> dict[str, Any]:

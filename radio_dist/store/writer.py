@@ -33,7 +33,6 @@ class ShardResult:
     skipped: bool = False  # already committed (a retried task): nothing was written
 
 
-
 class ShardWriter:
     """Context manager that writes one shard whole and commits it on a clean exit.
 

@@ -260,7 +260,9 @@ def run_distill(
     out = RunDir(cfg.out, cfg.out_storage_options)
     out.fs.makedirs(out.root, exist_ok=True)
     with out.open("run.json", "w") as f:
-        f.write(json.dumps({"config": cfg.model_dump(mode="json"), "run": plan.model_dump(mode="json")}, indent=1))
+        f.write(
+            json.dumps({"config": cfg.model_dump(mode="json"), "run": plan.model_dump(mode="json")}, indent=1)
+        )
     t0 = time.perf_counter()
     result = fit_with_ray_train(
         train_loop_per_worker,

@@ -57,7 +57,9 @@ def fit_with_ray_train(
     stop = threading.Event()
     follower = None
     if on_metrics is not None:
-        follower = threading.Thread(target=follow_metrics, args=(out, on_metrics, stop, step_key), daemon=True)
+        follower = threading.Thread(
+            target=follow_metrics, args=(out, on_metrics, stop, step_key), daemon=True
+        )
         follower.start()
     try:
         return trainer.fit()
@@ -67,7 +69,9 @@ def fit_with_ray_train(
             follower.join(timeout=5)
 
 
-def follow_metrics(out: RunDir, on_metrics: Callable[[dict[str, Any]], None], stop: Any, step_key: str) -> None:
+def follow_metrics(
+    out: RunDir, on_metrics: Callable[[dict[str, Any]], None], stop: Any, step_key: str
+) -> None:
     """Hand every new line of ``out/metrics.jsonl`` to ``on_metrics`` until ``stop`` is set (a driver thread)."""
     seen = 0
     while not stop.is_set():

@@ -33,7 +33,13 @@ from radio_dist.sources import (
 from radio_dist.store import FeatureStore, StoreError
 from radio_dist.teacher import TeacherSpec, create_teacher
 from radio_dist.train.reader import committed_shards
-from radio_dist.train.students import LoadedStudent, StudentModel, TeacherHeadInfo, build_student, load_student
+from radio_dist.train.students import (
+    LoadedStudent,
+    StudentModel,
+    TeacherHeadInfo,
+    build_student,
+    load_student,
+)
 
 
 class EvalConfig(StrictModel):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from radio_dist.phis import Moments, PhiS, fit_phis
-from radio_dist.students import (
+from radio_dist.train.students import (
     CPE,
     CRadioBackbone,
     StudentModel,

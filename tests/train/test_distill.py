@@ -14,11 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fixtures import write_synthetic_store
 
-from radio_dist.distill import DistillConfig, prepare_run, read_metrics, run_distill, sample_audit
 from radio_dist.store import FeatureStore, StoreMismatchError
-from radio_dist.students import load_student
+from radio_dist.testing import write_synthetic_store
+from radio_dist.train.audit import sample_audit
+from radio_dist.train.config import DistillConfig
+from radio_dist.train.distill import run_distill
+from radio_dist.train.plan import prepare_run
+from radio_dist.train.rundir import read_metrics
+from radio_dist.train.students import load_student
 
 TINY_STUDENTS = [
     {"name": "cradio", "kind": "cradio", "arch": "tiny", "head_hidden": 32, "cpe_max_grid": 8},
@@ -69,7 +73,7 @@ def assert_exactly_once(out: Path, store_url: str, epochs: int) -> None:
 def test_refuses_a_store_that_does_not_match(store_url, tmp_path):
     cfg = make_cfg(store_url, tmp_path / "run")
     run = prepare_run(cfg)
-    assert run["teachers"] == ["t1", "t2"] and run["rows"] == 34
+    assert run.teachers == ("t1", "t2") and run.rows == 34
     bad = DistillConfig.model_validate(
         {**cfg.model_dump(), "expect": {"t1": {"fingerprint": "something-else"}}}
     )
@@ -83,7 +87,7 @@ def test_refuses_a_store_that_does_not_match(store_url, tmp_path):
         )
     with pytest.raises(StoreMismatchError, match="teacher 'dino' is not in the store"):
         prepare_run(DistillConfig.model_validate({**cfg.model_dump(), "teachers": ["t1", "dino"]}))
-    assert run["partitions"] == ["high", "low"]
+    assert run.partitions == ("high", "low")
     with pytest.raises(StoreMismatchError, match="partition 'mid' is not in the store"):
         prepare_run(DistillConfig.model_validate({**cfg.model_dump(), "partitions": ["mid"]}))
 

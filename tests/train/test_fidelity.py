@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import pytest
 
-from radio_dist.distill import DistillConfig, run_distill
-from radio_dist.evaluate import EvalConfig, evaluate, load_students
-from radio_dist.pipeline import CacheJobConfig, run_cache
+from radio_dist.cache.config import CacheJobConfig
+from radio_dist.cache.pipeline import run_cache
 from radio_dist.sources import SourceConfig
 from radio_dist.store import FeatureStore
+from radio_dist.train.config import DistillConfig
+from radio_dist.train.distill import run_distill
+from radio_dist.train.evaluate import EvalConfig, evaluate, load_students
 
 
 @pytest.mark.timeout(600)

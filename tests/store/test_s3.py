@@ -21,7 +21,8 @@ from fixtures import write_good_photos
 from s3faults import FaultProxy
 from test_store import make_arrays, prepared, write
 
-from radio_dist.pipeline import CacheJobConfig, run_cache
+from radio_dist.cache.config import CacheJobConfig
+from radio_dist.cache.pipeline import run_cache
 from radio_dist.store import S3_RETRIES, FeatureStore, row_checksum, shard_id_for, verify_store
 from radio_dist.teacher import preset_spec
 
@@ -178,5 +179,5 @@ def test_small_objects_are_single_puts(s3_server, rel):
     """Metadata and commits go up as one PUT each: nothing is streamed through open()/close()."""
     with FaultProxy(s3_server.endpoint) as proxy:  # no faults: a recording pass-through
         store = FeatureStore(s3_server.url("put"), s3_server.storage_options(proxy.endpoint))
-        store._put_atomic(rel, b"x" * 1000)
+        store.put_atomic(rel, b"x" * 1000)
     assert len(proxy.log) == 1 and proxy.log[0][0] == "PUT" and proxy.log[0][1].endswith(rel), proxy.log

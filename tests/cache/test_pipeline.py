@@ -19,14 +19,10 @@ import pytest
 import torch
 from fixtures import FIXTURE_MAX_PIXELS, make_bad_inputs, write_good_photos
 
+from radio_dist.cache.config import CacheJobConfig
+from radio_dist.cache.pipeline import check_resources, run_cache
+from radio_dist.cache.resources import actor_pool_size, resource_problem
 from radio_dist.config import ConfigError
-from radio_dist.pipeline import (
-    CacheJobConfig,
-    _check_resources,
-    actor_pool_size,
-    resource_problem,
-    run_cache,
-)
 from radio_dist.store import (
     FeatureStore,
     StoreLockedError,
@@ -182,12 +178,12 @@ def test_on_a_cluster_a_job_too_big_for_it_now_is_a_warning(ray_local):
     cfg = _pools(job({"kind": "sample-photos", "views": 4}, "unused"), pool_size=8, num_cpus=1)
     cfg.ray.address = "ray://head:10001"
     events: list[tuple[str, dict]] = []
-    _check_resources(cfg, lambda kind, ev: events.append((kind, ev)))
+    check_resources(cfg, lambda kind, ev: events.append((kind, ev)))
     assert [k for k, _ in events] == ["warning"]
     assert "effnet_lite0: 8 x 1 CPU" in events[0][1]["message"] and "waits" in events[0][1]["message"]
     cfg.ray.address = None
     with pytest.raises(ConfigError, match="8 x 1 CPU"):
-        _check_resources(cfg, None)
+        check_resources(cfg, None)
 
 
 def _radio_dist(*args: str) -> list[str]:
@@ -313,8 +309,8 @@ def test_a_killed_teacher_actor_is_replaced_and_every_image_lands_once(tmp_path)
 
 _WORKER_ENV = """
 import os, ray
-from radio_dist.pipeline import RayConfig, _init_ray
-_init_ray(RayConfig(num_cpus=1))
+from radio_dist.ray_setup import RayConfig, init_ray
+init_ray(RayConfig(num_cpus=1))
 @ray.remote
 def env():
     return {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
@@ -326,7 +322,7 @@ print(repr(ray.get(env.remote())))
 def test_a_local_instance_gives_every_worker_the_allocator_settings():
     """The local Ray instance radio-dist starts passes the allocator settings to all of the job's workers
     (tasks, Ray Train workers), not only to teacher actors. Runs in a fresh process: Ray starts there."""
-    from radio_dist.teacher import ALLOCATOR_ENV
+    from radio_dist.ray_setup import ALLOCATOR_ENV
 
     clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "RAY_ADDRESS"}
     res = subprocess.run(

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 
-from radio_dist.upsampler import (
+from radio_dist.featsharp.model import (
     FeatSharp,
     UpsamplerConfig,
     WindowAttention,

@@ -15,21 +15,17 @@ import numpy as np
 import pytest
 import torch
 
+from radio_dist.cache.config import CacheJobConfig
+from radio_dist.cache.pipeline import run_cache
 from radio_dist.config import ConfigError
-from radio_dist.distill import read_metrics
-from radio_dist.featsharp import (
-    FeatSharpConfig,
-    evaluate_file,
-    featsharp_bytes,
-    load_featsharp,
-    photo_of,
-    run_featsharp,
-    split_held_out,
-)
-from radio_dist.pipeline import CacheJobConfig, run_cache
+from radio_dist.featsharp.file import featsharp_bytes, load_featsharp
+from radio_dist.featsharp.report import evaluate_file
+from radio_dist.featsharp.train import FeatSharpConfig, run_featsharp
+from radio_dist.featsharp.views import photo_of, split_held_out
 from radio_dist.sources import SourceConfig, list_items
 from radio_dist.store import FeatureStore, verify_store
 from radio_dist.teacher import TeacherSpec, create_teacher, fingerprint, preset_spec
+from radio_dist.train.rundir import read_metrics
 
 STEPS = 100
 
@@ -169,9 +165,9 @@ def test_caches_the_high_partition_through_featsharp(trained, tmp_path, ray_loca
     assert verify_store(store)["ok"]
     # the teacher's model ran on 1 input per image at low, 1 + 3x3 (view + tiles) per image at high
     assert summary.teacher_inputs[spec.name] == {"low": 12, "high": 12 * 10}, summary.teacher_inputs
-    outputs = store.meta()["teachers"][spec.name]["outputs"]
+    outputs = {p: o.model_dump() for p, o in store.meta().teachers[spec.name].outputs.items()}
     assert outputs["low"]["dense"] == [6, 6, 64] and outputs["high"]["dense"] == [18, 18, 64], outputs
-    assert store.meta()["teachers"][spec.name]["fingerprint"] == fingerprint(spec)
+    assert store.meta().teachers[spec.name].fingerprint == fingerprint(spec)
     # a direct call: the 18x18 FeatSharp grid (not the teacher's 6x6), the low view's summary
     t = create_teacher(spec)
     o = t(np.zeros((2, 288, 288, 3), np.uint8))

@@ -6,9 +6,10 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from fixtures import write_synthetic_store
 
-from radio_dist.ingest import (
+from radio_dist.store import FeatureStore, array_key
+from radio_dist.testing import write_synthetic_store
+from radio_dist.train.reader import (
     ReaderConfig,
     ShardRows,
     ShardStream,
@@ -16,7 +17,6 @@ from radio_dist.ingest import (
     epoch_plan,
     shards_digest,
 )
-from radio_dist.store import FeatureStore, array_key
 
 
 def fake_shards(sizes: list[int]) -> list[ShardRows]:

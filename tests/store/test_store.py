@@ -19,20 +19,23 @@ import pytest
 
 from radio_dist.phis import Moments, fit_phis
 from radio_dist.store import (
-    LOCK_REL,
     FeatureStore,
+    OutputShapes,
+    ShardWriter,
     StoreError,
     StoreLockedError,
     StoreMismatchError,
+    TeacherRecord,
     WriterLock,
     array_key,
     image_key,
-    plain_layout,
     store_info,
     verify_store,
 )
+from radio_dist.store.chunks import plain_layout
+from radio_dist.store.lock import LOCK_REL
 
-TEACHERS = {"t1": {"fingerprint": "f" * 32, "family": "demo", "spec": {"x": 1}}}
+TEACHERS = {"t1": TeacherRecord(fingerprint="f" * 32, family="demo", spec={"x": 1})}
 PARTS = {"low": 16}
 
 
@@ -65,14 +68,14 @@ def make_arrays(n: int, seed: int = 0) -> dict[str, np.ndarray]:
 def prepared(store: FeatureStore) -> FeatureStore:
     store.init_or_check(PARTS, TEACHERS)
     phis = fit_phis(Moments.from_features(np.random.default_rng(1).standard_normal((500, 8)) * 3 + 1))
-    store.save_phis("t1", phis, 0.5, {"low": {"dense": [2, 2, 8], "summary": [8]}}, fit_images=500)
+    store.save_phis("t1", phis, 0.5, {"low": OutputShapes(dense=[2, 2, 8], summary=[8])}, fit_images=500)
     return store
 
 
 def write(store: FeatureStore, ids: list[str], errors: tuple[str, ...] = (), seed: int = 0):
     rows = make_rows(ids, errors)
     n_ok = len(ids) - len(errors)
-    with store.shard_writer(ids) as w:
+    with ShardWriter(store, ids) as w:
         for k, v in make_arrays(n_ok, seed).items():
             w.add_array(k, v)
         w.add_rows(rows)
@@ -88,8 +91,8 @@ class StoreConformance:
 
     def test_meta_roundtrip_and_refusal(self, store):
         prepared(store)
-        assert store.init_or_check(PARTS, TEACHERS)["teachers"]["t1"]["fingerprint"] == "f" * 32
-        other = {"t1": {**TEACHERS["t1"], "fingerprint": "0" * 32}}
+        assert store.init_or_check(PARTS, TEACHERS).teachers["t1"].fingerprint == "f" * 32
+        other = {"t1": TEACHERS["t1"].model_copy(update={"fingerprint": "0" * 32})}
         with pytest.raises(StoreMismatchError, match="teacher 't1': fingerprint f+ in the store"):
             store.init_or_check(PARTS, other)
         with pytest.raises(StoreMismatchError, match="partitions"):
@@ -103,12 +106,32 @@ class StoreConformance:
         """Stores written before ``source.resample`` existed were resampled with PIL's bicubic: a job with
         the new default is refused (no mixed views), one that asks for bicubic carries on."""
         prepared(store)
-        meta = store.meta()
-        del meta["view_resample"]
-        store.write_meta(meta)
+        old = json.loads(store.get("store.json"))
+        del old["view_resample"]
+        store.put_atomic("store.json", json.dumps(old).encode())
         with pytest.raises(StoreMismatchError, match="set source.resample: bicubic"):
             store.init_or_check(PARTS, TEACHERS)
-        assert "view_resample" not in store.init_or_check(PARTS, TEACHERS, view_resample="bicubic")
+        assert store.init_or_check(PARTS, TEACHERS, view_resample="bicubic").view_resample == "bicubic"
+        assert "view_resample" not in json.loads(store.get("store.json"))  # checked, not rewritten
+
+    def test_a_store_json_that_is_not_this_format_names_the_file(self, store):
+        """store.json is read through typed records: an unknown key, a wrong type or broken JSON is an error
+        that names the file and the key, not a KeyError somewhere in training."""
+        prepared(store)
+        good = json.loads(store.get("store.json"))
+        bad = {**good, "teachers": {"t1": {**good["teachers"]["t1"], "fingerprnt": "x"}}}
+        store.put_atomic("store.json", json.dumps(bad).encode())
+        with pytest.raises(
+            StoreError,
+            match=r"(?s)store\.json: invalid store metadata.*teachers\.t1\.fingerprnt: unknown key",
+        ):
+            store.meta()
+        store.put_atomic("store.json", json.dumps({**good, "partitions": {"low": "big"}}).encode())
+        with pytest.raises(StoreError, match=r"partitions\.low"):
+            store.meta()
+        store.put_atomic("store.json", b'{"format": "radio-dist-store/1", ')
+        with pytest.raises(StoreError, match="not valid JSON"):
+            store.meta()
 
     def test_commit_read_roundtrip(self, store):
         prepared(store)
@@ -142,7 +165,7 @@ class StoreConformance:
         arrays = make_arrays(7, seed=3)
         dense_key = array_key("t1", "low", "dense")
         arrays[dense_key][2:4] = 0  # 64-byte rows, 2 per 100-byte chunk: chunk 1 is all zeros
-        with store.shard_writer(ids, chunk_bytes=100) as w:
+        with ShardWriter(store, ids, chunk_bytes=100) as w:
             for k, v in arrays.items():
                 w.add_array(k, v)
             w.add_rows(make_rows(ids))
@@ -151,14 +174,14 @@ class StoreConformance:
         group = store.open_shard(shard)
         for k, v in arrays.items():
             assert plain_layout(group[k]) is not None and group[k].chunks[0] < len(v)
-        assert not store.fs.exists(store._path("shards", shard, dense_key, "c", "1", "0", "0", "0"))
+        assert not store.fs.exists(store.path("shards", shard, dense_key, "c", "1", "0", "0", "0"))
         data = store.read_shard(shard)
         for k, v in arrays.items():
             np.testing.assert_array_equal(data[k], np.asarray(group[k][...]))
             np.testing.assert_array_equal(data[k], v)
             assert data[k].dtype == v.dtype and data[k].shape == v.shape and data[k].flags.writeable
         # a damaged chunk file is an error that names the array, never a silently short or shifted array
-        chunk = store._path("shards", shard, dense_key, "c", "0", "0", "0", "0")
+        chunk = store.path("shards", shard, dense_key, "c", "0", "0", "0", "0")
         store.fs.pipe(chunk, store.fs.cat(chunk)[:-2])
         with pytest.raises(StoreError, match=f"array {dense_key}: chunk 0 holds 126 bytes, 128 expected"):
             store.read_shard(shard)
@@ -166,7 +189,7 @@ class StoreConformance:
     def test_exception_leaves_nothing_visible(self, store):
         prepared(store)
         with pytest.raises(RuntimeError):
-            with store.shard_writer(["x", "y"]) as w:
+            with ShardWriter(store, ["x", "y"]) as w:
                 for k, v in make_arrays(2).items():
                     w.add_array(k, v)
                 w.add_rows(make_rows(["x", "y"]))
@@ -179,7 +202,7 @@ class StoreConformance:
         prepared(store)
         ids = ["p", "q"]
         with pytest.raises(ValueError, match="data type"):
-            with store.shard_writer(ids) as w:
+            with ShardWriter(store, ids) as w:
                 for k, v in make_arrays(2).items():
                     w.add_array(k, v)
                 # zarr refuses object arrays: the commit fails after the arrays above were written
@@ -214,7 +237,7 @@ class StoreConformance:
         group = store.open_shard(res.shard)
         import zarr
 
-        arr = zarr.open_array(store._zarr_store(res.shard), path=array_key("t1", "low", "summary"), mode="r+")
+        arr = zarr.open_array(store.zarr_store(res.shard), path=array_key("t1", "low", "summary"), mode="r+")
         arr[0, 0] = arr[0, 0] + 1.0
         del group
         report = verify_store(store)
@@ -229,7 +252,7 @@ class StoreConformance:
         per_image = 16 * 16 * 3 + 2 * 2 * 8 * 2 + 8 * 4
         # data plus the shard's small Zarr metadata documents (a few kB per shard, shared by its rows;
         # the root document repeats the others: consolidated metadata, one GET to open a shard)
-        shards = store._path("shards")
+        shards = store.path("shards")
         meta_bytes = sum(
             int(store.fs.size(p)) for p in store.fs.find(shards) if p.rsplit("/", 1)[-1] == "zarr.json"
         )
@@ -257,16 +280,16 @@ class StoreConformance:
         )
         pid = int(dead.stdout)
         lock = WriterLock(store)
-        store._put_atomic(LOCK_REL, json.dumps({"owner": "x", "host": socket.gethostname(), "pid": pid,
+        store.put_atomic(LOCK_REL, json.dumps({"owner": "x", "host": socket.gethostname(), "pid": pid,
                                                  "started": time.time(), "heartbeat": time.time()}).encode())  # fmt: skip
         with lock:
             assert lock.holder()["owner"] == lock.owner
         # another machine's lock: refused while its heartbeat is fresh, taken over once it expired
         other = {"owner": "y", "host": "elsewhere", "pid": 1, "started": time.time()}
-        store._put_atomic(LOCK_REL, json.dumps({**other, "heartbeat": time.time()}).encode())
+        store.put_atomic(LOCK_REL, json.dumps({**other, "heartbeat": time.time()}).encode())
         with pytest.raises(StoreLockedError, match="host elsewhere"):
             WriterLock(store, ttl_s=60).acquire()
-        store._put_atomic(LOCK_REL, json.dumps({**other, "heartbeat": time.time() - 61}).encode())
+        store.put_atomic(LOCK_REL, json.dumps({**other, "heartbeat": time.time() - 61}).encode())
         with WriterLock(store, ttl_s=60) as taken:
             assert taken.holder()["owner"] == taken.owner
 

@@ -13,24 +13,24 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
-from radio_dist.bench import (
+from radio_dist.bench.cache import (
     SEED_PARTITIONS,
     SEED_TEACHERS,
     bench_cache,
-    bench_ingest,
     config_teachers,
+    has_plain_baseline,
     median_run,
     pipeline_rates,
     teacher_device,
     teacher_only,
-    without_mosaic,
 )
+from radio_dist.bench.ingest import bench_ingest
+from radio_dist.cache.pipeline import CacheSummary
 from radio_dist.cli import app
 from radio_dist.config import ConfigError
-from radio_dist.pipeline import CacheSummary
 from radio_dist.sources import SAMPLE_PHOTOS, load_sample_photo
-from radio_dist.students import StudentSpec
 from radio_dist.teacher import TeacherSpec, preset_spec
+from radio_dist.train.students import StudentSpec
 
 runner = CliRunner()
 
@@ -62,11 +62,14 @@ def test_bench_ingest_small(tmp_path):
     res = bench_ingest(
         images=96, shard_size=32, batch_size=8, steps=2, students=TINY, workdir=tmp_path, log=print
     )
-    assert res["rows"] == 96
-    for key in ("ratio", "multi_student_ratio", "multi_student_overhead"):
-        assert 0 < res[key] < 10, (key, res[key])
-    assert res["reader_samples_per_s"] > 0 and res["raw_samples_per_s"] > 0
-    assert set(res["separate_step_s"]) == {"a", "b"}
+    assert res["rows"] == 96 and res["students"] == ["a", "b"] and res["steps"] == 2
+    # the ratios are what their definitions say, from the rates and step times the result reports
+    assert res["ratio"] == pytest.approx(res["reader_samples_per_s"] / res["raw_samples_per_s"])
+    assert res["raw_mb_per_s"] == pytest.approx(res["raw_samples_per_s"] * res["bytes_per_sample"] / 1e6)
+    assert set(res["separate_step_s"]) == set(res["compute_step_s"]) == {"a", "b"}
+    together = res["together_step_s"]
+    assert res["multi_student_ratio"] == pytest.approx(together / sum(res["separate_step_s"].values()))
+    assert res["multi_student_overhead"] == pytest.approx(together / sum(res["compute_step_s"].values()))
     # 224 px views + 2 teachers x (7x7x1280 fp16 + 1280 fp32) per sample, as stored; the rest is the padding
     # of each shard's last (partial) Zarr chunk, a few rows per array at 32-row shards
     expected = 224 * 224 * 3 + 2 * (7 * 7 * 1280 * 2 + 1280 * 4)
@@ -83,8 +86,8 @@ def test_bench_cache_seed_teachers_counts_model_inputs_with_and_without_mosaic(t
     N and the batch size are multiples of k^2 and every image is in the PHI-S fit phase (one actor start-up
     per teacher): every teacher batch fills whole mosaics, so ceil(N / k^2) / N is exact."""
     n, batch = 16, 8
-    k = preset_spec("sam3_tiny").mosaic_k
-    assert k is not None and batch % (k * k) == 0
+    k = preset_spec("sam3_tiny").options["mosaic_k"]
+    assert batch % (k * k) == 0
     args = ["--seed-teachers", "--images", n, "--batch-size", batch, "--fit-images", n, "--repeats", 2]
     res = runner.invoke(app, ["bench", "cache", *map(str, args), "--workdir", str(tmp_path), "--json"])
     assert res.exit_code == 0, res.output
@@ -93,21 +96,32 @@ def test_bench_cache_seed_teachers_counts_model_inputs_with_and_without_mosaic(t
     every = {f"{t}/{p}" for t in SEED_TEACHERS for p in SEED_PARTITIONS}
     assert out["partitions"] == SEED_PARTITIONS and out["teachers"] == ",".join(SEED_TEACHERS)
     assert set(out["model_inputs_per_image"]) == every
-    assert out["mosaic_k"] == {"sam3_tiny": k}
+    assert out["adaptations"] == {"sam3_tiny": {"adaptation": "mosaic", "options": {"mosaic_k": k}}}
     with_mosaic = math.ceil(n / k**2) / n
     expected = {key: with_mosaic if key == "sam3_tiny/low" else 1.0 for key in every}
     assert out["model_inputs_per_image"] == pytest.approx(expected)  # counted in the pipeline run
     assert out["teacher_only_model_inputs_per_image"] == pytest.approx(
         expected
     )  # the limit did the same work
-    assert out["model_inputs_per_image_without_mosaic"] == pytest.approx(
+    assert out["model_inputs_per_image_without_adaptation"] == pytest.approx(
         {"sam3_tiny/low": 1.0, "sam3_tiny/high": 1.0}
     )
     # each teacher called once per image and partition (a mosaic is still one call on all the views)
     assert out["teacher_forwards_per_image"] == pytest.approx(dict.fromkeys(SEED_TEACHERS, 2.0))
     assert out["batch_size"] == dict.fromkeys(SEED_TEACHERS, batch)
-    assert set(out["mosaic_speedup"]) == {"sam3_tiny"} and out["mosaic_speedup"]["sam3_tiny"] > 0
-    assert out["teacher_only_images_per_s"] > 0 and out["pipeline_images_per_s"] > 0
+    per_teacher, plain = (
+        out["teacher_only_images_per_s_per_teacher"],
+        out["teacher_only_images_per_s_without_adaptation"],
+    )
+    assert set(per_teacher) == set(SEED_TEACHERS) and set(plain) == {"sam3_tiny"}
+    assert out["adaptation_speedup"] == pytest.approx(
+        {"sam3_tiny": per_teacher["sam3_tiny"] / plain["sam3_tiny"]}
+    )
+    # the first limit runs every teacher in sequence: its time per image is the sum of the teachers' own
+    assert 1 / out["teacher_only_images_per_s_each"][0] == pytest.approx(
+        sum(1 / r for r in per_teacher.values())
+    )
+    assert out["ratio"] == pytest.approx(out["pipeline_images_per_s"] / out["teacher_only_images_per_s"])
     # two runs, limit - pipeline - limit - pipeline - limit; the figures are the median run's (of two: the lower)
     assert out["ratio_median_of"] == 2 and len(out["ratio_each"]) == 2
     limits = out["teacher_only_images_per_s_each"]
@@ -131,11 +145,18 @@ def test_teacher_only_runs_each_teacher_where_the_pipeline_does():
     assert res["images"] == 10 and res["images_per_s"] > 0
     # sam3: batches of 16 -> one batch of 10 views -> ceil(10 / 4) = 3 mosaics at low, 10 native inputs at high
     assert res["model_inputs"] == {"siglip2_tiny": {"low": 10}, "sam3_tiny": {"low": 3, "high": 10}}
-    assert res["without_mosaic"]["sam3_tiny"]["model_inputs"] == {"low": 10, "high": 10}
+    assert res["without_adaptation"]["sam3_tiny"]["model_inputs"] == {"low": 10, "high": 10}
     assert set(res["seconds"]) == {"siglip2_tiny", "sam3_tiny"}
-    plain = without_mosaic(sam)
-    assert plain.adaptation.value == "none" and "mosaic_k" not in plain.options
+    assert res["images_per_s"] == pytest.approx(10 / sum(res["seconds"].values()))
+    plain = sam.without_adaptation()
+    assert plain.adaptation == "none" and "mosaic_k" not in plain.options
     assert plain.resolution == sam.resolution and plain.weights == sam.weights
+    # the mosaic is the family's own way of running the same views; FeatSharp wraps another model around it
+    assert has_plain_baseline(sam) and not has_plain_baseline(siglip)
+    featsharp = TeacherSpec.model_validate(
+        {**siglip.model_dump(), "adaptation": "featsharp", "options": {**siglip.options, "featsharp": "f"}}
+    )
+    assert not has_plain_baseline(featsharp)
 
 
 def test_bench_cache_config_file_and_bad_input(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from radio_dist.losses import (
+from radio_dist.train.losses import (
     angle,
     balanced_summary_loss,
     damp_params,

@@ -1,0 +1,46 @@
+"""The `radio-dist` command line: one module per group of commands, composed here.
+
+radio-dist cache-teachers --store ./store                       # built-in photos, two real teachers, local Ray
+radio-dist cache-teachers --config jobs/configs/cache_sample.yaml --set store.shard_size=64
+radio-dist cache-teachers --source ./photos --store s3://bucket/store --teachers efficientnet_lite0
+radio-dist teachers list
+radio-dist store info ./store [--json]
+radio-dist store verify ./store
+radio-dist bench cache --json
+radio-dist distill --store ./store --out ./runs/demo            # C-RADIO + 2 smaller students, local Ray Train
+radio-dist distill --config jobs/configs/distill_sample.yaml --set train.epochs=4
+radio-dist eval ./runs/demo --store ./store
+radio-dist featsharp train --config jobs/configs/featsharp_sample.yaml --out ./runs/featsharp
+radio-dist bench ingest --json
+radio-dist submit distill --config jobs/configs/distill_sample.yaml --address http://HEAD:8265 --set out=s3://b/run
+"""
+
+from __future__ import annotations
+
+import typer
+
+from radio_dist.cli import bench, cache, featsharp, store, submit, train
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Cache vision teachers; distill students.")
+teachers_app = typer.Typer(no_args_is_help=True, help="Registered teacher families.")
+store_app = typer.Typer(no_args_is_help=True, help="Inspect and check a feature store.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (figures in the README).")
+featsharp_app = typer.Typer(
+    no_args_is_help=True, help="FeatSharp: the learned upsampler of a low-resolution teacher (SigLIP2)."
+)
+app.add_typer(teachers_app, name="teachers")
+app.add_typer(store_app, name="store")
+app.add_typer(bench_app, name="bench")
+app.add_typer(featsharp_app, name="featsharp")
+
+app.command("cache-teachers")(cache.cache_teachers)
+teachers_app.command("list")(cache.teachers_list)
+store_app.command("info")(store.store_info_cmd)
+store_app.command("verify")(store.store_verify_cmd)
+app.command("distill")(train.distill_cmd)
+app.command("eval")(train.eval_cmd)
+featsharp_app.command("train")(featsharp.featsharp_train_cmd)
+featsharp_app.command("eval")(featsharp.featsharp_eval_cmd)
+bench_app.command("cache")(bench.bench_cache_cmd)
+bench_app.command("ingest")(bench.bench_ingest_cmd)
+app.command("submit")(submit.submit_cmd)

@@ -1,0 +1,112 @@
+"""`radio-dist bench cache` and `bench ingest` (figures in the README and docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from radio_dist.cli.common import JsonOpt, err, fail, json_only_stdout, print_result
+from radio_dist.config import ConfigError
+
+
+def bench_cache_cmd(
+    images: Annotated[int, typer.Option(help="Images in the run (sample-photo views).")] = 1024,
+    fit_images: Annotated[
+        int, typer.Option(help="PHI-S fit sample (its one-time phase is timed apart).")
+    ] = 64,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            help="Teacher batch size, same for both measurements "
+            "(default: 32; with --config each teacher's runtime.batch_size)."
+        ),
+    ] = None,
+    resolution: Annotated[
+        int, typer.Option(help="Canonical view / teacher input size (px) of the one partition, low.")
+    ] = 224,
+    teachers: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated teacher presets (default: efficientnet_lite0,mobilenet_v2)."),
+    ] = None,
+    seed_teachers: Annotated[
+        bool,
+        typer.Option(
+            "--seed-teachers",
+            help="DINOv3, SigLIP2 and SAM3 tiny presets at low 64 / high 128 px; reports model inputs per "
+            "image with and without SAM3's mosaic.",
+        ),
+    ] = False,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            "-c",
+            help="Cache job YAML: bench its teachers: and pipeline.partitions (real weights; a teacher runs "
+            "on CUDA where its runtime.num_gpus > 0).",
+        ),
+    ] = None,
+    workdir: Annotated[
+        Path | None, typer.Option(help="Where the benchmark store goes (default: a temp dir).")
+    ] = None,
+    repeats: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Alternate limit and pipeline this many times (a fresh store each) and report the run with "
+            "the median ratio; every run's ratio is in ratio_each.",
+        ),
+    ] = 1,
+    as_json: JsonOpt = False,
+) -> None:
+    """Teacher-only forward loop vs the full caching pipeline on the same images."""
+    from radio_dist.bench.cache import bench_cache, config_teachers
+
+    if (teachers is not None) + seed_teachers + (config is not None) > 1:
+        fail("pass at most one of --teachers, --seed-teachers, --config")
+    names = [n.strip() for n in teachers.split(",") if n.strip()] if teachers is not None else None
+    try:
+        specs, partitions = config_teachers(config) if config is not None else (names, None)
+        if as_json:
+            json_only_stdout()
+        res = bench_cache(
+            images=images,
+            batch_size=batch_size if batch_size is not None or config is not None else 32,
+            resolution=resolution,
+            fit_images=fit_images,
+            workdir=workdir,
+            teachers=specs,
+            partitions=partitions,
+            seed=seed_teachers,
+            log=lambda m: err.print(m, highlight=False),
+            repeats=repeats,
+        )
+    except ConfigError as e:
+        fail(str(e))
+    print_result("bench cache", res, as_json)
+
+
+def bench_ingest_cmd(
+    store: Annotated[
+        str | None,
+        typer.Option(help="Bench this store (default: a fresh one with random demo-shaped targets)."),
+    ] = None,
+    images: Annotated[int, typer.Option(help="Images in the generated store.")] = 1024,
+    batch_size: Annotated[int, typer.Option(help="Samples per step.")] = 32,
+    steps: Annotated[int, typer.Option(help="Timed training steps per measurement.")] = 6,
+    as_json: JsonOpt = False,
+) -> None:
+    """Store reader vs raw reads of the same bytes; S students trained together vs one by one."""
+    from radio_dist.bench.ingest import bench_ingest
+
+    if as_json:
+        json_only_stdout()
+    res = bench_ingest(
+        store_url=store,
+        images=images,
+        batch_size=batch_size,
+        steps=steps,
+        log=lambda m: err.print(m, highlight=False),
+    )
+    print_result("bench ingest", res, as_json)

@@ -1,0 +1,186 @@
+"""`radio-dist distill` and `radio-dist eval`, and the progress bar every training command shows."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from radio_dist.cli.common import JsonOpt, err, fail, fmt, json_only_stdout, out, print_json
+from radio_dist.config import ConfigError, apply_overrides, read_yaml, validate
+
+
+def train_with_progress(
+    label: str,
+    run: Callable[[Callable[[dict[str, Any]], None] | None], dict[str, Any]],
+    step_key: str,
+    info: Callable[[dict[str, Any]], str],
+    as_json: bool,
+    errors: tuple[type[Exception], ...],
+) -> dict[str, Any]:
+    """Run a Ray Train job (``run(on_metrics)``) with a step progress bar on stderr fed by its metrics lines;
+    with --json no bar, and stdout is the summary alone. ``errors`` become a clear exit 2."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=err,
+    )
+    task = None
+
+    def on_metrics(m: dict[str, Any]) -> None:
+        nonlocal task
+        if task is None:
+            progress.start()
+            task = progress.add_task(label, total=m["total_steps"], info="")
+        progress.update(task, completed=m[step_key], info=info(m))
+
+    if as_json:
+        json_only_stdout()
+    try:
+        return run(None if as_json else on_metrics)
+    except errors as e:
+        progress.stop()  # before the message, so the bar does not redraw over it
+        fail(str(e))
+    finally:
+        progress.stop()
+
+
+def build_distill_config(
+    config: Path | None, store: str | None, out_dir: str | None, overrides: list[str]
+) -> Any:
+    from radio_dist.train.config import DistillConfig, default_students
+
+    data = read_yaml(config) if config else {}
+    if "students" not in data:  # materialize the default family so `--set students.0.arch=...` works
+        data["students"] = [s.model_dump(mode="json") for s in default_students()]
+    if store is not None:
+        data.setdefault("store", {})["url"] = store
+    if out_dir is not None:
+        data["out"] = out_dir
+    apply_overrides(data, overrides, DistillConfig)
+    if "url" not in data.get("store", {}):
+        raise ConfigError("no store given: pass --store PATH_OR_URL (or set store.url in the config file)")
+    if "out" not in data:
+        raise ConfigError("no run directory given: pass --out DIR (or set out in the config file)")
+    return validate(DistillConfig, data, str(config) if config else "command line")
+
+
+def distill_cmd(
+    store: Annotated[
+        str | None, typer.Option(help="Feature store to train from (local path or s3://).")
+    ] = None,
+    out_dir: Annotated[
+        str | None,
+        typer.Option("--out", help="Run directory: checkpoints, metrics.jsonl, exported students."),
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="YAML job file (see jobs/configs/).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Config override key.path=value (repeatable).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train every student at once from the cached targets (resumes from OUT's last checkpoint)."""
+    from radio_dist.store import StoreError
+    from radio_dist.train.distill import run_distill
+
+    try:
+        cfg = build_distill_config(config, store, out_dir, set_ or [])
+    except ConfigError as e:
+        fail(str(e))
+
+    def info(m: dict[str, Any]) -> str:
+        losses = "  ".join(
+            f"{s.name} {m[f'{s.name}/total']:.3f}" for s in cfg.students if f"{s.name}/total" in m
+        )
+        return f"epoch {m['epoch']} {m['resolution']}px  {losses}"
+
+    summary = train_with_progress(
+        "distill",
+        lambda follow: run_distill(cfg, follow),
+        "global_step",
+        info,
+        as_json,
+        (StoreError, ConfigError),
+    )
+    if as_json:
+        print_json(summary)
+        return
+    t = Table(title=f"distill -> {cfg.out}", show_header=False)
+    t.add_row("students", ", ".join(summary["students"]))
+    t.add_row("teachers", ", ".join(summary["teachers"]))
+    t.add_row("images in store", str(summary["rows"]))
+    t.add_row("steps", str(summary["global_step"]))
+    t.add_row("wall time", f"{summary['wall_s']:.1f} s")
+    last = summary["last"]
+    for s in summary["students"]:
+        parts = {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith(f"{s}/")}
+        t.add_row(f"last loss {s}", "  ".join(f"{k} {v:.3f}" for k, v in sorted(parts.items())))
+    t.add_row("metrics", f"{cfg.out}/metrics.jsonl")
+    t.add_row("exported", f"{cfg.out}/students/<name>  (radio_dist.train.students.load_student)")
+    out.print(t)
+
+
+def eval_cmd(
+    run: Annotated[str, typer.Argument(help="A distill run directory (its students/ are evaluated).")],
+    store: Annotated[str, typer.Option(help="The store the students were trained from (teachers, PHI-S).")],
+    images: Annotated[int, typer.Option(help="Held-out images (sample-photo views not in the store).")] = 16,
+    views: Annotated[int, typer.Option(help="Sample-photo views to draw held-out images from.")] = 256,
+    resolutions: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated student resolutions (default 0.5x/1x/1.5x partitions)."),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Cosine fidelity of each student to each teacher on held-out images, at several resolutions."""
+    from radio_dist.sources import SourceConfig
+    from radio_dist.store import FeatureStore, StoreError
+    from radio_dist.train.evaluate import EvalConfig, evaluate, load_students
+
+    root = Path(run) / "students"
+    paths = sorted(str(p) for p in root.iterdir() if (p / "config.json").is_file()) if root.is_dir() else []
+    if not paths:
+        fail(f"{run}: no exported students under {root} — run `radio-dist distill --out {run}` first")
+    if as_json:
+        json_only_stdout()
+    try:
+        res_list = [int(r) for r in resolutions.split(",")] if resolutions else None
+        cfg = EvalConfig(source=SourceConfig(views=views), images=images, resolutions=res_list)
+        result = evaluate(FeatureStore(store), load_students(paths), cfg, progress=lambda m: err.print(m))
+    except (StoreError, ValueError) as e:
+        fail(str(e))
+    if as_json:
+        print_json(result)
+        return
+    t = Table(
+        title=f"fidelity on {result['images']} held-out images (cosine to the teacher; untrained in ())"
+    )
+    t.add_column("student")
+    t.add_column("teacher")
+    for r in result["resolutions"]:
+        t.add_column(f"{r}px dense / summary")
+    for name, per_t in result["students"].items():
+        for teacher, per_r in per_t.items():
+            cells = []
+            for r in result["resolutions"]:
+                m = per_r.get(str(r), {})
+                u = result["untrained"].get(name, {}).get(teacher, {}).get(str(r), {})
+                cells.append(
+                    f"{fmt(m.get('dense_cos'))} ({fmt(u.get('dense_cos'))}) / "
+                    f"{fmt(m.get('summary_cos'))} ({fmt(u.get('summary_cos'))})"
+                )
+            t.add_row(name, teacher, *cells)
+    for teacher, per_px in result.get("mean_predictor", {}).get("mean", {}).items():
+        floor: dict[str, float] = next(iter(per_px.values()), {})  # the average cached target: the floor
+        cell = f"{fmt(floor.get('dense_cos'))} / {fmt(floor.get('summary_cos'))}"
+        t.add_row("(store mean)", teacher, *[cell] * len(result["resolutions"]))
+    out.print(t)
