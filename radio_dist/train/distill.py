@@ -107,6 +107,12 @@ class Distiller:
                 "the checkpoint was trained on other data or teachers than the store now holds "
                 f"(digest {meta['digest']} vs {self.plan.digest}); use a new --out"
             )
+        missing = sorted(set(self.students) - set(restored.states))
+        if missing:
+            raise StoreMismatchError(
+                f"the checkpoint holds students {sorted(restored.states)}, not {missing}: a relaunch trains the "
+                "students it started with; use a new --out for another set"
+            )
         for name, st in self.students.items():
             st.load_state_dict(restored.states[name])
         return int(meta["epoch"]), int(meta["next_step"]), int(meta["global_step"])

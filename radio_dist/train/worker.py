@@ -140,6 +140,11 @@ class TrainWorker:
         if ckpt is None:
             return None
         with ckpt.as_directory() as d:
+            if not (Path(d) / STATE_FILE).is_file():
+                raise RuntimeError(
+                    f"checkpoint {ckpt.path} has no {STATE_FILE}: it was written by an older radio-dist — resume "
+                    "it with that version, or start a new run directory (--out)"
+                )
             meta = json.loads((Path(d) / STATE_FILE).read_text())
             states = {
                 p.stem: torch.load(p, map_location=self.device, weights_only=True)

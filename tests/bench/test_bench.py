@@ -79,6 +79,7 @@ def test_bench_ingest_small(tmp_path):
 # -- bench cache -------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # ~1.5 min: two pipeline runs and three limit runs of three teachers
 def test_bench_cache_seed_teachers_counts_model_inputs_with_and_without_mosaic(tmp_path, ray_local):
     """`bench cache --seed-teachers`, as a user runs it, on N views: every seed teacher at both partitions,
     SAM3's low partition at ceil(N / k^2) / N model inputs per image with its mosaic and 1.0 without.
@@ -130,7 +131,8 @@ def test_bench_cache_seed_teachers_counts_model_inputs_with_and_without_mosaic(t
     before, after = out["teacher_only_images_per_s_before_after"]
     assert [before, after] == limits[pick : pick + 2] and min(limits) > 0
     assert out["teacher_only_images_per_s"] == pytest.approx((before + after) / 2)
-    assert out["bytes_per_image"] > 0 and set(out["devices"].values()) == {"cpu"}
+    views = sum(px * px * 3 for px in SEED_PARTITIONS.values())  # each image's stored views, uint8
+    assert out["bytes_per_image"] > views and set(out["devices"].values()) == {"cpu"}
     assert out["pipeline_images"] == 0 and out["steady_state_images_per_s"] is None  # all in the fit phase
 
 
@@ -142,7 +144,7 @@ def test_teacher_only_runs_each_teacher_where_the_pipeline_does():
     )
     views = {"low": photos(64, 10), "high": photos(128, 10)}
     res = teacher_only(views, [siglip, sam], dict(SEED_PARTITIONS))
-    assert res["images"] == 10 and res["images_per_s"] > 0
+    assert res["images"] == 10
     # sam3: batches of 16 -> one batch of 10 views -> ceil(10 / 4) = 3 mosaics at low, 10 native inputs at high
     assert res["model_inputs"] == {"siglip2_tiny": {"low": 10}, "sam3_tiny": {"low": 3, "high": 10}}
     assert res["without_adaptation"]["sam3_tiny"]["model_inputs"] == {"low": 10, "high": 10}

@@ -190,6 +190,7 @@ def _radio_dist(*args: str) -> list[str]:
     return [str(Path(sys.executable).parent / "radio-dist"), *args]
 
 
+@pytest.mark.slow  # ~2 min: a job of its own with its own local Ray, killed and run again
 def test_sigkill_then_rerun_finishes_without_recompute_or_duplicates(tmp_path):
     """Kill the whole job (driver + its local Ray) mid-run; the re-run only computes what was not committed."""
     store_url = str(tmp_path / "store")
