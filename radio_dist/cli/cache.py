@@ -8,7 +8,17 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from radio_dist.cli.common import JsonOpt, err, fail, json_only_stdout, out, print_json, source_from_arg
+from radio_dist.cli.common import (
+    ConfigOpt,
+    JsonOpt,
+    SetOpt,
+    err,
+    fail,
+    json_only_stdout,
+    out,
+    print_json,
+    source_from_arg,
+)
 from radio_dist.config import ConfigError, apply_overrides, read_yaml, validate
 
 
@@ -51,9 +61,7 @@ def build_cache_config(
 
 
 def cache_teachers(
-    config: Annotated[
-        Path | None, typer.Option("--config", "-c", help="YAML job file (see jobs/configs/).")
-    ] = None,
+    config: ConfigOpt = None,
     source: Annotated[
         str | None,
         typer.Option(help="'sample-photos', a folder or s3:// prefix, or a .parquet/.csv list of URIs."),
@@ -64,9 +72,7 @@ def cache_teachers(
     ] = None,
     views: Annotated[int | None, typer.Option(help="sample-photos: expand into N distinct views.")] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N inputs.")] = None,
-    set_: Annotated[
-        list[str] | None, typer.Option("--set", help="Config override key.path=value (repeatable).")
-    ] = None,
+    set_: SetOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Run teachers once per image and write PHI-S targets to the store (resumes an interrupted run)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
@@ -16,6 +17,11 @@ out = Console()
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 StoreArg = Annotated[str, typer.Argument(help="Store root: local path or fsspec URL (s3://bucket/prefix).")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Config override key.path=value (repeatable; the value is YAML)."),
+]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML job file (see jobs/configs/).")]
 
 _json_fd: int | None = None
 

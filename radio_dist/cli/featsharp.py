@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from radio_dist.cli.common import JsonOpt, fail, out, print_json, source_from_arg
+from radio_dist.cli.common import JsonOpt, SetOpt, fail, out, print_json, source_from_arg
 from radio_dist.cli.train import train_with_progress
 from radio_dist.config import ConfigError, apply_overrides, read_yaml, validate
 
@@ -36,9 +36,7 @@ def featsharp_train_cmd(
         str | None,
         typer.Option("--out", help="Run directory: checkpoints, featsharp.safetensors, report.json."),
     ] = None,
-    set_: Annotated[
-        list[str] | None, typer.Option("--set", help="Config override key.path=value (repeatable).")
-    ] = None,
+    set_: SetOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Train FeatSharp with Ray Train (resumes from OUT's last checkpoint); reports held-out error vs bilinear."""

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from radio_dist.cli.common import err, fail, out
+from radio_dist.cli.common import SetOpt, err, fail, out
 from radio_dist.config import ConfigError
 
 
@@ -25,9 +25,7 @@ def submit_cmd(
     runtime_env: Annotated[
         Path | None, typer.Option(help="A runtime_env YAML (e.g. deploy/runtime_env.yaml) to start from.")
     ] = None,
-    set_: Annotated[
-        list[str] | None, typer.Option("--set", help="Config override key.path=value (repeatable).")
-    ] = None,
+    set_: SetOpt = None,
     follow: Annotated[bool, typer.Option(help="Stream the job's logs until it ends.")] = True,
 ) -> None:
     """Submit a radio-dist job to a Ray cluster; exits with the job's outcome (0 = SUCCEEDED)."""

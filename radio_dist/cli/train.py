@@ -9,7 +9,17 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from radio_dist.cli.common import JsonOpt, err, fail, fmt, json_only_stdout, out, print_json
+from radio_dist.cli.common import (
+    ConfigOpt,
+    JsonOpt,
+    SetOpt,
+    err,
+    fail,
+    fmt,
+    json_only_stdout,
+    out,
+    print_json,
+)
 from radio_dist.config import ConfigError, apply_overrides, read_yaml, validate
 
 
@@ -81,12 +91,8 @@ def distill_cmd(
         str | None,
         typer.Option("--out", help="Run directory: checkpoints, metrics.jsonl, exported students."),
     ] = None,
-    config: Annotated[
-        Path | None, typer.Option("--config", "-c", help="YAML job file (see jobs/configs/).")
-    ] = None,
-    set_: Annotated[
-        list[str] | None, typer.Option("--set", help="Config override key.path=value (repeatable).")
-    ] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Train every student at once from the cached targets (resumes from OUT's last checkpoint)."""
