@@ -64,7 +64,7 @@ SCAFFOLD = {
     "radio_dist.train.worker",
     "radio_dist.train.driver",
     "radio_dist.train.rundir",
-    "radio_dist.train.gradsync",
+    "radio_dist.train.parallel",
 }
 
 

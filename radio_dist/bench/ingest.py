@@ -23,6 +23,7 @@ from radio_dist.train.config import DistillConfig, TrainConfig, default_students
 from radio_dist.train.plan import prepare_run
 from radio_dist.train.reader import ReaderConfig, ShardStream, committed_shards, epoch_plan
 from radio_dist.train.step import StudentState, student_step, to_images
+from radio_dist.train.transfer import to_device
 
 
 def bench_ingest(
@@ -145,10 +146,11 @@ def _bench_ingest(
                 t0, compute = time.perf_counter(), 0.0
             batch = next(stream) if read and step else cached
             c0 = time.perf_counter()
-            images = to_images(batch, px, device)
+            on_device = to_device(batch, device)
+            images = to_images(on_device.images, px)
             for i, st in enumerate(states.values()):
                 rng = np.random.default_rng([step, i])
-                student_step(st, images, batch, plan, train, rng, train.lr, train.damp_sigma, device)
+                student_step(st, images, on_device, plan, train, rng, train.lr, train.damp_sigma, device)
             compute += time.perf_counter() - c0
         return time.perf_counter() - t0, compute
 

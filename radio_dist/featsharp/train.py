@@ -44,7 +44,7 @@ from radio_dist.ray_setup import RayConfig, init_ray
 from radio_dist.sources import SourceConfig, SourceItem, list_items
 from radio_dist.teacher import NO_ADAPTATION, Teacher, TeacherSpec, create_teacher, fingerprint, preset_spec
 from radio_dist.train.driver import absolute_path, fit_with_ray_train
-from radio_dist.train.gradsync import all_reduce_grads, broadcast_params
+from radio_dist.train.parallel import data_parallel
 from radio_dist.train.rundir import RunDir, read_metrics
 from radio_dist.train.worker import DebugSettings, ScalingSettings, TrainWorker
 
@@ -153,6 +153,7 @@ class FeatSharpConfig(StrictModel):
 
 def featsharp_step(
     model: FeatSharp,
+    train_model: torch.nn.Module,
     opt: torch.optim.Optimizer,
     teacher: Teacher,
     phis: PhiS,
@@ -162,7 +163,8 @@ def featsharp_step(
     world: int,
     distributed: bool,
 ) -> float:
-    """One optimizer step on ``images`` (uint8, high-res) and their jitters; the loss, averaged over workers."""
+    """One optimizer step on ``images`` (uint8, high-res) and their jitters; the loss, averaged over workers.
+    ``train_model`` is ``model`` or its DDP wrapper (which averages the gradients during the backward)."""
     gen = torch.Generator().manual_seed(int(rng.integers(1 << 62)))
     b, t = len(images), cfg.train
     theta = sample_jitters(b * t.jitters, gen, t.zoom, t.max_rotation_deg, t.max_shift).view(
@@ -172,18 +174,14 @@ def featsharp_step(
         x = teacher.normalize(images)
         v = make_views(teacher, phis, x, cfg.upsampler.factor, cfg.low_px, theta.to(x.device))
         theta_all, targets = with_identity(v.theta, v)
-    opt.zero_grad(set_to_none=False)
-    hr = model(x, v.low, v.tiles)
+    opt.zero_grad(set_to_none=True)
+    hr = train_model(x, v.low, v.tiles)
     loss = consistency_loss(model, hr, theta_all, targets)
     loss.backward()
     lv = torch.tensor([float(loss.detach())], dtype=torch.float64)
     if distributed:
         import torch.distributed as dist
 
-        for p in model.parameters():
-            if p.grad is not None:
-                p.grad.div_(world)
-        all_reduce_grads(model)
         dist.all_reduce(lv)
         lv /= world
     opt.step()
@@ -211,14 +209,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ucfg = UpsamplerConfig(dim=probe.shape[-1], grid=probe.shape[1], **cfg.upsampler.model_dump())
     torch.manual_seed(cfg.train.seed)
     model = FeatSharp(ucfg).to(ctx.device)
+    train_model = data_parallel(model, ctx.distributed, ctx.device)  # rank 0's initial weights everywhere
     opt = torch.optim.NAdam(model.parameters(), lr=cfg.train.lr)
     step = 0
     if restored is not None:
         model.load_state_dict(restored.states["model"])
         opt.load_state_dict(restored.states["opt"])
         step = int(restored.meta["step"])
-    elif ctx.distributed:
-        broadcast_params(model)
     meta = {
         "format": FORMAT,
         "teacher": cfg.teacher.model_dump(mode="json"),
@@ -240,7 +237,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         rng = np.random.default_rng([cfg.train.seed & 0xFFFFFFFF, step, ctx.rank, 0xF5])
         pick = rng.choice(len(mine), size=min(cfg.train.batch_size, len(mine)), replace=False)
         loss = featsharp_step(
-            model, opt, teacher, phis, mine[np.sort(pick)], cfg, rng, ctx.world, ctx.distributed
+            model, train_model, opt, teacher, phis, mine[np.sort(pick)], cfg, rng, ctx.world, ctx.distributed
         )
         step += 1
         line = {

@@ -9,6 +9,7 @@ from pydantic import Field, field_validator, model_validator
 from radio_dist.config import StrictModel
 from radio_dist.ray_setup import RayConfig
 from radio_dist.store import StoreConfig
+from radio_dist.train.parallel import Precision
 from radio_dist.train.reader import ReaderConfig
 from radio_dist.train.students import StudentSpec
 from radio_dist.train.worker import DebugSettings, ScalingSettings
@@ -51,6 +52,21 @@ class TrainConfig(StrictModel):
     damp_schedule: str = Field("cosine", description="DAMP annealing: constant | linear | cosine.")
     checkpoint_every: int = Field(50, ge=0, description="Checkpoint every N steps (0: at epoch ends only).")
     log_every: int = Field(1, ge=1, description="Write a metrics line every N steps.")
+    precision: Precision = Field(
+        "auto",
+        description="auto: bf16 autocast on CUDA, fp32 elsewhere; bf16 | fp32 force it (master weights and "
+        "optimizer state stay fp32).",
+    )
+    grad_clip: float | None = Field(
+        1.0,
+        gt=0,
+        description="Clip each student's gradient norm to this (None: no clipping; the norm is logged).",
+    )
+    max_nonfinite_steps: int = Field(
+        10,
+        ge=1,
+        description="A step whose loss or gradient is not finite is skipped; this many in a row stop the job.",
+    )
     seed: int = Field(0, description="Seeds the data order, resolutions, shifts and initial weights.")
     threads: int | None = Field(None, ge=1, description="torch threads per worker (default: its CPUs).")
     export_ema: bool = Field(False, description="Export the EMA students instead of the trained ones.")

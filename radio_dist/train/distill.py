@@ -7,15 +7,21 @@ The method's ingredients are pure functions in ``radio_dist.train.losses``, wire
 ``radio_dist.train.worker``. This module is the job: ``Distiller`` (one worker's loop, in named steps),
 ``train_loop_per_worker`` and ``run_distill``.
 
-Resumption: a checkpoint holds every student, optimizer and EMA, plus the data position (epoch, next step) in
-the deterministic per-epoch plan. A restarted worker (``FailureConfig``) or a re-launched job (same ``out``)
-continues from there, so each sample of an epoch is trained on exactly once; ``OUT/samples/rank-*.jsonl``
-is an audit log of which ids each step saw, per attempt (``radio_dist.train.audit``).
+Each student trains through PyTorch's DDP (``radio_dist.train.parallel``), under bf16 autocast on CUDA, with
+its gradient norm clipped and logged and non-finite steps skipped (``radio_dist.train.step``).
+
+Resumption: a checkpoint holds every student, optimizer and EMA, plus the data position
+(``radio_dist.train.epochs``: epoch, plan inputs, steps done). A restarted worker (``FailureConfig``) or a
+re-launched job (same ``out``) continues from there — with other workers, batch size or shuffle window the
+rest of the epoch is re-planned — so each sample of an epoch is trained on exactly once;
+``OUT/samples/rank-*.jsonl`` is an audit log of which ids each step saw, per attempt
+(``radio_dist.train.audit``).
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,17 +33,27 @@ import torch
 
 from radio_dist.phis import PhiS
 from radio_dist.ray_setup import init_ray
-from radio_dist.store import FeatureStore, StoreMismatchError
+from radio_dist.store import FeatureStore
 from radio_dist.train import losses as L
 from radio_dist.train.audit import SampleLog, samples_log_name
 from radio_dist.train.config import DistillConfig
 from radio_dist.train.driver import absolute_path, fit_with_ray_train
-from radio_dist.train.gradsync import broadcast_params, mean_over_workers
+from radio_dist.train.epochs import Position, plans_for
+from radio_dist.train.parallel import autocast_dtype, mean_over_workers, sum_over_workers
 from radio_dist.train.plan import RunPlan, prepare_run, step_choice
-from radio_dist.train.reader import Batch, ShardStream, WorkerPlan, epoch_plan
+from radio_dist.train.reader import ShardStream
+from radio_dist.train.resume import (
+    ResumeError,
+    check_relaunch,
+    checkpoint_meta,
+    checkpoint_position,
+    plan_inputs,
+    relaunch_problem,
+)
 from radio_dist.train.rundir import RunDir, read_metrics
 from radio_dist.train.step import StudentState, lr_at, student_step, to_images
 from radio_dist.train.students import StudentModel, export_student
+from radio_dist.train.transfer import DeviceBatch, device_batches
 from radio_dist.train.worker import TrainWorker
 
 
@@ -59,6 +75,7 @@ class StepResult:
     """What one step of every student on one batch reports."""
 
     metrics: dict[str, float]  # metric_keys, averaged over the workers (sample-weighted)
+    extra: dict[str, float]  # per student: grad_norm, step_s, skipped (identical on every worker but timing)
     images: int  # samples of the step over all workers
     lr: float
     damp_sigma: float
@@ -74,110 +91,110 @@ class Distiller:
         )
         self.store = FeatureStore.from_config(cfg.store)
         self.shards = plan.shard_rows(self.store)
-        device = self.worker.device
-        self.students = {s.name: StudentState(s, plan.heads, cfg.train, device) for s in cfg.students}
-        self.epoch, self.next_step, self.global_step = self.restore()
+        ctx = self.worker.ctx
+        self.dtype = autocast_dtype(cfg.train.precision, ctx.device)
+        self.students = {
+            s.name: StudentState(s, plan.heads, cfg.train, ctx.device, ctx.distributed) for s in cfg.students
+        }
+        self.inputs = plan_inputs(cfg, ctx.world)
+        self.pos = self.restore()
         self.keys = metric_keys(cfg, plan)
-        steps_per_epoch = self.epoch_plan(0).steps
-        self.total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
+        self.total_steps = cfg.train.max_steps or self.planned_steps()
         log = self.worker.open_log(samples_log_name(self.worker.rank))
-        self.samples = SampleLog(log, self.epoch, self.next_step)
+        self.samples = SampleLog(log, self.pos, *self.worker.attempt)
 
-    def epoch_plan(self, epoch: int) -> WorkerPlan:
-        """This worker's share of ``epoch`` (the plan every worker derives alike)."""
-        t, r = self.cfg.train, self.cfg.reader
-        return epoch_plan(self.shards, epoch, t.seed, self.worker.ctx.world, t.batch_size, r.shuffle_shards)[
-            self.worker.rank
-        ]
+    @property
+    def global_step(self) -> int:
+        return self.pos.global_step
 
-    def restore(self) -> tuple[int, int, int]:
-        """(epoch, next step, global step) from the last checkpoint, students and optimizers loaded; a fresh
-        start instead takes rank 0's initial weights on every worker."""
+    def planned_steps(self) -> int:
+        """Steps of the whole job: those done, the rest of this epoch's plan, whole epochs after it."""
+        rest = plans_for(self.shards, self.pos)[0].steps - self.pos.next_step
+        later = self.cfg.train.epochs - self.pos.epoch - 1
+        whole = plans_for(self.shards, Position(epoch=self.pos.epoch, inputs=self.inputs))[0].steps
+        return self.pos.global_step + max(0, rest) + max(0, later) * whole
+
+    def restore(self) -> Position:
+        """The data position from the last checkpoint (students and optimizers loaded), continued under this
+        job's plan inputs: the same plan if they are the checkpoint's, else the epoch's rest re-planned."""
         restored = self.worker.restore()
         if restored is None:
-            if self.worker.ctx.distributed:
-                for st in self.students.values():
-                    broadcast_params(st.model)
-                    if st.ema is not None:
-                        st.ema.load_state_dict(st.model.state_dict())
-            return 0, 0, 0
+            return Position(inputs=self.inputs)
         meta = restored.meta
-        if meta["digest"] != self.plan.digest or meta["fingerprints"] != self.plan.fingerprints:
-            raise StoreMismatchError(
-                "the checkpoint was trained on other data or teachers than the store now holds "
-                f"(digest {meta['digest']} vs {self.plan.digest}); use a new --out"
-            )
-        missing = sorted(set(self.students) - set(restored.states))
-        if missing:
-            raise StoreMismatchError(
-                f"the checkpoint holds students {sorted(restored.states)}, not {missing}: a relaunch trains the "
-                "students it started with; use a new --out for another set"
-            )
+        problem = relaunch_problem(meta, self.plan, list(self.students))
+        if problem:
+            raise ResumeError(problem)
         for name, st in self.students.items():
             st.load_state_dict(restored.states[name])
-        return int(meta["epoch"]), int(meta["next_step"]), int(meta["global_step"])
+        return checkpoint_position(meta, self.inputs).resumed_with(self.inputs)
 
     def run(self) -> None:
         """Train from the restored position to the last epoch (or ``train.max_steps``), then export."""
-        while self.epoch < self.cfg.train.epochs:
+        while self.pos.epoch < self.cfg.train.epochs:
             if self.train_epoch():
                 break
-            self.epoch, self.next_step = self.epoch + 1, 0
+            self.pos = self.pos.next_epoch(self.inputs, self.global_step)
         self.worker.close()
         if self.worker.rank == 0:
             self.export()
 
     def train_epoch(self) -> bool:
-        """The rest of the current epoch, from ``next_step``; True when ``train.max_steps`` was reached."""
-        train = self.cfg.train
-        plan = self.epoch_plan(self.epoch)
+        """The rest of the current epoch's segment; True when ``train.max_steps`` was reached."""
+        train, pos = self.cfg.train, self.pos
+        plan = plans_for(self.shards, pos)[self.worker.rank]
+        epoch, segment = pos.epoch, pos.segment
         stream = ShardStream(
             self.store,
             plan,
             self.plan.teachers,
             self.plan.partitions,
-            lambda s, e=self.epoch: step_choice(self.plan, train, e, s)[0],
+            lambda s: step_choice(self.plan, train, epoch, s, segment)[0],
             self.cfg.reader,
-            start_step=self.next_step,
+            start_step=pos.next_step,
         )
-        for batch in stream:
+        for batch in device_batches(stream, self.worker.device):
             t0 = time.perf_counter()
-            _, resolution = step_choice(self.plan, train, self.epoch, batch.step)
+            step = batch.host.step
+            _, resolution = step_choice(self.plan, train, epoch, step, segment)
             result = self.train_step(batch, resolution)
-            self.samples.step(self.epoch, batch.step, batch.ids)
-            self.global_step += 1
-            last_of_epoch = batch.step == plan.steps - 1
+            self.samples.step(epoch, step, self.global_step, batch.host.ids)
+            self.pos = self.pos.after_step(step, self.global_step + 1)
+            last_of_epoch = step == plan.steps - 1
             done = train.max_steps is not None and self.global_step >= train.max_steps
             if self.global_step % train.log_every == 0 or last_of_epoch:
                 self.log_step(batch, resolution, result, time.perf_counter() - t0)
             self.worker.after_step(self.global_step)
-            metrics = {"epoch": self.epoch, "global_step": self.global_step, **result.metrics}
+            metrics = {"epoch": epoch, "global_step": self.global_step, **result.metrics}
             if last_of_epoch:
-                self.checkpoint(self.epoch + 1, 0, metrics)
+                self.checkpoint(self.pos.next_epoch(self.inputs, self.global_step), metrics)
             elif done or (train.checkpoint_every and self.global_step % train.checkpoint_every == 0):
-                self.checkpoint(self.epoch, batch.step + 1, metrics)
+                self.checkpoint(self.pos, metrics)
             self.worker.after_checkpoint(self.global_step)
             if done:
                 return True
         return False
 
-    def train_step(self, batch: Batch, resolution: int) -> StepResult:
+    def train_step(self, batch: DeviceBatch, resolution: int) -> StepResult:
         """Every student one optimizer step on this worker's share of the step's batch."""
         ctx, train = self.worker.ctx, self.cfg.train
         n_local = n_global = len(batch)
         if ctx.distributed:
-            import torch.distributed as dist
-
-            nt = torch.tensor([n_local], dtype=torch.float64)
-            dist.all_reduce(nt)
-            n_global = int(nt.item())
+            n_global = int(sum_over_workers([float(n_local)])[0])
+        # DDP averages gradients over the workers: weighting each worker's mean loss by its share of the global
+        # batch makes that average the global batch's mean (workers' batches differ at an epoch's end)
+        scale = ctx.world * n_local / max(1, n_global)
         lr = lr_at(self.global_step, self.total_steps, train)
         sigma = L.damp_sigma(self.global_step, self.total_steps, train.damp_sigma, train.damp_schedule)
-        images = to_images(batch, resolution, ctx.device) if n_local else None
+        images = to_images(batch.images, resolution)
         metrics: dict[str, float] = {}
+        extra: dict[str, float] = {}
+        seg = (self.pos.segment,) if self.pos.segment else ()
         for i, (name, st) in enumerate(self.students.items()):
-            rng = np.random.default_rng([train.seed & 0xFFFFFFFF, self.epoch, batch.step, ctx.rank, i, 0x5F])
-            parts = student_step(
+            rng = np.random.default_rng(
+                [train.seed & 0xFFFFFFFF, self.pos.epoch, *seg, batch.host.step, ctx.rank, i, 0x5F]
+            )
+            t0 = time.perf_counter()
+            outcome = student_step(
                 st,
                 images,
                 batch,
@@ -187,44 +204,49 @@ class Distiller:
                 lr,
                 sigma,
                 ctx.device,
-                grad_scale=n_local / max(1, n_global),
-                distributed=ctx.distributed,
+                loss_scale=scale,
                 update=n_global > 0,
+                dtype=self.dtype,
             )
-            metrics.update({f"{name}/{k}": v for k, v in parts.items()})
+            if ctx.device.type == "cuda":
+                torch.cuda.synchronize(ctx.device)
+            metrics.update({f"{name}/{k}": v for k, v in outcome.parts.items()})
+            extra[f"{name}/grad_norm"] = outcome.grad_norm
+            extra[f"{name}/step_s"] = time.perf_counter() - t0
+            extra[f"{name}/skipped"] = st.skipped
         if ctx.distributed:
             metrics = mean_over_workers(metrics, self.keys, n_local)
-        return StepResult(metrics, n_global, lr, sigma)
+        return StepResult(metrics, extra, n_global, lr, sigma)
 
-    def log_step(self, batch: Batch, resolution: int, result: StepResult, step_s: float) -> None:
+    def log_step(self, batch: DeviceBatch, resolution: int, result: StepResult, step_s: float) -> None:
+        device = self.worker.device
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         self.worker.log(
             {
-                "epoch": self.epoch,
-                "step": batch.step,
+                "epoch": self.pos.epoch,
+                "segment": self.pos.segment,
+                "step": batch.host.step,
                 "global_step": self.global_step,
                 "total_steps": self.total_steps,
-                "partition": batch.partition,
+                "partition": batch.host.partition,
                 "resolution": resolution,
                 "images": result.images,
                 "step_s": step_s,
-                "read_wait_s": batch.read_wait_s,
+                "samples_per_s": result.images / step_s if step_s > 0 else None,
+                "read_wait_s": batch.host.read_wait_s,
+                "h2d_s": batch.h2d_s,
+                "peak_mem_gib": peak,
                 "lr": result.lr,
                 "damp_sigma": result.damp_sigma,
+                **result.extra,
                 **result.metrics,
             }
         )
 
-    def checkpoint(self, epoch: int, next_step: int, metrics: dict[str, Any]) -> None:
+    def checkpoint(self, pos: Position, metrics: dict[str, Any]) -> None:
         """Every student, optimizer and EMA, and the data position the next attempt resumes from."""
-        meta = {
-            "epoch": epoch,
-            "next_step": next_step,
-            "global_step": self.global_step,
-            "digest": self.plan.digest,
-            "fingerprints": self.plan.fingerprints,
-        }
         states = {name: st.state_dict() for name, st in self.students.items()}
-        self.worker.checkpoint(metrics, meta, states)
+        self.worker.checkpoint(metrics, checkpoint_meta(pos, self.plan, list(self.students)), states)
 
     def export(self) -> None:
         """Every student (or its EMA, ``train.export_ema``) under OUT/students/<name> with the store's PHI-S."""
@@ -262,8 +284,17 @@ def run_distill(
         }
     )
     plan = prepare_run(cfg)
-    init_ray(cfg.ray)
     out = RunDir(cfg.out, cfg.out_storage_options)
+    resumed = check_relaunch(cfg, plan, plan.shard_rows(FeatureStore.from_config(cfg.store)), out)
+    if resumed is not None:
+        line = (
+            f"resuming {cfg.out} at epoch {resumed['epoch']}, step {resumed['global_step']} "
+            f"({resumed['remaining_in_epoch']} sample(s) of the epoch left)"
+        )
+        if "replanned_for" in resumed:
+            line += f": planned for {resumed['plan']}, re-planned for {resumed['replanned_for']}"
+        print(line, file=sys.stderr)
+    init_ray(cfg.ray)
     out.fs.makedirs(out.root, exist_ok=True)
     with out.open("run.json", "w") as f:
         f.write(
@@ -288,5 +319,6 @@ def run_distill(
         "global_step": last.get("global_step", 0),
         "wall_s": time.perf_counter() - t0,
         "checkpoint": str(result.checkpoint.path) if result.checkpoint else None,
+        "resumed": resumed,
         "last": last,
     }

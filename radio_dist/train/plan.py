@@ -123,7 +123,11 @@ def prepare_run(cfg: DistillConfig) -> RunPlan:
     )
 
 
-def step_choice(plan: RunPlan, train: TrainConfig, epoch: int, step: int) -> tuple[str, int]:
-    """(partition, resolution) of one step: a pure function of the seed, identical on every worker."""
-    rng = np.random.default_rng([train.seed & 0xFFFFFFFF, epoch, step, 0xDE5])
+def step_choice(
+    plan: RunPlan, train: TrainConfig, epoch: int, step: int, segment: int = 0
+) -> tuple[str, int]:
+    """(partition, resolution) of one step of an epoch's plan (``segment``: its re-plans after a relaunch
+    with other settings): a pure function of the seed, identical on every worker."""
+    seg = [segment] if segment else []
+    rng = np.random.default_rng([train.seed & 0xFFFFFFFF, epoch, step, *seg, 0xDE5])
     return L.sample_resolution(rng, plan.resolutions, train.partition_weights)

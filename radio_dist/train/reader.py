@@ -116,27 +116,42 @@ def epoch_plan(
     num_workers: int,
     batch_size: int,
     shuffle_shards: int,
+    exclude: frozenset[tuple[str, int]] = frozenset(),
+    segment: int = 0,
 ) -> list[WorkerPlan]:
-    """The epoch's sample order for every worker (pure; identical on every worker and across restarts)."""
+    """The epoch's sample order for every worker (pure; identical on every worker and across restarts).
+
+    ``exclude`` (``(shard, row)`` pairs) leaves out samples an earlier segment of the epoch already trained on:
+    a job relaunched with other settings re-plans the rest of the epoch (``radio_dist.train.epochs``);
+    ``segment`` > 0 keys that re-plan's shuffles apart from the epoch's first plan.
+    """
     if num_workers < 1 or batch_size < 1 or shuffle_shards < 1:
         raise ValueError(
             f"num_workers, batch_size and shuffle_shards must be >= 1, got {num_workers}, {batch_size}, "
             f"{shuffle_shards}"
         )
-    order = _rng(seed, epoch, 0xA11).permutation(len(shards))
+    seg = (segment,) if segment else ()  # segment 0 keeps the keys every earlier release used
+    rows = {
+        s.shard: [Sample(s.shard, i, rid) for i, rid in enumerate(s.ids) if (s.shard, i) not in exclude]
+        for s in shards
+    }
+    order = _rng(seed, epoch, *seg, 0xA11).permutation(len(shards))
     assigned: list[list[ShardRows]] = [[] for _ in range(num_workers)]
     load = [0] * num_workers
     for k in order:  # balance rows; ties go to the lowest rank
+        shard = shards[int(k)]
+        if not rows[shard.shard]:
+            continue  # every row of it was trained on earlier in the epoch
         w = min(range(num_workers), key=lambda i: (load[i], i))
-        assigned[w].append(shards[int(k)])
-        load[w] += len(shards[int(k)].ids)
+        assigned[w].append(shard)
+        load[w] += len(rows[shard.shard])
     plans = []
     for w, mine in enumerate(assigned):
         windows = [mine[i : i + shuffle_shards] for i in range(0, len(mine), shuffle_shards)]
         samples: list[Sample] = []
         for j, win in enumerate(windows):
-            pool = [Sample(s.shard, i, rid) for s in win for i, rid in enumerate(s.ids)]
-            perm = _rng(seed, epoch, w, j, 0x5EED).permutation(len(pool))
+            pool = [r for s in win for r in rows[s.shard]]
+            perm = _rng(seed, epoch, *seg, w, j, 0x5EED).permutation(len(pool))
             samples.extend(pool[int(p)] for p in perm)
         plans.append(
             WorkerPlan(

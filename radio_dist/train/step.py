@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -17,10 +18,16 @@ import torch.nn.functional as F
 
 from radio_dist.train import losses as L
 from radio_dist.train.config import TrainConfig
-from radio_dist.train.gradsync import all_reduce_grads
+from radio_dist.train.parallel import autocast, data_parallel, make_adamw
 from radio_dist.train.plan import RunPlan
-from radio_dist.train.reader import Batch
-from radio_dist.train.students import StudentModel, StudentSpec, TeacherHeadInfo, build_student
+from radio_dist.train.students import (
+    StudentModel,
+    StudentOutput,
+    StudentSpec,
+    TeacherHeadInfo,
+    build_student,
+)
+from radio_dist.train.transfer import DeviceBatch
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -31,9 +38,12 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / rest)))
 
 
-def to_images(batch: Batch, resolution: int, device: torch.device) -> torch.Tensor:
-    """The batch's uint8 views as float NCHW in [0, 1] on ``device``, resized to the step's resolution."""
-    x = torch.from_numpy(batch.images).to(device).permute(0, 3, 1, 2).float().div_(255.0)
+def to_images(images: torch.Tensor, resolution: int) -> torch.Tensor:
+    """A batch's uint8 NHWC views (on the device) as float NCHW in [0, 1], resized there to the step's
+    resolution. An empty batch gives one zero image: the placeholder forward of a worker whose shards ran out."""
+    if not len(images):
+        return torch.zeros(1, 3, resolution, resolution, device=images.device)
+    x = images.permute(0, 3, 1, 2).float().div_(255.0)
     if x.shape[-1] != resolution:
         x = F.interpolate(
             x, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=True
@@ -46,27 +56,45 @@ def student_resolution(resolution: int, patch: int) -> int:
     return max(patch, int(round(resolution / patch)) * patch)
 
 
+class NonFiniteError(RuntimeError):
+    """Too many steps in a row had a non-finite loss or gradient."""
+
+
 class StudentState:
-    """One student with its optimizer and (optional) EMA copy."""
+    """One student with its optimizer, (optional) EMA copy and data-parallel wrapper.
+
+    ``model`` is the plain module (checkpointed, exported, the EMA's source); ``train_model`` is what the
+    training forward runs — DDP around ``model`` when the workers share a process group, whose construction
+    also gives every worker rank 0's initial weights.
+    """
 
     def __init__(
-        self, spec: StudentSpec, heads: dict[str, TeacherHeadInfo], cfg: TrainConfig, device: torch.device
+        self,
+        spec: StudentSpec,
+        heads: dict[str, TeacherHeadInfo],
+        cfg: TrainConfig,
+        device: torch.device,
+        distributed: bool = False,
     ):
         torch.manual_seed(cfg.seed)
         self.spec = spec
         self.model: StudentModel = build_student(spec, heads).to(device)
+        self.train_model: torch.nn.Module = data_parallel(self.model, distributed, device)
         self.ema: StudentModel | None = None
-        if cfg.mesa_weight > 0:
+        if cfg.mesa_weight > 0:  # after the wrapper: the EMA starts from rank 0's weights too
             self.ema = copy.deepcopy(self.model).eval()
             for p in self.ema.parameters():
                 p.requires_grad_(False)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.opt = make_adamw(self.model.parameters(), cfg.lr, cfg.weight_decay, device)
+        self.nonfinite_run = 0  # non-finite steps in a row (the guard)
+        self.skipped = 0  # non-finite steps skipped in all
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "opt": self.opt.state_dict(),
+            "guard": {"nonfinite_run": self.nonfinite_run, "skipped": self.skipped},
         }
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
@@ -74,19 +102,36 @@ class StudentState:
         if self.ema is not None and d.get("ema") is not None:
             self.ema.load_state_dict(d["ema"])
         self.opt.load_state_dict(d["opt"])
+        guard = d.get("guard") or {}
+        self.nonfinite_run = int(guard.get("nonfinite_run", 0))
+        self.skipped = int(guard.get("skipped", 0))
+
+
+def touch_outputs(out: StudentOutput) -> torch.Tensor:
+    """0 x every output: added to a loss so that every parameter takes part in the backward pass (DDP
+    all-reduces a gradient for each, also for heads a step's loss does not use)."""
+    total = out.features.float().sum()
+    for summary, dense in out.heads.values():
+        total = total + dense.float().sum()
+        if summary is not None:
+            total = total + summary.float().sum()
+    return total * 0.0
 
 
 def student_losses(
     st: StudentState,
     images: torch.Tensor,
-    batch: Batch,
+    batch: DeviceBatch,
     plan: RunPlan,
     cfg: TrainConfig,
     rng: np.random.Generator,
     damp_sigma: float,
     device: torch.device,
+    dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The student's total loss on the step's batch (sum over teachers + MESA) and its parts."""
+    """The student's total loss on the step's batch (sum over teachers + MESA) and its parts.
+
+    The forward runs under ``dtype`` autocast (None: fp32); the losses are computed in fp32."""
     patch = st.model.patch_size
     res = student_resolution(images.shape[-1], patch)
     x = (
@@ -98,17 +143,20 @@ def student_losses(
     max_shift = min(cfg.max_shift, max(0, (g - 1) // 2))  # student vs EMA differ by <= 2*max_shift < g
     shift = L.random_shift(rng, max_shift)
     xs = L.shift_image(x, shift, patch)
-    if damp_sigma > 0:
-        params = L.damp_params(st.model, damp_sigma)
-        out = torch.func.functional_call(st.model, params, (xs,))
-    else:
-        out = st.model(xs)
-    total = torch.zeros((), device=device)
+    with autocast(device, dtype):
+        if damp_sigma > 0:  # through the DDP wrapper, so the noisy forward's gradients are all-reduced
+            params = L.damp_params(st.train_model, damp_sigma)
+            out = torch.func.functional_call(st.train_model, params, (xs,))
+        else:
+            out = st.train_model(xs)
+    total = touch_outputs(out)
     parts: dict[str, float] = {}
     for t in plan.teachers:
         summary_pred, dense_pred = out.heads[t]
+        dense_pred = dense_pred.float()
+        summary_pred = summary_pred.float() if summary_pred is not None else None
         u = dense_pred.shape[1] // g
-        target = torch.from_numpy(batch.dense[t]).to(device).float()  # fp16 as stored -> fp32 on the device
+        target = batch.dense[t].float()  # fp16 as stored -> fp32 on the device
         target = L.resample_grid(target, (dense_pred.shape[1], dense_pred.shape[2]))
         ls = L.spatial_loss(dense_pred, target, (shift[0] * u, shift[1] * u))
         parts[f"{t}/spatial"] = float(ls.detach())
@@ -116,56 +164,78 @@ def student_losses(
         ys = batch.summary.get(t)
         if summary_pred is not None and ys is not None and cfg.summary_weight > 0:
             disp = plan.dispersion.get(t) or 1.0
-            la = L.balanced_summary_loss(summary_pred, torch.from_numpy(ys).to(device), float(disp))
+            la = L.balanced_summary_loss(summary_pred, ys.float(), float(disp))
             parts[f"{t}/summary"] = float(la.detach())
             total = total + cfg.summary_weight * la
     if st.ema is not None and cfg.mesa_weight > 0:
         shift_e = L.random_shift(rng, max_shift)
-        with torch.no_grad():
+        with torch.no_grad(), autocast(device, dtype):
             ema_feats = st.ema(L.shift_image(x, shift_e, patch)).features
-        lm = L.mesa_loss(out.features, ema_feats, shift, shift_e)
+        lm = L.mesa_loss(out.features.float(), ema_feats.float(), shift, shift_e)
         parts["mesa"] = float(lm.detach())
         total = total + cfg.mesa_weight * lm
     parts["total"] = float(total.detach())
     return total, parts
 
 
+@dataclass
+class StepOutcome:
+    """What one student's step did: its loss parts, gradient norm (before clipping), whether it stepped."""
+
+    parts: dict[str, float]
+    grad_norm: float
+    stepped: bool
+
+
 def student_step(
     st: StudentState,
-    images: torch.Tensor | None,
-    batch: Batch,
+    images: torch.Tensor,
+    batch: DeviceBatch,
     plan: RunPlan,
     cfg: TrainConfig,
     rng: np.random.Generator,
     lr: float,
     damp_sigma: float,
     device: torch.device,
-    grad_scale: float = 1.0,
-    distributed: bool = False,
+    loss_scale: float = 1.0,
     update: bool = True,
-) -> dict[str, float]:
-    """One optimizer step of one student on the step's batch; returns its loss parts.
+    dtype: torch.dtype | None = None,
+) -> StepOutcome:
+    """One optimizer step of one student on the step's batch.
 
-    ``grad_scale`` (this worker's share of the global batch) weights the loss so that gradients summed over
-    the workers are the global mean. A worker whose shards ran out passes ``images=None``: it still joins
-    the gradient all-reduce (with zeros) and takes the step, so every worker's weights stay the same.
-    ``update=False`` (no worker had a sample) skips the optimizer and EMA step.
+    ``loss_scale`` weights this worker's mean loss so that DDP's average over the workers is the mean over
+    the global batch (``world * n_local / n_global``). A worker whose shards ran out (an empty ``batch``)
+    still runs the forward — on ``images``, a zero placeholder — with a zero loss, so DDP's all-reduce has
+    every worker and the weights stay the same everywhere. ``update=False`` (no worker had a sample) skips
+    the optimizer and EMA step. A non-finite gradient norm (identical on every worker after the all-reduce)
+    skips the step; ``cfg.max_nonfinite_steps`` of them in a row raise ``NonFiniteError``.
     """
-    st.opt.zero_grad(set_to_none=False)
+    st.opt.zero_grad(set_to_none=True)
     for group in st.opt.param_groups:
         group["lr"] = lr
     parts: dict[str, float] = {}
-    if images is not None:
-        loss, parts = student_losses(st, images, batch, plan, cfg, rng, damp_sigma, device)
-        (loss * grad_scale).backward()
+    if len(batch):
+        loss, parts = student_losses(st, images, batch, plan, cfg, rng, damp_sigma, device, dtype)
     else:
-        for p in st.model.parameters():
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-    if distributed:
-        all_reduce_grads(st.model)
+        res = student_resolution(images.shape[-1], st.model.patch_size)
+        with autocast(device, dtype):
+            loss = touch_outputs(st.train_model(images.new_zeros(1, 3, res, res)))
+    (loss * loss_scale).backward()
+    norm = torch.nn.utils.clip_grad_norm_(st.model.parameters(), cfg.grad_clip or math.inf)
+    grad_norm = float(norm)
+    if not math.isfinite(grad_norm):
+        st.nonfinite_run += 1
+        st.skipped += 1
+        if st.nonfinite_run >= cfg.max_nonfinite_steps:
+            raise NonFiniteError(
+                f"student {st.spec.name!r}: {st.nonfinite_run} steps in a row had a non-finite loss or gradient "
+                f"(last loss parts {parts or 'n/a'}); lower train.lr, check the store with `radio-dist store "
+                "verify`, or raise train.max_nonfinite_steps"
+            )
+        return StepOutcome(parts, grad_norm, stepped=False)
+    st.nonfinite_run = 0
     if update:
         st.opt.step()
         if st.ema is not None:
             L.ema_update(st.ema, st.model, cfg.ema_momentum)
-    return parts
+    return StepOutcome(parts, grad_norm, stepped=update)

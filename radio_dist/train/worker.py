@@ -24,6 +24,8 @@ import json
 import os
 import signal
 import tempfile
+import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,7 +88,12 @@ def worker_context(scaling: ScalingSettings, threads: int | None = None) -> Work
     import ray.train
 
     ctx = ray.train.get_context()
-    device = torch.device("cuda") if scaling.use_gpu and torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device("cpu")
+    if scaling.use_gpu and torch.cuda.is_available():
+        from ray.train.torch import get_device
+
+        device = get_device()  # this worker's own GPU
+        torch.cuda.set_device(device)
     torch.set_num_threads(threads or max(1, int(scaling.cpus_per_worker)))
     return WorkerContext(ctx.get_world_rank(), ctx.get_world_size(), device)
 
@@ -106,6 +113,16 @@ class TrainWorker:
         self.ctx, self.out, self.debug = ctx, out, debug
         self.logs: list[RunLog] = []
         self.metrics = self.open_log("metrics.jsonl") if ctx.rank == 0 else None
+        self.attempt = self._attempt()
+
+    def _attempt(self) -> tuple[str, float]:
+        """(id, start time) of this attempt of the job, rank 0's on every worker (the sample audit's key)."""
+        mine: list[Any] = [uuid.uuid4().hex[:12], time.time()]
+        if self.ctx.distributed:
+            import torch.distributed as dist
+
+            dist.broadcast_object_list(mine, src=0)
+        return str(mine[0]), float(mine[1])
 
     @classmethod
     def start(

@@ -21,6 +21,7 @@ from radio_dist.train.audit import sample_audit
 from radio_dist.train.config import DistillConfig
 from radio_dist.train.distill import run_distill
 from radio_dist.train.plan import prepare_run
+from radio_dist.train.resume import ResumeError
 from radio_dist.train.rundir import read_metrics
 from radio_dist.train.students import load_student
 
@@ -122,30 +123,56 @@ def test_killed_worker_resumes_and_sees_every_sample_once(ray_local, store_url, 
         assert np.isfinite(metrics[-1][f"{name}/total"])
 
 
-def test_stopped_job_relaunched_finishes_the_epoch_and_exports(ray_local, store_url, tmp_path, monkeypatch):
+def relaunch(cfg: DistillConfig, workers: int, batch_size: int, stop_after: int | None) -> dict:
+    """Run ``cfg`` as a user relaunching it would: other workers or batch size, stopping after a step."""
+    data = cfg.model_dump()
+    data["scaling"] = {**data["scaling"], "num_workers": workers, "max_failures": 0}
+    data["train"] = {**data["train"], "batch_size": batch_size}
+    data["debug"] = {"stop_after_step": stop_after}
+    job = DistillConfig.model_validate(data)
+    if stop_after is None:
+        return run_distill(job)
+    with pytest.raises(Exception, match="stop_after_step"):
+        run_distill(job)
+    return {}
+
+
+def test_relaunched_with_other_workers_and_batch_size_trains_every_sample_once(
+    ray_local, store_url, tmp_path, monkeypatch
+):
+    """A job stopped and relaunched as a user would after losing a node: 1 worker x 4 -> 2 workers x 3 ->
+    1 worker x 4. Each relaunch re-plans the rest of the epoch; counted by sample ids, nothing is lost or
+    repeated, and the second epoch is planned whole for the last settings."""
     out = tmp_path / "run"
     monkeypatch.chdir(
         tmp_path
     )  # relative paths, as `make demo` passes them (Ray Train workers run elsewhere)
-    cfg = make_cfg(os.path.relpath(store_url, tmp_path), Path("run"), epochs=1, checkpoint_every=3)
-    stopping = DistillConfig.model_validate(
-        {
-            **cfg.model_dump(),
-            "debug": {"stop_after_step": 5},
-            "scaling": {**cfg.scaling.model_dump(), "max_failures": 0},
-        }
-    )
-    with pytest.raises(Exception, match="stop_after_step"):
-        run_distill(stopping)
+    cfg = make_cfg(os.path.relpath(store_url, tmp_path), Path("run"), epochs=2, checkpoint_every=3)
+    # 1 worker x 4: checkpoints after 3 steps, stops after 4 (step 3 is rolled back)
+    relaunch(cfg, workers=1, batch_size=4, stop_after=3)
     assert not (out / "students").exists()
-    run_distill(stopping)  # the same job again: resumes from step 6 (checkpoint after 6 steps), finishes
-    assert_exactly_once(out, store_url, epochs=1)
+    # 2 workers x 3: resumes from 12 samples done, re-plans the other 22; checkpoints at global step 4 (every
+    # 2), stops after 5
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"checkpoint_every": 2})})
+    relaunch(cfg, workers=2, batch_size=3, stop_after=4)
+    # 1 worker x 4 to the end
+    summary = relaunch(cfg, workers=1, batch_size=4, stop_after=None)
+    assert summary["resumed"]["replanned_for"].startswith("1 worker(s) x batch 4")
+    assert summary["resumed"]["plan"].startswith("2 worker(s) x batch 3")
+    assert summary["resumed"]["global_step"] == 4 and summary["resumed"]["epoch"] == 0
+    assert summary["resumed"]["remaining_in_epoch"] == 34 - 12 - 6
+    assert_exactly_once(out, store_url, epochs=2)
     starts = [
-        json.loads(x)["start"]
-        for x in (out / "samples" / "rank-0.jsonl").read_text().splitlines()
-        if "start" in x
+        json.loads(x) for x in (out / "samples" / "rank-0.jsonl").read_text().splitlines() if "start" in x
     ]
-    assert starts == [[0, 0], [0, 6]]
+    assert [(s["global_step"], s["segment"]) for s in starts] == [(0, 0), (3, 1), (4, 2)]
+    assert (out / "samples" / "rank-1.jsonl").exists()  # the 2-worker attempt really had two
+    metrics = read_metrics(str(out))
+    # epoch 0: 3 steps of 4, 1 step of 2x3, 4 steps of 4 (16 left); epoch 1 whole at 1 x 4: ceil(34 / 4) = 9
+    assert summary["global_step"] == 3 + 1 + 4 + 9 == metrics[-1]["global_step"]
+    assert {m["segment"] for m in metrics if m["epoch"] == 0} == {0, 1, 2}
+    for name in ("cradio", "vit"):
+        assert all(np.isfinite(m[f"{name}/grad_norm"]) and m[f"{name}/skipped"] == 0 for m in metrics)
     # export: one call loads a student that returns per-teacher summary + dense, de-normalized on request
     student = load_student(str(out / "students" / "cradio"))
     imgs = np.random.default_rng(0).integers(0, 255, (2, 32, 32, 3), dtype=np.uint8)
@@ -159,6 +186,13 @@ def test_stopped_job_relaunched_finishes_the_epoch_and_exports(ray_local, store_
     )
     cfgjson = json.loads((out / "students" / "cradio" / "config.json").read_text())
     assert cfgjson["extra"]["fingerprints"] == {"t1": "fp-t1", "t2": "fp-t2"}
+    # what a relaunch cannot honour is refused before any worker starts, naming the change
+    other = DistillConfig.model_validate({**cfg.model_dump(), "students": TINY_STUDENTS[:1]})
+    with pytest.raises(ResumeError, match=r"removed \['vit'\].*new --out"):
+        run_distill(other)
+    fewer = DistillConfig.model_validate({**cfg.model_dump(), "teachers": ["t1"]})
+    with pytest.raises(ResumeError, match=r"teachers \['t1', 't2'\], this job \['t1'\]"):
+        run_distill(fewer)
 
 
 @pytest.mark.slow  # ~100 s here: every checkpoint and log sync goes through the loopback S3 server

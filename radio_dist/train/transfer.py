@@ -1,0 +1,78 @@
+"""Batches onto the training device: as stored (uint8 views, fp16 targets), pinned, one step ahead on CUDA.
+
+The reader hands out host arrays (``radio_dist.train.reader.Batch``). ``device_batches`` turns them into
+``DeviceBatch``es: on CUDA each batch is copied from pinned memory on a side stream while the previous step
+trains, and the training stream waits for the copy only when it uses the batch; elsewhere the copy is a
+plain conversion. Images cross as uint8 and targets in their stored dtype (a quarter / half of float32's
+bytes); converting, resizing and cropping happen on the device (``radio_dist.train.step``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from radio_dist.train.reader import Batch
+
+
+@dataclass
+class DeviceBatch:
+    """One step's batch on the device; ``host`` keeps the step, ids and partition."""
+
+    host: Batch
+    images: torch.Tensor  # uint8 [n, P, P, 3]
+    dense: dict[str, torch.Tensor]  # teacher -> [n, h, w, C] as stored (fp16)
+    summary: dict[str, torch.Tensor | None]  # teacher -> float32 [n, C] or None
+    h2d_s: float  # host time spent issuing the copies (on CUDA they complete asynchronously)
+
+    def __len__(self) -> int:
+        return len(self.host)
+
+
+def _copy(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def to_device(batch: Batch, device: torch.device) -> DeviceBatch:
+    """Copy one batch's arrays to ``device`` (non-blocking from pinned memory on CUDA)."""
+    t0 = time.perf_counter()
+    images = _copy(batch.images, device)
+    dense = {t: _copy(a, device) for t, a in batch.dense.items()}
+    summary = {t: (_copy(a, device) if a is not None else None) for t, a in batch.summary.items()}
+    return DeviceBatch(batch, images, dense, summary, time.perf_counter() - t0)
+
+
+def _tensors(db: DeviceBatch) -> list[torch.Tensor]:
+    return [db.images, *db.dense.values(), *(s for s in db.summary.values() if s is not None)]
+
+
+def device_batches(batches: Iterable[Batch], device: torch.device) -> Iterator[DeviceBatch]:
+    """The batches on ``device``; on CUDA the next one is already being copied while the caller trains."""
+    if device.type != "cuda":
+        for b in batches:
+            yield to_device(b, device)
+        return
+    stream = torch.cuda.Stream(device)
+    it = iter(batches)
+
+    def issue() -> DeviceBatch | None:
+        b = next(it, None)
+        if b is None:
+            return None
+        with torch.cuda.stream(stream):
+            return to_device(b, device)
+
+    ahead = issue()
+    while ahead is not None:
+        torch.cuda.current_stream(device).wait_stream(stream)
+        for t in _tensors(ahead):  # the copy stream's memory is now used on the training stream
+            t.record_stream(torch.cuda.current_stream(device))
+        current, ahead = ahead, issue()
+        yield current
