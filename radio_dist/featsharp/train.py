@@ -230,6 +230,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if ctx.rank == 0 and bad:
         print(f"featsharp: {len(bad)} source item(s) skipped, e.g. {bad[0]}")
     phis_state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in phis.to_arrays().items()}
+    worker.open_tensorboard(purge_step=step + 1)
 
     model.train()
     while step < cfg.train.steps:

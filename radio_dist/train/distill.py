@@ -102,6 +102,7 @@ class Distiller:
         self.total_steps = cfg.train.max_steps or self.planned_steps()
         log = self.worker.open_log(samples_log_name(self.worker.rank))
         self.samples = SampleLog(log, self.pos, *self.worker.attempt)
+        self.worker.open_tensorboard(purge_step=self.pos.global_step + 1)  # logged steps count steps done
 
     @property
     def global_step(self) -> int:

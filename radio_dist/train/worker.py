@@ -6,7 +6,7 @@ A job's ``train_loop_per_worker`` opens a ``TrainWorker`` and keeps only its own
     restored = worker.restore()                    # None on a fresh start, else .meta and .states
     while ...:
         ...one step...
-        worker.log(line)                           # OUT/metrics.jsonl, written by rank 0
+        worker.log(line)                           # OUT/metrics.jsonl (and OUT/tensorboard), by rank 0
         worker.after_step(done)                    # fault injection: SIGKILL once at debug.kill_at_step
         worker.checkpoint(metrics, meta, states)   # every rank calls it: Ray Train's report is a barrier
         worker.after_checkpoint(done)              # fault injection: stop once after debug.stop_after_step
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import tempfile
 import time
@@ -37,6 +38,8 @@ from radio_dist.config import StrictModel
 from radio_dist.train.rundir import RunDir, RunLog
 
 STATE_FILE = "state.json"
+TENSORBOARD_DIR = "tensorboard"
+STEP_KEYS = {"global_step", "step", "total_steps"}
 
 
 class ScalingSettings(StrictModel):
@@ -113,6 +116,8 @@ class TrainWorker:
         self.ctx, self.out, self.debug = ctx, out, debug
         self.logs: list[RunLog] = []
         self.metrics = self.open_log("metrics.jsonl") if ctx.rank == 0 else None
+        self.tb: Any = None  # rank 0's TensorBoard writer (open_tensorboard)
+        self._tb_local: str | None = None  # where it writes when the run directory is remote
         self.attempt = self._attempt()
 
     def _attempt(self) -> tuple[str, float]:
@@ -144,10 +149,38 @@ class TrainWorker:
         self.logs.append(log)
         return log
 
+    def open_tensorboard(self, purge_step: int) -> None:
+        """Rank 0 also writes every logged number as a TensorBoard scalar under ``OUT/tensorboard``
+        (``tensorboard --logdir OUT``). Events an earlier attempt wrote from ``purge_step`` on — steps rolled
+        back with its checkpoint — are hidden by the new ones. On an object store the event files are
+        written locally and uploaded at every checkpoint, like the logs."""
+        if self.rank != 0 or self.tb is not None:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        if self.out.is_local:
+            logdir = self.out.path(TENSORBOARD_DIR)
+        else:
+            self._tb_local = logdir = tempfile.mkdtemp(prefix="radio-dist-tb-")
+        self.tb = SummaryWriter(logdir, purge_step=purge_step)
+
     def log(self, record: dict[str, Any]) -> None:
-        """One metrics line (rank 0 writes; the others' calls do nothing)."""
+        """One metrics line (rank 0 writes; the others' calls do nothing), also to TensorBoard if open; the
+        line's ``global_step`` (or ``step``) is the scalars' step."""
         if self.metrics is not None:
             self.metrics.write(record)
+        if self.tb is not None:
+            step = int(record.get("global_step", record.get("step", 0)))
+            for k, v in record.items():
+                if k not in STEP_KEYS and isinstance(v, int | float) and not isinstance(v, bool):
+                    self.tb.add_scalar(k, v, step)
+
+    def _sync_tensorboard(self) -> None:
+        if self.tb is None:
+            return
+        self.tb.flush()
+        if self._tb_local is not None:
+            self.out.upload_dir(self._tb_local, TENSORBOARD_DIR)
 
     def restore(self) -> Restored | None:
         """The checkpoint Ray Train resumes this attempt from, or None on a fresh start."""
@@ -176,6 +209,7 @@ class TrainWorker:
 
         for log in self.logs:
             log.sync()
+        self._sync_tensorboard()
         if self.rank != 0:
             ray.train.report(metrics, checkpoint=None)
             return
@@ -209,3 +243,9 @@ class TrainWorker:
         for log in self.logs:
             log.close()
         self.logs = []
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+            if self._tb_local is not None:
+                self.out.upload_dir(self._tb_local, TENSORBOARD_DIR)
+                shutil.rmtree(self._tb_local, ignore_errors=True)

@@ -173,6 +173,14 @@ def test_relaunched_with_other_workers_and_batch_size_trains_every_sample_once(
     assert {m["segment"] for m in metrics if m["epoch"] == 0} == {0, 1, 2}
     for name in ("cradio", "vit"):
         assert all(np.isfinite(m[f"{name}/grad_norm"]) and m[f"{name}/skipped"] == 0 for m in metrics)
+    # TensorBoard holds the same history: the rolled-back steps of the stopped attempts are purged
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    scalars = events.Scalars("cradio/total")
+    assert [e.step for e in scalars] == [m["global_step"] for m in metrics]
+    np.testing.assert_allclose([e.value for e in scalars], [m["cradio/total"] for m in metrics], rtol=1e-6)
     # export: one call loads a student that returns per-teacher summary + dense, de-normalized on request
     student = load_student(str(out / "students" / "cradio"))
     imgs = np.random.default_rng(0).integers(0, 255, (2, 32, 32, 3), dtype=np.uint8)

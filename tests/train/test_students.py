@@ -196,6 +196,26 @@ def test_gradients_reach_every_parameter(key: str, kw: dict):
     assert not missing, f"parameters without gradient (unused in DDP terms): {missing}"
 
 
+@pytest.mark.parametrize(
+    "key, kw", [("cradio", dict(window_size=2, global_every=2)), ("vit", {}), ("convnext", {})]
+)
+def test_activation_checkpointing_gives_the_same_gradients(key: str, kw: dict):
+    """Blocks recomputed in the backward pass (less memory for large students): the same loss and gradients."""
+    grads = []
+    for ckpt in (False, True):
+        model = make(key, activation_checkpointing=ckpt, **kw).eval()  # eval: no drop-path randomness
+        with torch.enable_grad():
+            out = model(images(2, 64, 64))
+            loss = sum(d.square().mean() for _, d in out.heads.values()) + out.features.square().mean()
+            loss.backward()  # type: ignore[union-attr]
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-6)
+    model = make(key, activation_checkpointing=True, **kw)
+    assert any(getattr(m, "grad_checkpointing", False) for m in model.modules())  # it is switched on
+
+
 # -- export / load ------------------------------------------------------------------------------------------
 def fitted_phis(dim: int, seed: int = 0) -> PhiS:
     rng = np.random.default_rng(seed)
