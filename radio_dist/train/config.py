@@ -9,6 +9,7 @@ from pydantic import Field, field_validator, model_validator
 from radio_dist.config import StrictModel
 from radio_dist.ray_setup import RayConfig
 from radio_dist.store import StoreConfig
+from radio_dist.teacher import TeacherSpec
 from radio_dist.train.parallel import Precision
 from radio_dist.train.reader import ReaderConfig
 from radio_dist.train.students import StudentSpec
@@ -112,7 +113,19 @@ class DistillConfig(StrictModel):
     students: list[StudentSpec] = Field(
         default_factory=default_students, description="Students trained together on every batch."
     )
-    teachers: list[str] | None = Field(None, description="Teachers to distill (default: all in the store).")
+    teachers: list[str] | None = Field(
+        None,
+        description="Cached teachers to distill (default: every teacher of the store not run live; [] = none).",
+    )
+    live_teachers: list[TeacherSpec | str] = Field(
+        default_factory=list,
+        description="Teachers run live in the training workers on every batch, beside the cached ones: a "
+        "teacher spec, or the name of a store teacher (its recorded spec; all of them live = the online "
+        "baseline). PHI-S is fitted on first use and saved under OUT/live.",
+    )
+    live_fit_images: int = Field(
+        256, ge=2, description="Images (first by id) a live teacher's PHI-S is fitted on."
+    )
     partitions: list[str] | None = Field(None, description="Cached partitions to train on (default: all).")
     expect: dict[str, ExpectedTeacher] = Field(
         default_factory=dict, description="Refuse a store whose teachers do not match these."

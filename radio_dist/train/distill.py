@@ -34,11 +34,13 @@ import torch
 from radio_dist.phis import PhiS
 from radio_dist.ray_setup import init_ray
 from radio_dist.store import FeatureStore
+from radio_dist.teacher import create_teacher
 from radio_dist.train import losses as L
 from radio_dist.train.audit import SampleLog, samples_log_name
 from radio_dist.train.config import DistillConfig
 from radio_dist.train.driver import absolute_path, fit_with_ray_train
 from radio_dist.train.epochs import Position, plans_for
+from radio_dist.train.live import LiveTeacher, fit_images, fit_live, load_live, save_live
 from radio_dist.train.parallel import autocast_dtype, mean_over_workers, sum_over_workers
 from radio_dist.train.plan import RunPlan, prepare_run, step_choice
 from radio_dist.train.reader import ShardStream
@@ -92,13 +94,15 @@ class Distiller:
         self.store = FeatureStore.from_config(cfg.store)
         self.shards = plan.shard_rows(self.store)
         ctx = self.worker.ctx
+        self.live = self.start_live()  # adds the live teachers' heads to self.plan
         self.dtype = autocast_dtype(cfg.train.precision, ctx.device)
         self.students = {
-            s.name: StudentState(s, plan.heads, cfg.train, ctx.device, ctx.distributed) for s in cfg.students
+            s.name: StudentState(s, self.plan.heads, cfg.train, ctx.device, ctx.distributed)
+            for s in cfg.students
         }
         self.inputs = plan_inputs(cfg, ctx.world)
         self.pos = self.restore()
-        self.keys = metric_keys(cfg, plan)
+        self.keys = metric_keys(cfg, self.plan)
         self.total_steps = cfg.train.max_steps or self.planned_steps()
         log = self.worker.open_log(samples_log_name(self.worker.rank))
         self.samples = SampleLog(log, self.pos, *self.worker.attempt)
@@ -107,6 +111,61 @@ class Distiller:
     @property
     def global_step(self) -> int:
         return self.pos.global_step
+
+    def start_live(self) -> dict[str, LiveTeacher]:
+        """The live teachers on this worker's device. Rank 0 fits each one's PHI-S on first use and saves it
+        in the run directory (a later attempt finds it there); every worker then loads it from there."""
+        plan, ctx, out = self.plan, self.worker.ctx, self.worker.out
+        if not plan.live:
+            return {}
+        meta = self.store.meta()
+        sizes = {p: int(meta.partitions[p]) for p in plan.partitions}
+        models = {name: create_teacher(spec, ctx.device) for name, spec in plan.live.items()}
+        if ctx.rank == 0:
+            views = None
+            for name, spec in plan.live.items():
+                info = load_live(out, name)
+                if info is None:
+                    if views is None:
+                        views = fit_images(self.store, self.shards, plan.partitions, self.cfg.live_fit_images)
+                    info = fit_live(spec, models[name], views, sizes, plan.fingerprints[name])
+                    save_live(out, name, info)
+        if ctx.distributed:
+            import torch.distributed as dist
+
+            dist.barrier()
+        live: dict[str, LiveTeacher] = {}
+        for name, spec in plan.live.items():
+            info = load_live(out, name)
+            assert info is not None  # rank 0 saved it before the barrier
+            if info.fingerprint != plan.fingerprints[name]:
+                raise ResumeError(
+                    f"live teacher {name!r} changed (fingerprint {plan.fingerprints[name]}) since its PHI-S was "
+                    f"fitted in {out.url} (for {info.fingerprint}): set it back, or use a new --out"
+                )
+            live[name] = LiveTeacher(spec, models[name], info, sizes)
+        self.plan = plan.model_copy(
+            update={
+                "heads": {**plan.heads, **{n: t.info.head for n, t in live.items()}},
+                "dispersion": {**plan.dispersion, **{n: t.info.dispersion for n, t in live.items()}},
+                "phis_sha256": {**plan.phis_sha256, **{n: t.info.phis_sha256 for n, t in live.items()}},
+            }
+        )
+        return live
+
+    def live_targets(self, batch: DeviceBatch) -> float:
+        """Add the live teachers' targets of the step to ``batch``; the seconds it took."""
+        if not self.live or not len(batch):
+            return 0.0
+        t0 = time.perf_counter()
+        for name, teacher in self.live.items():
+            summary, dense = teacher.targets(batch.images, batch.host.partition)
+            # outside inference mode, so the losses may keep them for the backward pass
+            batch.dense[name] = dense.clone()
+            batch.summary[name] = summary.clone() if summary is not None else None
+        if self.worker.device.type == "cuda":
+            torch.cuda.synchronize(self.worker.device)
+        return time.perf_counter() - t0
 
     def planned_steps(self) -> int:
         """Steps of the whole job: those done, the rest of this epoch's plan, whole epochs after it."""
@@ -147,7 +206,7 @@ class Distiller:
         stream = ShardStream(
             self.store,
             plan,
-            self.plan.teachers,
+            self.plan.cached,
             self.plan.partitions,
             lambda s: step_choice(self.plan, train, epoch, s, segment)[0],
             self.cfg.reader,
@@ -157,7 +216,10 @@ class Distiller:
             t0 = time.perf_counter()
             step = batch.host.step
             _, resolution = step_choice(self.plan, train, epoch, step, segment)
+            live_s = self.live_targets(batch)
             result = self.train_step(batch, resolution)
+            if self.live:
+                result.extra["live_teachers_s"] = live_s
             self.samples.step(epoch, step, self.global_step, batch.host.ids)
             self.pos = self.pos.after_step(step, self.global_step + 1)
             last_of_epoch = step == plan.steps - 1
@@ -251,7 +313,8 @@ class Distiller:
 
     def export(self) -> None:
         """Every student (or its EMA, ``train.export_ema``) under OUT/students/<name> with the store's PHI-S."""
-        phis = {t: self.store.phis(t) for t in self.plan.teachers}
+        phis = {t: self.store.phis(t) for t in self.plan.cached}
+        phis.update({name: t.info.phis for name, t in self.live.items()})
         for name, st in self.students.items():
             model = st.ema if (self.cfg.train.export_ema and st.ema is not None) else st.model
             export_to(self.worker.out, name, model, phis, self.plan)

@@ -12,8 +12,10 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from radio_dist.store import FeatureStore, StoreError, StoreMismatchError
+from radio_dist.teacher import TeacherSpec, fingerprint
 from radio_dist.train import losses as L
 from radio_dist.train.config import DistillConfig, TrainConfig
+from radio_dist.train.live import live_specs
 from radio_dist.train.reader import ShardRows, committed_shards, shards_digest
 from radio_dist.train.students import TeacherHeadInfo
 
@@ -23,16 +25,22 @@ class RunPlan(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    teachers: tuple[str, ...]
+    teachers: tuple[str, ...]  # every teacher the students learn: the cached ones, then the live ones
+    live: dict[str, TeacherSpec] = {}  # the teachers run live in the workers (radio_dist.train.live)
     partitions: tuple[str, ...]
     resolutions: dict[str, tuple[int, ...]]  # partition -> the student resolutions sampled from it
-    heads: dict[str, TeacherHeadInfo]
+    heads: dict[str, TeacherHeadInfo]  # live teachers' are added by the workers, after their first use
     dispersion: dict[str, float | None]  # teacher -> angular dispersion of its summaries
     fingerprints: dict[str, str]
     phis_sha256: dict[str, str]
     shards: tuple[str, ...]
     digest: str  # shards_digest of those shards
     rows: int
+
+    @property
+    def cached(self) -> tuple[str, ...]:
+        """The teachers whose targets are read from the store."""
+        return tuple(t for t in self.teachers if t not in self.live)
 
     def has_summary(self, teacher: str) -> bool:
         return self.heads[teacher].summary_dim is not None
@@ -56,12 +64,27 @@ def prepare_run(cfg: DistillConfig) -> RunPlan:
     store = FeatureStore.from_config(cfg.store)
     meta = store.meta()
     have = sorted(meta.teachers)
-    teachers = cfg.teachers or have
+    live = {s.name: s for s in live_specs(cfg.live_teachers, store)}
     problems = []
+    if len(live) != len(cfg.live_teachers):
+        problems.append("live_teachers names a teacher twice")
+    teachers = [t for t in have if t not in live] if cfg.teachers is None else list(cfg.teachers)
     for t in teachers:
         if t not in meta.teachers:
             problems.append(f"teacher {t!r} is not in the store (it has {have})")
+        if t in live:
+            problems.append(
+                f"teacher {t!r} is both cached (teachers) and live (live_teachers): drop it from one of them"
+            )
+    if not teachers and not live:
+        problems.append("no teacher to distill: teachers is empty and live_teachers names none")
     for t, exp in sorted(cfg.expect.items()):
+        if t in live:
+            if exp.fingerprint and fingerprint(live[t]) != exp.fingerprint:
+                problems.append(
+                    f"live teacher {t!r}: fingerprint {fingerprint(live[t])}, {exp.fingerprint} expected"
+                )
+            continue
         rec = meta.teachers.get(t)
         if rec is None:
             problems.append(f"expected teacher {t!r} is not in the store (it has {have})")
@@ -80,6 +103,15 @@ def prepare_run(cfg: DistillConfig) -> RunPlan:
     for p in partitions:
         if p not in meta.partitions:
             problems.append(f"partition {p!r} is not in the store (it has {sorted(meta.partitions)})")
+    for t, spec in live.items():
+        skipped = [
+            p for p in partitions if spec.only_partitions is not None and p not in spec.only_partitions
+        ]
+        if skipped:
+            problems.append(
+                f"live teacher {t!r} does not run on trained partition(s) {skipped} (its only_partitions): every "
+                "teacher of a step gives targets; widen only_partitions or set partitions"
+            )
     for t in teachers:
         if t in meta.teachers and meta.teachers[t].phis is None:
             problems.append(f"teacher {t!r} has no PHI-S parameters yet (the caching job never fitted them)")
@@ -110,12 +142,16 @@ def prepare_run(cfg: DistillConfig) -> RunPlan:
         assert rec.phis is not None  # refused above
         phis_sha256[t] = rec.phis.sha256
     return RunPlan(
-        teachers=tuple(teachers),
+        teachers=(*teachers, *live),
+        live=live,
         partitions=tuple(partitions),
         resolutions={p: tuple(rs) for p, rs in resolutions.items()},
         heads=heads,
         dispersion={t: meta.teachers[t].summary_dispersion for t in teachers},
-        fingerprints={t: meta.teachers[t].fingerprint for t in teachers},
+        fingerprints={
+            **{t: meta.teachers[t].fingerprint for t in teachers},
+            **{t: fingerprint(spec) for t, spec in live.items()},
+        },
         phis_sha256=phis_sha256,
         shards=tuple(s.shard for s in shards),
         digest=shards_digest(shards),
