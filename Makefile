@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STORE ?= ./store
 RUN ?= ./runs/demo
 
-.PHONY: install demo test test-slow test-all lint bench clean
+.PHONY: install demo test test-slow test-all lint bench bench-gpu clean
 
 install: $(VENV)/.installed
 
@@ -43,6 +43,12 @@ lint: install
 bench: install
 	$(BIN)/radio-dist bench cache --json
 	$(BIN)/radio-dist bench ingest --json
+	$(BIN)/radio-dist bench train --json
+
+# On a GPU machine from a copy of the tree, no install: torch + timm + numpy only (radio_dist/bench/gpu.py).
+GPU_PY ?= python3
+bench-gpu:   ## students' step bf16 vs fp32, MFU, peak memory; C-RADIOv4 teachers' forward throughput
+	$(GPU_PY) -m radio_dist.bench.gpu --out bench-gpu.json
 
 clean:
 	rm -rf $(VENV) $(STORE) $(RUN)

@@ -1,4 +1,4 @@
-"""`radio-dist bench cache` and `bench ingest` (figures in the README and docs/benchmarks.md)."""
+"""`radio-dist bench cache`, `bench ingest` and `bench train` (figures in the README and docs/benchmarks.md)."""
 
 from __future__ import annotations
 
@@ -110,3 +110,49 @@ def bench_ingest_cmd(
         log=lambda m: err.print(m, highlight=False),
     )
     print_result("bench ingest", res, as_json)
+
+
+def bench_train_cmd(
+    images: Annotated[int, typer.Option(help="Photo views in the benchmark store.")] = 192,
+    px: Annotated[
+        int, typer.Option(help="View / teacher input size (px) of the store's one partition.")
+    ] = 128,
+    batch_size: Annotated[int, typer.Option(help="Samples per worker per step.")] = 8,
+    workers: Annotated[int, typer.Option(min=1, help="Ray Train workers (DDP over gloo on CPU).")] = 2,
+    epochs: Annotated[
+        int, typer.Option(min=1, help="E of the cached-vs-online cost (the store pays the teachers once).")
+    ] = 10,
+    teachers: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated teacher presets (default: efficientnet_lite0,mobilenet_v2)."),
+    ] = None,
+    repeats: Annotated[
+        int,
+        typer.Option(min=1, help="Measure together vs separate this many times; the median run is reported."),
+    ] = 1,
+    workdir: Annotated[
+        Path | None, typer.Option(help="Where the store and runs go (default: a temp dir).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The trainer: S students together vs apart, data wait, cached targets vs teachers run live."""
+    from radio_dist.bench.train import bench_train
+
+    names = [n.strip() for n in teachers.split(",") if n.strip()] if teachers is not None else None
+    if as_json:
+        json_only_stdout()
+    try:
+        res = bench_train(
+            images=images,
+            px=px,
+            batch_size=batch_size,
+            workers=workers,
+            epochs=epochs,
+            teachers=names,
+            repeats=repeats,
+            workdir=workdir,
+            log=lambda m: err.print(m, highlight=False),
+        )
+    except (ConfigError, ValueError) as e:
+        fail(str(e))
+    print_result("bench train", res, as_json)

@@ -217,3 +217,38 @@ def test_pipeline_rate_leaves_start_up_out_and_reports_it_apart():
     r = pipeline_rates(all_fit, teacher_only_images_per_s=4.0)
     assert r["steady_state_images_per_s"] is None and r["pipeline_rate_includes_startup"]
     assert r["pipeline_images_per_s"] == pytest.approx(2.0) and r["ratio"] == pytest.approx(0.5)
+
+
+def test_gpu_check_runs_at_toy_sizes_with_nothing_but_torch_and_timm(tmp_path):
+    """`make bench-gpu` on CPU at toy sizes, in a fresh interpreter whose path has the tree but no project
+    dependency beyond torch/timm/numpy may be imported: every configuration measured, none of Ray, zarr,
+    pydantic or the engine's config loaded."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "gpu.json"
+    code = (
+        "import sys, runpy; sys.argv = ['gpu', '--tiny', '--device', 'cpu', '--iters', '1', '--out', sys.argv[1]]; "
+        "runpy.run_module('radio_dist.bench.gpu', run_name='__main__'); "
+        "bad = [m for m in ('ray', 'zarr', 'pydantic', 'radio_dist.config') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(out)], cwd=root, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    students = {k: v for k, v in res["students"].items() if isinstance(v, dict)}
+    assert len(students) == 3 * 2 * 2 and not res["skipped"]  # B/L/H x 2 resolutions x bf16/fp32
+    for label, r in students.items():
+        assert "error" not in r, (label, r)
+        assert r["step_s"] > 0 and r["tflop_per_step"] > 0 and 0 < r["mfu_measured_ceiling"]
+    # the student at the larger resolution does more work per image
+    assert students["B@64/fp32"]["tflop_per_step"] / 2 > students["B@32/fp32"]["tflop_per_step"] / 4
+    assert set(res["teachers"]) == {"dinov3_l", "dinov3_7b", "siglip2_g", "sam3"}
+    for name, r in res["teachers"].items():
+        assert "error" not in r, (name, r)
+        assert r["images_per_s"] > 0 and r["target_mb_per_s"] > 0 and r["tflop_per_image"] > 0
+    assert "MFU" in proc.stdout and "teacher sam3" in proc.stdout  # the closing table
