@@ -20,6 +20,7 @@ rest of the epoch is re-planned — so each sample of an epoch is trained on exa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import tempfile
@@ -30,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from radio_dist.phis import PhiS
 from radio_dist.ray_setup import init_ray
@@ -41,7 +43,7 @@ from radio_dist.train.config import DistillConfig
 from radio_dist.train.driver import absolute_path, fit_with_ray_train
 from radio_dist.train.epochs import Position, plans_for
 from radio_dist.train.live import LiveTeacher, fit_images, fit_live, load_live, save_live
-from radio_dist.train.parallel import autocast_dtype, mean_over_workers, sum_over_workers
+from radio_dist.train.parallel import autocast_dtype, mean_over_workers, peak_tflops, sum_over_workers
 from radio_dist.train.plan import RunPlan, prepare_run, step_choice
 from radio_dist.train.reader import ShardStream
 from radio_dist.train.resume import (
@@ -54,7 +56,7 @@ from radio_dist.train.resume import (
 )
 from radio_dist.train.rundir import RunDir, read_metrics
 from radio_dist.train.step import StudentState, lr_at, student_step, to_images
-from radio_dist.train.students import StudentModel, export_student
+from radio_dist.train.students import StudentModel, build_student, export_student
 from radio_dist.train.transfer import DeviceBatch, device_batches
 from radio_dist.train.worker import TrainWorker
 
@@ -97,12 +99,16 @@ class Distiller:
         self.live = self.start_live()  # adds the live teachers' heads to self.plan
         self.dtype = autocast_dtype(cfg.train.precision, ctx.device)
         self.students = {
-            s.name: StudentState(s, self.plan.heads, cfg.train, ctx.device, ctx.distributed)
+            s.name: StudentState(s, self.plan.heads, cfg.train, ctx.device, ctx.distributed, self.dtype)
             for s in cfg.students
         }
         self.inputs = plan_inputs(cfg, ctx.world)
         self.pos = self.restore()
         self.keys = metric_keys(cfg, self.plan)
+        self.flops: dict[
+            tuple[str, int], float
+        ] = {}  # (student, resolution) -> FLOPs of a step, counted once
+        self.peak = peak_tflops(ctx.device)
         self.total_steps = cfg.train.max_steps or self.planned_steps()
         log = self.worker.open_log(samples_log_name(self.worker.rank))
         self.samples = SampleLog(log, self.pos, *self.worker.attempt)
@@ -195,8 +201,7 @@ class Distiller:
                 break
             self.pos = self.pos.next_epoch(self.inputs, self.global_step)
         self.worker.close()
-        if self.worker.rank == 0:
-            self.export()
+        self.export()  # every worker: sharded students gather their weights; rank 0 writes
 
     def train_epoch(self) -> bool:
         """The rest of the current epoch's segment; True when ``train.max_steps`` was reached."""
@@ -257,26 +262,38 @@ class Distiller:
                 [train.seed & 0xFFFFFFFF, self.pos.epoch, *seg, batch.host.step, ctx.rank, i, 0x5F]
             )
             t0 = time.perf_counter()
-            outcome = student_step(
-                st,
-                images,
-                batch,
-                self.plan,
-                train,
-                rng,
-                lr,
-                sigma,
-                ctx.device,
-                loss_scale=scale,
-                update=n_global > 0,
-                dtype=self.dtype,
-            )
+            key = (name, resolution)
+            counting = key not in self.flops and len(batch) > 0
+            counter = FlopCounterMode(display=False) if counting else contextlib.nullcontext()
+            with counter:
+                outcome = student_step(
+                    st,
+                    images,
+                    batch,
+                    self.plan,
+                    train,
+                    rng,
+                    lr,
+                    sigma,
+                    ctx.device,
+                    loss_scale=scale,
+                    update=n_global > 0,
+                    dtype=self.dtype,
+                )
+            if counting:
+                assert isinstance(counter, FlopCounterMode)
+                self.flops[key] = float(counter.get_total_flops()) / len(batch)  # per sample
             if ctx.device.type == "cuda":
                 torch.cuda.synchronize(ctx.device)
             metrics.update({f"{name}/{k}": v for k, v in outcome.parts.items()})
             extra[f"{name}/grad_norm"] = outcome.grad_norm
-            extra[f"{name}/step_s"] = time.perf_counter() - t0
+            extra[f"{name}/step_s"] = spent = time.perf_counter() - t0
             extra[f"{name}/skipped"] = st.skipped
+            if key in self.flops and len(batch) and not counting:  # the counted step ran slower: left out
+                tflops = self.flops[key] * len(batch) / spent / 1e12
+                extra[f"{name}/tflops"] = tflops
+                if self.peak:
+                    extra[f"{name}/mfu"] = tflops / self.peak
         if ctx.distributed:
             metrics = mean_over_workers(metrics, self.keys, n_local)
         return StepResult(metrics, extra, n_global, lr, sigma)
@@ -312,12 +329,23 @@ class Distiller:
         self.worker.checkpoint(metrics, checkpoint_meta(pos, self.plan, list(self.students)), states)
 
     def export(self) -> None:
-        """Every student (or its EMA, ``train.export_ema``) under OUT/students/<name> with the store's PHI-S."""
-        phis = {t: self.store.phis(t) for t in self.plan.cached}
+        """Every student (or its EMA, ``train.export_ema``) under OUT/students/<name> with the teachers' PHI-S,
+        written by rank 0 (every worker calls it: a sharded student's weights are gathered first)."""
+        rank0 = self.worker.rank == 0
+        phis = {t: self.store.phis(t) for t in self.plan.cached} if rank0 else {}
         phis.update({name: t.info.phis for name, t in self.live.items()})
+        use_ema = self.cfg.train.export_ema
         for name, st in self.students.items():
-            model = st.ema if (self.cfg.train.export_ema and st.ema is not None) else st.model
-            export_to(self.worker.out, name, model, phis, self.plan)
+            if not st.sharded:
+                if rank0:
+                    model = st.ema if (use_ema and st.ema is not None) else st.model
+                    export_to(self.worker.out, name, model, phis, self.plan)
+                continue
+            weights, ema = st.export_states()
+            if rank0:
+                model = build_student(st.spec, self.plan.heads)
+                model.load_state_dict(ema if (use_ema and ema is not None) else weights)
+                export_to(self.worker.out, name, model, phis, self.plan)
 
 
 def export_to(out: RunDir, name: str, model: StudentModel, phis: dict[str, PhiS], plan: RunPlan) -> None:

@@ -22,7 +22,7 @@ tokens. Losses are computed in at least float32 whatever the input dtype (bf16 a
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -321,6 +321,40 @@ def damp_sigma(step: int, total_steps: int, sigma0: float, schedule: str = "cosi
     if schedule == "cosine":
         return float(sigma0 * 0.5 * (1.0 + math.cos(math.pi * frac)))
     raise ValueError(f"damp_sigma: unknown schedule {schedule!r}; choose one of {DAMP_SCHEDULES}")
+
+
+def damp_in_place(model: torch.nn.Module, sigma: float, skip_1d: bool = True) -> Callable[[], None]:
+    """DAMP for a sharded (FSDP2) student, whose forward cannot take swapped parameters: multiply each weight
+    (this worker's shard of it) by ``1 + sigma * eps`` in place now; the returned ``undo()``, called after the
+    backward pass, turns the gradient at the noisy weights into the gradient w.r.t. the clean ones (chain
+    rule: times the same factor, elementwise) and puts the clean weights back bit for bit. All workers
+    gather the same noisy weights, so the step sees one noise sample across the data-parallel group."""
+    if not math.isfinite(sigma) or sigma < 0:
+        raise ValueError(f"damp_in_place: sigma must be finite and >= 0, got {sigma}")
+    saved: list[tuple[torch.nn.Parameter, Tensor, Tensor]] = []
+    with torch.no_grad():
+        for p in model.parameters():
+            if sigma == 0 or (skip_1d and p.ndim <= 1) or not p.is_floating_point():
+                continue
+            local = _local(p)
+            xi = 1.0 + sigma * torch.randn_like(local)
+            saved.append((p, local.clone(), xi))
+            local.mul_(xi)
+
+    def undo() -> None:
+        with torch.no_grad():
+            for p, clean, xi in saved:
+                _local(p).copy_(clean)
+                if p.grad is not None:
+                    _local(p.grad).mul_(xi)
+
+    return undo
+
+
+def _local(t: Tensor) -> Tensor:
+    """A DTensor's local shard (a view of its storage), or the tensor itself."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
 
 
 def damp_params(

@@ -4,6 +4,10 @@
   while the backward pass still runs, and construction gives every worker rank 0's initial weights. The
   plain module stays the one that is checkpointed, exported and EMA-averaged; only the forward that is
   trained goes through the wrapper.
+- ``fully_sharded`` shards a large student with FSDP2 instead (``students[].parallel: fsdp``): each block
+  (a ViT's blocks, a ConvNeXt's stages), then the root, ``fully_shard``-ed over the workers with a
+  mixed-precision policy (parameters gathered in the compute dtype, gradients reduced in fp32); its
+  checkpoints and exports gather the full state (``full_state`` / ``load_full_state``).
 - ``autocast_dtype`` / ``autocast``: ``precision: auto`` is bf16 autocast on CUDA (fp32 master weights and
   optimizer state) and fp32 elsewhere; ``bf16`` and ``fp32`` force it.
 - ``make_adamw``: fused AdamW on CUDA, the multi-tensor one elsewhere.
@@ -45,6 +49,89 @@ def data_parallel(model: torch.nn.Module, distributed: bool, device: torch.devic
         gradient_as_bucket_view=True,
         **no_sync,
     )
+
+
+def broadcast_module(model: torch.nn.Module) -> None:
+    """Every worker takes rank 0's parameters and buffers (before FSDP2 shards them)."""
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(t.data, src=0)
+
+
+def shard_units(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks FSDP2 shards one at a time: the first ``blocks`` (ViTs) or ``stages`` (ConvNeXt)
+    container found in the model."""
+    for name in ("blocks", "stages"):
+        for path, module in model.named_modules():
+            if path.rsplit(".", 1)[-1] == name and isinstance(
+                module, torch.nn.ModuleList | torch.nn.Sequential
+            ):
+                return list(module)
+    return []
+
+
+def fully_sharded(
+    model: torch.nn.Module, dtype: torch.dtype | None, reshard_root: bool = False
+) -> torch.nn.Module:
+    """FSDP2 over the default process group: every block, then the root; parameters are all-gathered in
+    ``dtype`` for compute (None: fp32) and gradients reduce-scattered in fp32. Sharded in place.
+    ``reshard_root``: the root's own parameters are sharded again after the forward too (a model that only
+    runs forwards, like the EMA, has no backward to do it)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    for unit in shard_units(model):
+        fully_shard(unit, mp_policy=policy)
+    fully_shard(model, mp_policy=policy, reshard_after_forward=True if reshard_root else None)
+    return model
+
+
+def full_state(model: torch.nn.Module, opt: torch.optim.Optimizer | None = None) -> tuple[dict, dict | None]:
+    """The full (unsharded) model and optimizer state of an FSDP2 module, on the CPU of rank 0 (the other
+    ranks get empty dicts; every rank must call it)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=options)
+    opt_state = get_optimizer_state_dict(model, opt, options=options) if opt is not None else None
+    return model_state, opt_state
+
+
+def load_full_state(
+    model: torch.nn.Module,
+    state: dict,
+    opt: torch.optim.Optimizer | None = None,
+    opt_state: dict | None = None,
+) -> None:
+    """Load a full state (every rank holds it) into an FSDP2 module and its optimizer, each rank its shard."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, state, options=options)
+    if opt is not None and opt_state is not None:
+        set_optimizer_state_dict(model, opt, opt_state, options=options)
+
+
+# Dense bf16 tensor-core rates of the datasheets (TFLOP/s), by device name: the MFU denominator.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0}
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    """The datasheet bf16 rate of a CUDA device (None elsewhere or for an unknown one)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
 def autocast_dtype(precision: Precision, device: torch.device) -> torch.dtype | None:

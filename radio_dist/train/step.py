@@ -18,7 +18,15 @@ import torch.nn.functional as F
 
 from radio_dist.train import losses as L
 from radio_dist.train.config import TrainConfig
-from radio_dist.train.parallel import autocast, data_parallel, make_adamw
+from radio_dist.train.parallel import (
+    autocast,
+    broadcast_module,
+    data_parallel,
+    full_state,
+    fully_sharded,
+    load_full_state,
+    make_adamw,
+)
 from radio_dist.train.plan import RunPlan
 from radio_dist.train.students import (
     StudentModel,
@@ -65,7 +73,8 @@ class StudentState:
 
     ``model`` is the plain module (checkpointed, exported, the EMA's source); ``train_model`` is what the
     training forward runs — DDP around ``model`` when the workers share a process group, whose construction
-    also gives every worker rank 0's initial weights.
+    also gives every worker rank 0's initial weights. A student with ``parallel: fsdp`` is instead sharded in
+    place by FSDP2 (``sharded``), its EMA alike; its states are gathered whole for checkpoints and exports.
     """
 
     def __init__(
@@ -75,33 +84,62 @@ class StudentState:
         cfg: TrainConfig,
         device: torch.device,
         distributed: bool = False,
+        dtype: torch.dtype | None = None,
     ):
         torch.manual_seed(cfg.seed)
         self.spec = spec
+        self.sharded = distributed and spec.parallel == "fsdp"
         self.model: StudentModel = build_student(spec, heads).to(device)
-        self.train_model: torch.nn.Module = data_parallel(self.model, distributed, device)
+        if self.sharded:
+            broadcast_module(self.model)
+        else:
+            self.train_model: torch.nn.Module = data_parallel(self.model, distributed, device)
         self.ema: StudentModel | None = None
         if cfg.mesa_weight > 0:  # after the wrapper: the EMA starts from rank 0's weights too
             self.ema = copy.deepcopy(self.model).eval()
             for p in self.ema.parameters():
                 p.requires_grad_(False)
+        if self.sharded:
+            fully_sharded(self.model, dtype)
+            if self.ema is not None:
+                fully_sharded(self.ema, dtype, reshard_root=True)
+            self.train_model = self.model
         self.opt = make_adamw(self.model.parameters(), cfg.lr, cfg.weight_decay, device)
         self.nonfinite_run = 0  # non-finite steps in a row (the guard)
         self.skipped = 0  # non-finite steps skipped in all
 
     def state_dict(self) -> dict[str, Any]:
+        """Model, EMA, optimizer and guard; for a sharded student the full states, on rank 0 only (every
+        rank must call it)."""
+        guard = {"nonfinite_run": self.nonfinite_run, "skipped": self.skipped}
+        if self.sharded:
+            model, opt = full_state(self.model, self.opt)
+            ema = full_state(self.ema)[0] if self.ema is not None else None
+            return {"model": model, "ema": ema, "opt": opt, "guard": guard}
         return {
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "opt": self.opt.state_dict(),
-            "guard": {"nonfinite_run": self.nonfinite_run, "skipped": self.skipped},
+            "guard": guard,
         }
 
+    def export_states(self) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """(model, EMA) weights, whole (gathered on rank 0 for a sharded student; every rank must call it)."""
+        if self.sharded:
+            ema = full_state(self.ema)[0] if self.ema is not None else None
+            return full_state(self.model)[0], ema
+        return self.model.state_dict(), self.ema.state_dict() if self.ema is not None else None
+
     def load_state_dict(self, d: dict[str, Any]) -> None:
-        self.model.load_state_dict(d["model"])
-        if self.ema is not None and d.get("ema") is not None:
-            self.ema.load_state_dict(d["ema"])
-        self.opt.load_state_dict(d["opt"])
+        if self.sharded:
+            load_full_state(self.model, d["model"], self.opt, d["opt"])
+            if self.ema is not None and d.get("ema") is not None:
+                load_full_state(self.ema, d["ema"])
+        else:
+            self.model.load_state_dict(d["model"])
+            if self.ema is not None and d.get("ema") is not None:
+                self.ema.load_state_dict(d["ema"])
+            self.opt.load_state_dict(d["opt"])
         guard = d.get("guard") or {}
         self.nonfinite_run = int(guard.get("nonfinite_run", 0))
         self.skipped = int(guard.get("skipped", 0))
@@ -214,15 +252,27 @@ def student_step(
     for group in st.opt.param_groups:
         group["lr"] = lr
     parts: dict[str, float] = {}
+    # a sharded student's DAMP noise goes into its weights in place (every worker, its own shard)
+    undo = L.damp_in_place(st.model, damp_sigma) if st.sharded and damp_sigma > 0 else None
     if len(batch):
-        loss, parts = student_losses(st, images, batch, plan, cfg, rng, damp_sigma, device, dtype)
+        noise = 0.0 if st.sharded else damp_sigma
+        loss, parts = student_losses(st, images, batch, plan, cfg, rng, noise, device, dtype)
     else:
         res = student_resolution(images.shape[-1], st.model.patch_size)
+        zeros = images.new_zeros(1, 3, res, res)
         with autocast(device, dtype):
-            loss = touch_outputs(st.train_model(images.new_zeros(1, 3, res, res)))
+            loss = touch_outputs(st.train_model(zeros))
+            if st.sharded and st.ema is not None and cfg.mesa_weight > 0:
+                with (
+                    torch.no_grad()
+                ):  # the sharded EMA's all-gathers, in the order the other workers run them
+                    st.ema(zeros)
     (loss * loss_scale).backward()
+    if undo is not None:
+        undo()
     norm = torch.nn.utils.clip_grad_norm_(st.model.parameters(), cfg.grad_clip or math.inf)
-    grad_norm = float(norm)
+    full_tensor = getattr(norm, "full_tensor", None)  # a sharded student's norm is a DTensor
+    grad_norm = float(full_tensor() if full_tensor is not None else norm)
     if not math.isfinite(grad_norm):
         st.nonfinite_run += 1
         st.skipped += 1

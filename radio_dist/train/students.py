@@ -109,6 +109,11 @@ class StudentSpec(StrictModel):
         description="Local file that initializes the backbone (timm: a timm checkpoint; cradio: a backbone "
         "state dict or an exported model.safetensors). None = random init.",
     )
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="Data parallelism over the job's workers: ddp (a full copy per worker) or fsdp (FSDP2, "
+        "parameters, gradients and optimizer state sharded per block: students too large for one device).",
+    )
     activation_checkpointing: bool = Field(
         False,
         description="Recompute each backbone block's activations in the backward pass instead of keeping them "

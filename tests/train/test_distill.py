@@ -94,12 +94,14 @@ def test_refuses_a_store_that_does_not_match(store_url, tmp_path):
 
 
 def test_killed_worker_resumes_and_sees_every_sample_once(ray_local, store_url, tmp_path):
-    """Two workers; one is SIGKILLed mid-epoch; Ray Train restarts both from the last checkpoint."""
+    """Two workers; one is SIGKILLed mid-epoch; Ray Train restarts both from the last checkpoint. The ViT
+    student is sharded with FSDP2 (DAMP in place, a sharded EMA, a gathered checkpoint), the C-RADIO one DDP."""
     out = tmp_path / "run"
     cfg = make_cfg(store_url, out, resolutions={"low": [32, 48], "high": [64, 80]})
     cfg = DistillConfig.model_validate(
         {
             **cfg.model_dump(),
+            "students": [TINY_STUDENTS[0], {**TINY_STUDENTS[1], "parallel": "fsdp"}],
             "scaling": {"num_workers": 2, "cpus_per_worker": 0.5, "max_failures": 1},
             "debug": {"kill_at_step": 4, "kill_rank": 1},
         }
@@ -121,6 +123,11 @@ def test_killed_worker_resumes_and_sees_every_sample_once(ray_local, store_url, 
     assert {p for p, _ in seen} == {"low", "high"}
     for name in ("cradio", "vit"):
         assert np.isfinite(metrics[-1][f"{name}/total"])
+        assert all(np.isfinite(m[f"{name}/grad_norm"]) for m in metrics)
+    student = load_student(str(out / "students" / "vit"))  # the sharded student, exported whole
+    assert json.loads((out / "students" / "vit" / "config.json").read_text())["spec"]["parallel"] == "fsdp"
+    res = student(np.zeros((1, 32, 32, 3), np.uint8))
+    assert np.isfinite(res["t1"]["dense"].numpy()).all()
 
 
 def relaunch(cfg: DistillConfig, workers: int, batch_size: int, stop_after: int | None) -> dict:
