@@ -17,6 +17,7 @@ from radio_dist.train.distill import run_distill
 from radio_dist.train.evaluate import EvalConfig, evaluate, load_students
 
 
+@pytest.mark.slow  # ~2 min: the end-to-end quality run (cache 128 views, 64 steps, eval); CI runs it
 @pytest.mark.timeout(600)
 def test_short_run_learns_and_holds_across_resolutions(ray_local, tmp_path):
     store_url = str(tmp_path / "store")
