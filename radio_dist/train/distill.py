@@ -105,9 +105,8 @@ class Distiller:
         self.inputs = plan_inputs(cfg, ctx.world)
         self.pos = self.restore()
         self.keys = metric_keys(cfg, self.plan)
-        self.flops: dict[
-            tuple[str, int], float
-        ] = {}  # (student, resolution) -> FLOPs of a step, counted once
+        # (student, resolution) -> FLOPs per sample of a step, counted once (MFU)
+        self.flops: dict[tuple[str, int], float] = {}
         self.peak = peak_tflops(ctx.device)
         self.total_steps = cfg.train.max_steps or self.planned_steps()
         log = self.worker.open_log(samples_log_name(self.worker.rank))
@@ -288,6 +287,9 @@ class Distiller:
             metrics.update({f"{name}/{k}": v for k, v in outcome.parts.items()})
             extra[f"{name}/grad_norm"] = outcome.grad_norm
             extra[f"{name}/step_s"] = spent = time.perf_counter() - t0
+            extra[f"{name}/forward_s"] = outcome.forward_s
+            extra[f"{name}/backward_s"] = outcome.backward_s
+            extra[f"{name}/optimizer_s"] = outcome.optimizer_s
             extra[f"{name}/skipped"] = st.skipped
             if key in self.flops and len(batch) and not counting:  # the counted step ran slower: left out
                 tflops = self.flops[key] * len(batch) / spent / 1e12

@@ -125,6 +125,22 @@ def fit_images(
     return {p: np.concatenate(v) for p, v in out.items()}
 
 
+def run_teacher(
+    teacher: Teacher, images: torch.Tensor | np.ndarray, partition: str, sizes: dict[str, int]
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(summary, dense) in the teacher's raw space for uint8 NHWC views of ``partition``, in batches of the
+    teacher's ``runtime.batch_size``, at the input resolution the caching job gives it."""
+    res = teacher.input_resolution(partition, sizes[partition])
+    bs = teacher.spec.runtime.batch_size
+    summaries, denses = [], []
+    for i in range(0, len(images), bs):
+        out = teacher(images[i : i + bs], resolution=res)
+        denses.append(out.dense)
+        if out.summary is not None:
+            summaries.append(out.summary)
+    return (torch.cat(summaries) if summaries else None), torch.cat(denses)
+
+
 class LiveTeacher:
     """One live teacher on a worker's device: the model, its PHI-S, and the targets of a batch."""
 
@@ -138,17 +154,7 @@ class LiveTeacher:
     def raw(
         self, images: torch.Tensor | np.ndarray, partition: str
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """(summary, dense) in the teacher's raw space for uint8 NHWC views of ``partition``, in batches of
-        the teacher's ``runtime.batch_size``."""
-        res = self.teacher.input_resolution(partition, self.sizes[partition])
-        bs = self.spec.runtime.batch_size
-        summaries, denses = [], []
-        for i in range(0, len(images), bs):
-            out = self.teacher(images[i : i + bs], resolution=res)
-            denses.append(out.dense)
-            if out.summary is not None:
-                summaries.append(out.summary)
-        return (torch.cat(summaries) if summaries else None), torch.cat(denses)
+        return run_teacher(self.teacher, images, partition, self.sizes)
 
     def targets(self, images: torch.Tensor, partition: str) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(raw summary, PHI-S-space dense) of a batch — what the store would hold for these views."""
@@ -168,13 +174,12 @@ def fit_live(
 ) -> LiveInfo:
     """A live teacher's first use: PHI-S from the raw dense features of ``images`` (partitions pooled), head
     shapes and summary dispersion — as the caching job fits them."""
-    live = LiveTeacher(spec, teacher, None, sizes)  # type: ignore[arg-type]  # raw() needs no PHI-S
     moments: Moments | None = None
     summaries = []
     dims: tuple[int | None, int] | None = None
     n = 0
     for p, views in images.items():
-        summary, dense = live.raw(views, p)
+        summary, dense = run_teacher(teacher, views, p, sizes)
         m = Moments.from_features(dense.detach().cpu().double().numpy())
         moments = m if moments is None else moments.merge(m)
         if summary is not None:

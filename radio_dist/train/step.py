@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -218,11 +219,15 @@ def student_losses(
 
 @dataclass
 class StepOutcome:
-    """What one student's step did: its loss parts, gradient norm (before clipping), whether it stepped."""
+    """What one student's step did: its loss parts, gradient norm (before clipping), whether it stepped, and
+    the seconds of its forward (with the losses), backward and optimizer phases (device synchronized)."""
 
     parts: dict[str, float]
     grad_norm: float
     stepped: bool
+    forward_s: float = 0.0
+    backward_s: float = 0.0
+    optimizer_s: float = 0.0
 
 
 def student_step(
@@ -248,6 +253,7 @@ def student_step(
     the optimizer and EMA step. A non-finite gradient norm (identical on every worker after the all-reduce)
     skips the step; ``cfg.max_nonfinite_steps`` of them in a row raise ``NonFiniteError``.
     """
+    t0 = time.perf_counter()
     st.opt.zero_grad(set_to_none=True)
     for group in st.opt.param_groups:
         group["lr"] = lr
@@ -262,17 +268,18 @@ def student_step(
         zeros = images.new_zeros(1, 3, res, res)
         with autocast(device, dtype):
             loss = touch_outputs(st.train_model(zeros))
+            # a sharded EMA all-gathers too: in the order the other workers run it (MESA)
             if st.sharded and st.ema is not None and cfg.mesa_weight > 0:
-                with (
-                    torch.no_grad()
-                ):  # the sharded EMA's all-gathers, in the order the other workers run them
+                with torch.no_grad():
                     st.ema(zeros)
+    t1 = _synced(device)
     (loss * loss_scale).backward()
     if undo is not None:
         undo()
     norm = torch.nn.utils.clip_grad_norm_(st.model.parameters(), cfg.grad_clip or math.inf)
     full_tensor = getattr(norm, "full_tensor", None)  # a sharded student's norm is a DTensor
-    grad_norm = float(full_tensor() if full_tensor is not None else norm)
+    grad_norm = float(full_tensor() if full_tensor is not None else norm)  # (synchronizes the device)
+    t2 = time.perf_counter()
     if not math.isfinite(grad_norm):
         st.nonfinite_run += 1
         st.skipped += 1
@@ -282,10 +289,17 @@ def student_step(
                 f"(last loss parts {parts or 'n/a'}); lower train.lr, check the store with `radio-dist store "
                 "verify`, or raise train.max_nonfinite_steps"
             )
-        return StepOutcome(parts, grad_norm, stepped=False)
+        return StepOutcome(parts, grad_norm, False, t1 - t0, t2 - t1)
     st.nonfinite_run = 0
     if update:
         st.opt.step()
         if st.ema is not None:
             L.ema_update(st.ema, st.model, cfg.ema_momentum)
-    return StepOutcome(parts, grad_norm, stepped=update)
+    return StepOutcome(parts, grad_norm, update, t1 - t0, t2 - t1, _synced(device) - t2)
+
+
+def _synced(device: torch.device) -> float:
+    """The host clock once the device has finished what was queued (phase timing)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()

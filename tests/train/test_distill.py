@@ -180,6 +180,12 @@ def test_relaunched_with_other_workers_and_batch_size_trains_every_sample_once(
     assert {m["segment"] for m in metrics if m["epoch"] == 0} == {0, 1, 2}
     for name in ("cradio", "vit"):
         assert all(np.isfinite(m[f"{name}/grad_norm"]) and m[f"{name}/skipped"] == 0 for m in metrics)
+        for m in metrics:  # the phases of each student's step, inside its step time
+            phases = m[f"{name}/forward_s"] + m[f"{name}/backward_s"] + m[f"{name}/optimizer_s"]
+            assert 0 < m[f"{name}/backward_s"] and phases <= m[f"{name}/step_s"] + 1e-6
+        # achieved TFLOP/s from the FLOPs counted at each attempt's first step per resolution
+        rated = [m[f"{name}/tflops"] for m in metrics if f"{name}/tflops" in m]
+        assert len(rated) >= len(metrics) // 2 and min(rated) > 0
     # TensorBoard holds the same history: the rolled-back steps of the stopped attempts are purged
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
