@@ -252,3 +252,41 @@ def test_gpu_check_runs_at_toy_sizes_with_nothing_but_torch_and_timm(tmp_path):
         assert "error" not in r, (name, r)
         assert r["images_per_s"] > 0 and r["target_mb_per_s"] > 0 and r["tflop_per_image"] > 0
     assert "MFU" in proc.stdout and "teacher sam3" in proc.stdout  # the closing table
+
+
+@pytest.mark.slow  # ~3 min: a caching job and five short Ray Train jobs
+def test_bench_train_small(ray_local, tmp_path):
+    """`bench train` end to end at toy sizes: every job ran, every figure the README table needs is there."""
+    from radio_dist.bench.train import bench_train
+    from radio_dist.train.students import StudentSpec
+
+    students = [
+        StudentSpec(name="cradio", kind="cradio", arch="tiny", head_hidden=32, cpe_max_grid=8),
+        StudentSpec(
+            name="vit",
+            kind="timm",
+            arch="vit_tiny_patch16_224",
+            overrides={"embed_dim": 32, "depth": 1, "num_heads": 2},
+            head_hidden=32,
+        ),
+    ]
+    res = bench_train(
+        images=48,
+        px=64,
+        batch_size=4,
+        workers=2,
+        students=students,
+        teachers=["dinov3_tiny"],
+        workdir=tmp_path,
+    )
+    # one 48-row shard (shard_size 64): one worker reads it all, 12 steps of 4, the first 2 not timed
+    assert res["cache_ok"] == 48 and res["timed_steps_per_job"] == 48 // 4 - 2
+    assert set(res["separate_step_s"]) == {"cradio", "vit"} and len(res["multi_student_ratio_each"]) == 1
+    together, alone = res["together_step_s"], sum(res["separate_step_s"].values())
+    assert res["multi_student_ratio"] == pytest.approx(together / alone)
+    assert 0 <= res["data_wait_share"] <= 1
+    assert res["teacher_step_s"] > 0 and res["online_step_s"] > 0 and res["student_compute_step_s"] > 0
+    assert res["cached_vs_online_theory"] > 1  # E > 1 and the teachers cost something
+    assert res["cached_vs_online_of_theory"] == pytest.approx(
+        res["cached_vs_online"] / res["cached_vs_online_theory"]
+    )
