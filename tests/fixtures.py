@@ -16,6 +16,26 @@ import numpy as np
 from PIL import Image
 
 from radio_dist.sources import SAMPLE_PHOTOS, load_sample_photo
+from radio_dist.train.reader import ShardRows
+
+# The tiny timm ViT student the training tests share (a 32-wide, one-block vit_tiny)
+TINY_VIT: dict = {
+    "name": "vit",
+    "kind": "timm",
+    "arch": "vit_tiny_patch16_224",
+    "overrides": {"embed_dim": 32, "depth": 1, "num_heads": 2},
+    "head_hidden": 32,
+}
+
+
+def fake_shards(sizes: list[int]) -> list[ShardRows]:
+    """Committed shards ``s000, s001, ...`` with ``sizes`` rows of ids ``id0, id1, ...`` (no store)."""
+    out, k = [], 0
+    for s, n in enumerate(sizes):
+        out.append(ShardRows(f"s{s:03d}", tuple(f"id{k + i}" for i in range(n))))
+        k += n
+    return out
+
 
 FIXTURE_MAX_PIXELS = 1_000_000  # pass as max_pixels so that large.png (retina, 1411x1411) is rejected
 BOMB_SIDE = 12_000  # bomb.png: 144 MP of one colour, a few hundred KB on disk, over the default 100 MP

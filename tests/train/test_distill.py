@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fixtures import TINY_VIT
 
 from radio_dist.store import FeatureStore, StoreMismatchError
 from radio_dist.testing import write_synthetic_store
@@ -27,13 +28,7 @@ from radio_dist.train.students import load_student
 
 TINY_STUDENTS = [
     {"name": "cradio", "kind": "cradio", "arch": "tiny", "head_hidden": 32, "cpe_max_grid": 8},
-    {
-        "name": "vit",
-        "kind": "timm",
-        "arch": "vit_tiny_patch16_224",
-        "overrides": {"embed_dim": 32, "depth": 1, "num_heads": 2},
-        "head_hidden": 32,
-    },
+    TINY_VIT,
 ]
 
 

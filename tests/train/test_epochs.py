@@ -9,18 +9,10 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+from fixtures import fake_shards
 
 from radio_dist.train.epochs import PlanInputs, Position, plans_for, remaining_samples
-from radio_dist.train.reader import ShardRows, epoch_plan
-
-
-def fake_shards(sizes: list[int]) -> list[ShardRows]:
-    out, k = [], 0
-    for s, n in enumerate(sizes):
-        out.append(ShardRows(f"s{s:03d}", tuple(f"id{k + i}" for i in range(n))))
-        k += n
-    return out
-
+from radio_dist.train.reader import epoch_plan
 
 SHARDS = fake_shards([10, 3, 25, 8, 8, 1, 17, 12])
 ALL = {i for s in SHARDS for i in s.ids}

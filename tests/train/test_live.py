@@ -11,6 +11,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from fixtures import TINY_VIT
 
 from radio_dist.cache.config import CacheJobConfig
 from radio_dist.cache.pipeline import run_cache
@@ -24,13 +25,7 @@ from radio_dist.train.resume import ResumeError
 from radio_dist.train.rundir import read_metrics
 from radio_dist.train.students import load_student
 
-STUDENT = {
-    "name": "vit",
-    "kind": "timm",
-    "arch": "vit_tiny_patch16_224",
-    "overrides": {"embed_dim": 32, "depth": 1, "num_heads": 2},
-    "head_hidden": 32,
-}
+STUDENT = TINY_VIT
 
 
 @pytest.fixture(scope="module")

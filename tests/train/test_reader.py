@@ -6,25 +6,17 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from fixtures import fake_shards
 
 from radio_dist.store import FeatureStore, array_key
 from radio_dist.testing import write_synthetic_store
 from radio_dist.train.reader import (
     ReaderConfig,
-    ShardRows,
     ShardStream,
     committed_shards,
     epoch_plan,
     shards_digest,
 )
-
-
-def fake_shards(sizes: list[int]) -> list[ShardRows]:
-    out, k = [], 0
-    for s, n in enumerate(sizes):
-        out.append(ShardRows(f"s{s:03d}", tuple(f"id{k + i}" for i in range(n))))
-        k += n
-    return out
 
 
 @pytest.mark.parametrize("workers,batch", [(1, 7), (2, 5), (3, 16), (4, 1)])

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from fixtures import TINY_VIT
 
 from radio_dist.store import StoreConfig
 from radio_dist.testing import write_synthetic_store
@@ -26,15 +27,7 @@ from radio_dist.train.students import StudentSpec
 from radio_dist.train.transfer import DeviceBatch, to_device
 
 CPU = torch.device("cpu")
-SPEC = StudentSpec.model_validate(
-    {
-        "name": "vit",
-        "kind": "timm",
-        "arch": "vit_tiny_patch16_224",
-        "overrides": {"embed_dim": 32, "depth": 1, "num_heads": 2},
-        "head_hidden": 32,
-    }
-)
+SPEC = StudentSpec.model_validate(TINY_VIT)
 
 
 @pytest.fixture(scope="module")
