@@ -189,8 +189,11 @@ class Distiller:
         problem = relaunch_problem(meta, self.plan, list(self.students))
         if problem:
             raise ResumeError(problem)
-        for name, st in self.students.items():
-            st.load_state_dict(restored.states[name])
+        try:
+            for name, st in self.students.items():
+                st.load_state_dict(restored.states[name], restored.shards.get(name))
+        finally:
+            restored.close()
         return checkpoint_position(meta, self.inputs).resumed_with(self.inputs)
 
     def run(self) -> None:
@@ -327,8 +330,12 @@ class Distiller:
 
     def checkpoint(self, pos: Position, metrics: dict[str, Any]) -> None:
         """Every student, optimizer and EMA, and the data position the next attempt resumes from."""
-        states = {name: st.state_dict() for name, st in self.students.items()}
-        self.worker.checkpoint(metrics, checkpoint_meta(pos, self.plan, list(self.students)), states)
+        states, shards = {}, {}
+        for name, st in self.students.items():
+            states[name], tensors = st.checkpoint_state()
+            if tensors is not None:
+                shards[name] = tensors
+        self.worker.checkpoint(metrics, checkpoint_meta(pos, self.plan, list(self.students)), states, shards)
 
     def export(self) -> None:
         """Every student (or its EMA, ``train.export_ema``) under OUT/students/<name> with the teachers' PHI-S,

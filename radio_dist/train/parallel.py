@@ -122,6 +122,28 @@ def load_full_state(
         set_optimizer_state_dict(model, opt, opt_state, options=options)
 
 
+def named_optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """A plain module's optimizer state keyed by parameter names (``torch.optim``'s own is keyed by position),
+    the form ``load_full_state`` loads into a sharded module: a job relaunched on more workers shards it."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, opt)
+
+
+def load_named_optimizer_state(
+    model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any]
+) -> None:
+    """Load ``named_optimizer_state``'s form into a plain module's optimizer (or, from checkpoints written
+    before it, ``torch.optim``'s positional form)."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    groups = state.get("param_groups") or [{}]
+    if any(isinstance(p, int) for p in groups[0].get("params", [])):
+        opt.load_state_dict(state)
+        return
+    set_optimizer_state_dict(model, opt, state)
+
+
 # Dense bf16 tensor-core rates of the datasheets (TFLOP/s), by device name: the MFU denominator.
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0}
 

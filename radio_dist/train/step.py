@@ -11,6 +11,7 @@ import copy
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,9 +27,12 @@ from radio_dist.train.parallel import (
     full_state,
     fully_sharded,
     load_full_state,
+    load_named_optimizer_state,
     make_adamw,
+    named_optimizer_state,
 )
 from radio_dist.train.plan import RunPlan
+from radio_dist.train.sharded import load_sharded, sharded_state
 from radio_dist.train.students import (
     StudentModel,
     StudentOutput,
@@ -65,6 +69,9 @@ def student_resolution(resolution: int, patch: int) -> int:
     return max(patch, int(round(resolution / patch)) * patch)
 
 
+SHARDED_FORMAT = "dcp"  # a student checkpoint whose tensors are in a DCP directory beside it
+
+
 class NonFiniteError(RuntimeError):
     """Too many steps in a row had a non-finite loss or gradient."""
 
@@ -75,7 +82,8 @@ class StudentState:
     ``model`` is the plain module (checkpointed, exported, the EMA's source); ``train_model`` is what the
     training forward runs — DDP around ``model`` when the workers share a process group, whose construction
     also gives every worker rank 0's initial weights. A student with ``parallel: fsdp`` is instead sharded in
-    place by FSDP2 (``sharded``), its EMA alike; its states are gathered whole for checkpoints and exports.
+    place by FSDP2 (``sharded``), its EMA alike; its checkpoints are sharded (``radio_dist.train.sharded``),
+    its exports gathered whole.
     """
 
     def __init__(
@@ -109,20 +117,21 @@ class StudentState:
         self.nonfinite_run = 0  # non-finite steps in a row (the guard)
         self.skipped = 0  # non-finite steps skipped in all
 
-    def state_dict(self) -> dict[str, Any]:
-        """Model, EMA, optimizer and guard; for a sharded student the full states, on rank 0 only (every
-        rank must call it)."""
+    def checkpoint_state(self) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """(state, shards): what rank 0 saves as the student's ``.pt`` — model, EMA, optimizer and guard —
+        and None; for a sharded student only the optimizer's hyper-parameters and the guard, with this
+        worker's shards of everything else for ``sharded.save_sharded`` (every rank must call it)."""
         guard = {"nonfinite_run": self.nonfinite_run, "skipped": self.skipped}
         if self.sharded:
-            model, opt = full_state(self.model, self.opt)
-            ema = full_state(self.ema)[0] if self.ema is not None else None
-            return {"model": model, "ema": ema, "opt": opt, "guard": guard}
-        return {
+            tensors, groups = sharded_state(self.model, self.opt, self.ema)
+            return {"format": SHARDED_FORMAT, "param_groups": groups, "guard": guard}, tensors
+        state = {
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
-            "opt": self.opt.state_dict(),
+            "opt": named_optimizer_state(self.model, self.opt),  # loads into a sharded student too
             "guard": guard,
         }
+        return state, None
 
     def export_states(self) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """(model, EMA) weights, whole (gathered on rank 0 for a sharded student; every rank must call it)."""
@@ -131,8 +140,15 @@ class StudentState:
             return full_state(self.model)[0], ema
         return self.model.state_dict(), self.ema.state_dict() if self.ema is not None else None
 
-    def load_state_dict(self, d: dict[str, Any]) -> None:
-        if self.sharded:
+    def load_state_dict(self, d: dict[str, Any], shards: Path | None = None) -> None:
+        """Load a checkpoint written by ``checkpoint_state`` under any number of workers: a whole state (into
+        a plain or a sharded student), or a sharded one from its DCP directory ``shards`` (re-sharded, or
+        loaded whole into a plain student). Every rank must call it."""
+        if d.get("format") == SHARDED_FORMAT:
+            if shards is None:
+                raise ValueError(f"a sharded checkpoint of student {self.spec.name!r} without its shards")
+            load_sharded(self.model, self.opt, self.ema, shards, d["param_groups"])
+        elif self.sharded:
             load_full_state(self.model, d["model"], self.opt, d["opt"])
             if self.ema is not None and d.get("ema") is not None:
                 load_full_state(self.ema, d["ema"])
@@ -140,7 +156,7 @@ class StudentState:
             self.model.load_state_dict(d["model"])
             if self.ema is not None and d.get("ema") is not None:
                 self.ema.load_state_dict(d["ema"])
-            self.opt.load_state_dict(d["opt"])
+            load_named_optimizer_state(self.model, self.opt, d["opt"])
         guard = d.get("guard") or {}
         self.nonfinite_run = int(guard.get("nonfinite_run", 0))
         self.skipped = int(guard.get("skipped", 0))

@@ -12,14 +12,16 @@ A job's ``train_loop_per_worker`` opens a ``TrainWorker`` and keeps only its own
         worker.after_checkpoint(done)              # fault injection: stop once after debug.stop_after_step
     worker.close()
 
-A checkpoint is a directory of named state dicts (``NAME.pt``, written by rank 0) and the job's metadata
-(``state.json``); it is restored with ``torch.load(weights_only=True)``: a checkpoint on shared storage never
-runs code. The logs a job opens through ``open_log`` are synced at every checkpoint, so an object store holds
+A checkpoint is a directory of named state dicts (``NAME.pt``, written by rank 0), the job's metadata
+(``state.json``) and, for FSDP2 students, sharded states (``NAME.dcp``, each worker its shards; see
+``radio_dist.train.sharded``); it is restored with ``torch.load(weights_only=True)`` and DCP behind a
+restricted unpickler: a checkpoint on shared storage never runs code. The logs a job opens through ``open_log`` are synced at every checkpoint, so an object store holds
 exactly what the last checkpoint covers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -27,7 +29,7 @@ import signal
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +38,10 @@ from pydantic import Field
 
 from radio_dist.config import StrictModel
 from radio_dist.train.rundir import RunDir, RunLog
+from radio_dist.train.sharded import save_sharded
 
 STATE_FILE = "state.json"
+SHARDS_SUFFIX = ".dcp"  # a sharded state's directory in a checkpoint
 TENSORBOARD_DIR = "tensorboard"
 STEP_KEYS = {"global_step", "step", "total_steps"}
 
@@ -107,6 +111,12 @@ class Restored:
 
     meta: dict[str, Any]
     states: dict[str, Any]
+    shards: dict[str, Path] = field(default_factory=dict)  # name -> its DCP directory (sharded students)
+    opened: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+
+    def close(self) -> None:
+        """Release the checkpoint's local copy (after the sharded states were loaded)."""
+        self.opened.close()
 
 
 class TrainWorker:
@@ -183,40 +193,62 @@ class TrainWorker:
             self.out.upload_dir(self._tb_local, TENSORBOARD_DIR)
 
     def restore(self) -> Restored | None:
-        """The checkpoint Ray Train resumes this attempt from, or None on a fresh start."""
+        """The checkpoint Ray Train resumes this attempt from, or None on a fresh start. Its sharded states
+        (``NAME.dcp``) stay readable until ``Restored.close``."""
         import ray.train
 
         ckpt = ray.train.get_checkpoint()
         if ckpt is None:
             return None
-        with ckpt.as_directory() as d:
-            if not (Path(d) / STATE_FILE).is_file():
+        opened = contextlib.ExitStack()
+        d = Path(opened.enter_context(ckpt.as_directory()))
+        try:
+            if not (d / STATE_FILE).is_file():
                 raise RuntimeError(
                     f"checkpoint {ckpt.path} has no {STATE_FILE}: it was written by an older radio-dist — resume "
                     "it with that version, or start a new run directory (--out)"
                 )
-            meta = json.loads((Path(d) / STATE_FILE).read_text())
+            meta = json.loads((d / STATE_FILE).read_text())
             states = {
                 p.stem: torch.load(p, map_location=self.device, weights_only=True)
-                for p in sorted(Path(d).glob("*.pt"))
+                for p in sorted(d.glob("*.pt"))
             }
-        return Restored(meta, states)
+            shards = {
+                p.name[: -len(SHARDS_SUFFIX)]: p for p in sorted(d.glob(f"*{SHARDS_SUFFIX}")) if p.is_dir()
+            }
+        except BaseException:
+            opened.close()
+            raise
+        if not shards:
+            opened.close()
+        return Restored(meta, states, shards, opened)
 
-    def checkpoint(self, metrics: dict[str, Any], meta: dict[str, Any], states: dict[str, Any]) -> None:
-        """Report ``metrics`` with a checkpoint of ``states`` (name -> state dict) and ``meta`` (JSON), both
-        written by rank 0. Every rank must call it at the same steps (Ray Train's report is a barrier)."""
+    def checkpoint(
+        self,
+        metrics: dict[str, Any],
+        meta: dict[str, Any],
+        states: dict[str, Any],
+        shards: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
+        """Report ``metrics`` with a checkpoint of ``states`` (name -> state dict) and ``meta`` (JSON), written
+        by rank 0, and of ``shards`` (name -> this worker's DCP shards), written by every worker under
+        ``NAME.dcp`` and merged by Ray Train. Every rank must call it at the same steps (Ray Train's report is
+        a barrier)."""
         import ray.train
 
         for log in self.logs:
             log.sync()
         self._sync_tensorboard()
-        if self.rank != 0:
+        if self.rank != 0 and not shards:
             ray.train.report(metrics, checkpoint=None)
             return
         with tempfile.TemporaryDirectory() as d:
-            for name, state in states.items():
-                torch.save(state, Path(d) / f"{name}.pt")
-            (Path(d) / STATE_FILE).write_text(json.dumps(meta))
+            for name, tensors in (shards or {}).items():
+                save_sharded(tensors, Path(d) / f"{name}{SHARDS_SUFFIX}")
+            if self.rank == 0:
+                for name, state in states.items():
+                    torch.save(state, Path(d) / f"{name}.pt")
+                (Path(d) / STATE_FILE).write_text(json.dumps(meta))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
     def after_step(self, done: int) -> None:

@@ -119,6 +119,13 @@ def test_killed_worker_resumes_and_sees_every_sample_once(ray_local, store_url, 
     for name in ("cradio", "vit"):
         assert np.isfinite(metrics[-1][f"{name}/total"])
         assert all(np.isfinite(m[f"{name}/grad_norm"]) for m in metrics)
+    # the sharded student's checkpoints hold each worker's shards (DCP), none gathered on rank 0
+    dirs = sorted((out / "ray").glob("*/checkpoint_*/vit.dcp"))
+    assert dirs and all(
+        sorted(p.name for p in d.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"] for d in dirs
+    )
+    assert "model" not in torch.load(dirs[-1].parent / "vit.pt", weights_only=True)
+    assert not list((out / "ray").glob("*/checkpoint_*/cradio.dcp"))  # the DDP one: whole, from rank 0
     student = load_student(str(out / "students" / "vit"))  # the sharded student, exported whole
     assert json.loads((out / "students" / "vit" / "config.json").read_text())["spec"]["parallel"] == "fsdp"
     res = student(np.zeros((1, 32, 32, 3), np.uint8))
@@ -150,6 +157,10 @@ def test_relaunched_with_other_workers_and_batch_size_trains_every_sample_once(
         tmp_path
     )  # relative paths, as `make demo` passes them (Ray Train workers run elsewhere)
     cfg = make_cfg(os.path.relpath(store_url, tmp_path), Path("run"), epochs=2, checkpoint_every=3)
+    # the ViT student asks for FSDP2: whole checkpoints on one worker, sharded on two, each read by the other
+    cfg = cfg.model_copy(
+        update={"students": [cfg.students[0], cfg.students[1].model_copy(update={"parallel": "fsdp"})]}
+    )
     # 1 worker x 4: checkpoints after 3 steps, stops after 4 (step 3 is rolled back)
     relaunch(cfg, workers=1, batch_size=4, stop_after=3)
     assert not (out / "students").exists()
@@ -157,6 +168,7 @@ def test_relaunched_with_other_workers_and_batch_size_trains_every_sample_once(
     # 2), stops after 5
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"checkpoint_every": 2})})
     relaunch(cfg, workers=2, batch_size=3, stop_after=4)
+    assert list((out / "ray").glob("*/checkpoint_*/vit.dcp/__1_0.distcp"))
     # 1 worker x 4 to the end
     summary = relaunch(cfg, workers=1, batch_size=4, stop_after=None)
     assert summary["resumed"]["replanned_for"].startswith("1 worker(s) x batch 4")

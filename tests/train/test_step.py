@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import pickle
+import shutil
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,8 +24,10 @@ from fixtures import TINY_VIT
 from radio_dist.store import StoreConfig
 from radio_dist.testing import write_synthetic_store
 from radio_dist.train.config import DistillConfig, TrainConfig
+from radio_dist.train.parallel import load_named_optimizer_state, named_optimizer_state
 from radio_dist.train.plan import prepare_run
 from radio_dist.train.reader import ShardStream, committed_shards, epoch_plan
+from radio_dist.train.sharded import CheckpointContentError, load_sharded, save_sharded, sharded_state
 from radio_dist.train.step import NonFiniteError, StudentState, student_step, to_images
 from radio_dist.train.students import StudentSpec
 from radio_dist.train.transfer import DeviceBatch, to_device
@@ -75,7 +81,7 @@ def test_non_finite_targets_skip_the_step_and_too_many_in_a_row_stop_with_a_clea
     step(st, poisoned, plan, train)
     with pytest.raises(NonFiniteError, match=r"student 'vit': 3 steps in a row.*max_nonfinite_steps"):
         step(st, poisoned, plan, train)
-    assert st.state_dict()["guard"] == {"nonfinite_run": 3, "skipped": 4}
+    assert st.checkpoint_state()[0]["guard"] == {"nonfinite_run": 3, "skipped": 4}
 
 
 def test_gradients_are_clipped_to_the_configured_norm(store_url):
@@ -180,7 +186,7 @@ FSDP_SPEC = SPEC.model_copy(update={"parallel": "fsdp"})
 
 def _fsdp_worker(rank: int, port: int, url: str, ckpt: str, queue) -> None:
     """A sharded (FSDP2) student over 2 gloo workers: 3 + 1 samples, then 2 + 0; then a DAMP step at lr 0;
-    then its checkpoint written by rank 0 and loaded into a fresh sharded student on both workers."""
+    then its sharded checkpoint, each worker its shards, loaded into a fresh sharded student on both workers."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
@@ -217,15 +223,34 @@ def _fsdp_worker(rank: int, port: int, url: str, ckpt: str, queue) -> None:
         clean, _ = at_lr0(0.0)
         noisy, norm = at_lr0(0.5)
         restored = all(torch.equal(before[n], p.full_tensor()) for n, p in st.model.named_parameters())
-        state = st.state_dict()
+        # a sharded checkpoint: each worker writes its shards into its own directory (as on two nodes), merged
+        # into one as Ray Train merges the workers' checkpoint directories
+        state, shards = st.checkpoint_state()
+        assert state["format"] == "dcp" and "model" not in state and shards is not None
+        save_sharded(shards, f"{ckpt}/rank{rank}/s.dcp")
         if rank == 0:
-            torch.save(state, ckpt)
+            torch.save(state, f"{ckpt}/s.pt")
+        dist.barrier()
+        if rank == 0:
+            for r in (0, 1):
+                shutil.copytree(f"{ckpt}/rank{r}/s.dcp", f"{ckpt}/s.dcp", dirs_exist_ok=True)
         dist.barrier()
         again = StudentState(FSDP_SPEC, plan.heads, train, CPU, distributed=True)
-        again.load_state_dict(torch.load(ckpt, weights_only=True))
+        again.load_state_dict(torch.load(f"{ckpt}/s.pt", weights_only=True), Path(f"{ckpt}/s.dcp"))
         same = all(
             torch.equal(a.full_tensor(), b.full_tensor())
             for a, b in zip(again.model.parameters(), st.model.parameters(), strict=True)
+        )
+        same_ema = all(
+            torch.equal(a.full_tensor(), b.full_tensor())
+            for a, b in zip(again.ema.parameters(), st.ema.parameters(), strict=True)
+        )
+        same_opt = again.opt.state_dict()["state"].keys() == st.opt.state_dict()["state"].keys() and all(
+            torch.equal(a[k].full_tensor(), b[k].full_tensor())
+            for a, b in zip(
+                again.opt.state_dict()["state"].values(), st.opt.state_dict()["state"].values(), strict=True
+            )
+            for k in ("exp_avg", "exp_avg_sq")
         )
         result = {
             "grads": grads,
@@ -234,20 +259,21 @@ def _fsdp_worker(rank: int, port: int, url: str, ckpt: str, queue) -> None:
             "restored": restored,
             "noise_moved_grad": float(np.linalg.norm(noisy - clean) / np.linalg.norm(clean)),
             "norm": norm,
-            "reloaded_same": same,
+            "reloaded_same": same and same_ema and same_opt,
+            "steps": float(next(iter(st.opt.state_dict()["state"].values()))["step"]),
         }
         queue.put((rank, result))
     finally:
         dist.destroy_process_group()
 
 
-def test_fsdp2_student_over_gloo_equals_one_process_and_checkpoints_whole(store_url, tmp_path):
+def test_fsdp2_student_over_gloo_equals_one_process_and_checkpoints_sharded(store_url, tmp_path):
     """FSDP2 (``parallel: fsdp``): uneven and empty batches give the global batch's gradient and one
-    process's weights; the in-place DAMP step restores the clean weights exactly; the gathered checkpoint
-    loads back into a sharded student with ``weights_only=True``."""
+    process's weights; the in-place DAMP step restores the clean weights exactly; the sharded (DCP)
+    checkpoint loads back into a sharded student, and into a plain one."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port, ckpt = _free_port(), str(tmp_path / "fsdp.pt")
+    port, ckpt = _free_port(), str(tmp_path / "ckpt")
     procs = [ctx.Process(target=_fsdp_worker, args=(r, port, store_url, ckpt, queue)) for r in (0, 1)]
     for p in procs:
         p.start()
@@ -275,3 +301,53 @@ def test_fsdp2_student_over_gloo_equals_one_process_and_checkpoints_whole(store_
     for rank in (0, 1):
         assert got[rank]["restored"] and got[rank]["reloaded_same"] and math.isfinite(got[rank]["norm"])
         assert got[rank]["noise_moved_grad"] > 1e-2  # the DAMP noise was really applied
+    # the merged directory has both workers' shards, and loads whole into a plain student (a job relaunched
+    # on one worker) with the weights FSDP2 gathered and the optimizer's step count
+    assert sorted(os.listdir(f"{ckpt}/s.dcp")) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    plain = StudentState(FSDP_SPEC, plan.heads, train, CPU)
+    plain.load_state_dict(torch.load(f"{ckpt}/s.pt", weights_only=True), Path(f"{ckpt}/s.dcp"))
+    for k, v in plain.model.state_dict().items():
+        np.testing.assert_array_equal(v.numpy(), got[0]["weights"][k])
+    assert next(iter(plain.opt.state_dict()["state"].values()))["step"] == got[0]["steps"] == 4
+
+
+class _Payload:
+    """What a tampered checkpoint index would carry: unpickling it would run ``os.system``."""
+
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_a_tampered_sharded_checkpoint_is_refused_not_run(tmp_path, monkeypatch):
+    """DCP reads its index with plain pickle: radio-dist checks it first and refuses what it never writes."""
+    monkeypatch.chdir(tmp_path)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    tensors, groups = sharded_state(model, opt, None)
+    save_sharded(tensors, tmp_path / "ok.dcp")  # without a process group: one writer
+    again = torch.nn.Linear(3, 2)
+    again_opt = torch.optim.AdamW(again.parameters())
+    load_sharded(again, again_opt, None, tmp_path / "ok.dcp", groups)
+    assert torch.equal(again.weight, model.weight)
+    (tmp_path / "ok.dcp" / ".metadata").write_bytes(pickle.dumps(_Payload()))
+    with pytest.raises(CheckpointContentError, match=r"ok\.dcp/\.metadata.*names posix\.system"):
+        load_sharded(again, again_opt, None, tmp_path / "ok.dcp", groups)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_optimizer_state_by_name_and_by_position_both_load():
+    """Checkpoints keep the optimizer state keyed by parameter names (a relaunch on more workers shards it);
+    those written before, keyed by position, still load."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.ones(2, 3)).sum().backward()
+    opt.step()
+    named = named_optimizer_state(model, opt)
+    assert set(named["state"]) == {"0.weight", "0.bias", "1.weight", "1.bias"}
+    for state in (named, opt.state_dict()):
+        fresh = copy.deepcopy(model)
+        fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=0.1)
+        load_named_optimizer_state(fresh, fresh_opt, state)
+        got = fresh_opt.state_dict()["state"]
+        for i, want in opt.state_dict()["state"].items():
+            assert torch.equal(got[i]["exp_avg"], want["exp_avg"]) and float(got[i]["step"]) == 1
