@@ -281,6 +281,11 @@ class Distiller:
                     loss_scale=scale,
                     update=n_global > 0,
                     dtype=self.dtype,
+                    noise_seed=int(
+                        np.random.SeedSequence(
+                            [train.seed & 0xFFFFFFFF, self.pos.epoch, *seg, batch.host.step, i, 0xDA]
+                        ).generate_state(1)[0]
+                    ),  # no rank in it: the same on every worker
                 )
             if counting:
                 assert isinstance(counter, FlopCounterMode)

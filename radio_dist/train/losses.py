@@ -323,12 +323,16 @@ def damp_sigma(step: int, total_steps: int, sigma0: float, schedule: str = "cosi
     raise ValueError(f"damp_sigma: unknown schedule {schedule!r}; choose one of {DAMP_SCHEDULES}")
 
 
-def damp_in_place(model: torch.nn.Module, sigma: float, skip_1d: bool = True) -> Callable[[], None]:
-    """DAMP for a sharded (FSDP2) student, whose forward cannot take swapped parameters: multiply each weight
-    (this worker's shard of it) by ``1 + sigma * eps`` in place now; the returned ``undo()``, called after the
-    backward pass, turns the gradient at the noisy weights into the gradient w.r.t. the clean ones (chain
-    rule: times the same factor, elementwise) and puts the clean weights back bit for bit. All workers
-    gather the same noisy weights, so the step sees one noise sample across the data-parallel group."""
+def damp_in_place(
+    model: torch.nn.Module, sigma: float, skip_1d: bool = True, generator: torch.Generator | None = None
+) -> Callable[[], None]:
+    """DAMP for a student whose forward cannot take swapped parameters (sharded by FSDP2, or compiled):
+    multiply each weight (this worker's shard of it) by ``1 + sigma * eps`` in place now; the returned
+    ``undo()``, called after the backward pass, turns the gradient at the noisy weights into the gradient
+    w.r.t. the clean ones (chain rule: times the same factor, elementwise) and puts the clean weights back bit
+    for bit. Sharded: all workers gather the same noisy weights, so the step sees one noise sample across the
+    data-parallel group. Replicated (DDP): the gradients are averaged before ``undo`` multiplies them, so
+    every worker must draw the same noise — pass a ``generator`` seeded alike on all of them."""
     if not math.isfinite(sigma) or sigma < 0:
         raise ValueError(f"damp_in_place: sigma must be finite and >= 0, got {sigma}")
     saved: list[tuple[torch.nn.Parameter, Tensor, Tensor]] = []
@@ -337,7 +341,8 @@ def damp_in_place(model: torch.nn.Module, sigma: float, skip_1d: bool = True) ->
             if sigma == 0 or (skip_1d and p.ndim <= 1) or not p.is_floating_point():
                 continue
             local = _local(p)
-            xi = 1.0 + sigma * torch.randn_like(local)
+            eps = torch.randn(local.shape, generator=generator, device=local.device, dtype=local.dtype)
+            xi = 1.0 + sigma * eps
             saved.append((p, local.clone(), xi))
             local.mul_(xi)
 

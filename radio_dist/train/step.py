@@ -12,7 +12,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -113,6 +113,11 @@ class StudentState:
             if self.ema is not None:
                 fully_sharded(self.ema, dtype, reshard_root=True)
             self.train_model = self.model
+        if spec.compile:  # around the wrapper: DDP's bucket hooks and FSDP2's gathers stay in the graph
+            self.train_model = cast(torch.nn.Module, torch.compile(self.train_model))
+        # DAMP's noise goes into the weights in place (instead of a functional forward with noisy copies) for
+        # a sharded student (each worker its shard) and a compiled one (same parameters: no recompilation)
+        self.damp_in_place = self.sharded or spec.compile
         self.opt = make_adamw(self.model.parameters(), cfg.lr, cfg.weight_decay, device)
         self.nonfinite_run = 0  # non-finite steps in a row (the guard)
         self.skipped = 0  # non-finite steps skipped in all
@@ -259,6 +264,7 @@ def student_step(
     loss_scale: float = 1.0,
     update: bool = True,
     dtype: torch.dtype | None = None,
+    noise_seed: int | None = None,
 ) -> StepOutcome:
     """One optimizer step of one student on the step's batch.
 
@@ -266,7 +272,8 @@ def student_step(
     the global batch (``world * n_local / n_global``). A worker whose shards ran out (an empty ``batch``)
     still runs the forward — on ``images``, a zero placeholder — with a zero loss, so DDP's all-reduce has
     every worker and the weights stay the same everywhere. ``update=False`` (no worker had a sample) skips
-    the optimizer and EMA step. A non-finite gradient norm (identical on every worker after the all-reduce)
+    the optimizer and EMA step. ``noise_seed``, the same on every worker, seeds the in-place DAMP noise of a
+    compiled replicated student. A non-finite gradient norm (identical on every worker after the all-reduce)
     skips the step; ``cfg.max_nonfinite_steps`` of them in a row raise ``NonFiniteError``.
     """
     t0 = time.perf_counter()
@@ -274,10 +281,13 @@ def student_step(
     for group in st.opt.param_groups:
         group["lr"] = lr
     parts: dict[str, float] = {}
-    # a sharded student's DAMP noise goes into its weights in place (every worker, its own shard)
-    undo = L.damp_in_place(st.model, damp_sigma) if st.sharded and damp_sigma > 0 else None
+    undo = None
+    if st.damp_in_place and damp_sigma > 0:
+        # replicas must draw the same noise (their gradients are averaged before undo scales them)
+        gen = None if st.sharded or noise_seed is None else torch.Generator(device).manual_seed(noise_seed)
+        undo = L.damp_in_place(st.model, damp_sigma, generator=gen)
     if len(batch):
-        noise = 0.0 if st.sharded else damp_sigma
+        noise = 0.0 if st.damp_in_place else damp_sigma
         loss, parts = student_losses(st, images, batch, plan, cfg, rng, noise, device, dtype)
     else:
         res = student_resolution(images.shape[-1], st.model.patch_size)

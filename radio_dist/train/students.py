@@ -119,6 +119,12 @@ class StudentSpec(StrictModel):
         description="Recompute each backbone block's activations in the backward pass instead of keeping them "
         "(large students: less memory, about a third more compute).",
     )
+    compile: bool = Field(
+        False,
+        description="torch.compile the student's training forward (and backward). Each new input shape "
+        "compiles once (the first steps at each resolution are slow); DAMP then puts its noise into the "
+        "weights in place, so the compiled graph is reused.",
+    )
     mean: tuple[float, float, float] = Field(IMAGENET_MEAN, description="Pixel mean in [0,1] RGB.")
     std: tuple[float, float, float] = Field(IMAGENET_STD, description="Pixel std in [0,1] RGB.")
 

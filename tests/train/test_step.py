@@ -23,6 +23,7 @@ from fixtures import TINY_VIT
 
 from radio_dist.store import StoreConfig
 from radio_dist.testing import write_synthetic_store
+from radio_dist.train import losses as L
 from radio_dist.train.config import DistillConfig, TrainConfig
 from radio_dist.train.parallel import load_named_optimizer_state, named_optimizer_state
 from radio_dist.train.plan import prepare_run
@@ -351,3 +352,95 @@ def test_optimizer_state_by_name_and_by_position_both_load():
         got = fresh_opt.state_dict()["state"]
         for i, want in opt.state_dict()["state"].items():
             assert torch.equal(got[i]["exp_avg"], want["exp_avg"]) and float(got[i]["step"]) == 1
+
+
+def test_in_place_damp_noise_is_the_same_on_replicas_given_one_seed():
+    """A compiled replicated student puts DAMP's noise into its weights in place; DDP averages the gradients
+    before ``undo`` scales them, so every replica must draw the same noise from the step's shared seed."""
+    a = torch.nn.Linear(6, 5)
+    b = copy.deepcopy(a)
+    clean = a.weight.detach().clone()
+    undo_a = L.damp_in_place(a, 0.3, generator=torch.Generator().manual_seed(7))
+    undo_b = L.damp_in_place(b, 0.3, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a.weight, b.weight) and not torch.equal(a.weight, clean)
+    assert torch.equal(a.bias, b.bias)  # 1-d parameters stay clean
+    undo_a()
+    undo_b()
+    assert torch.equal(a.weight, clean) and torch.equal(b.weight, clean)
+    c = copy.deepcopy(a)
+    L.damp_in_place(c, 0.3, generator=torch.Generator().manual_seed(8))
+    assert not torch.equal(c.weight, clean) and not torch.equal(c.weight, b.weight + 0)
+
+
+@pytest.mark.slow  # ~1-2 min: inductor compiles the student's forward and backward on the CPU
+def test_a_compiled_student_steps_as_the_eager_one_and_damp_does_not_recompile(store_url):
+    """``students[].compile``: the compiled student's gradient equals the eager one's; with DAMP on, steps at
+    one resolution reuse the compiled graph (the noise goes into the weights in place)."""
+    import torch._dynamo
+
+    train = TrainConfig(mesa_weight=0.0, damp_sigma=0.0, grad_clip=None)
+    plan, bs = batches(store_url, 4, train)
+    eager = StudentState(SPEC, plan.heads, train, CPU)
+    compiled = StudentState(SPEC.model_copy(update={"compile": True}), plan.heads, train, CPU)
+    assert compiled.damp_in_place and not eager.damp_in_place
+    step(eager, bs[0], plan, train)
+    step(compiled, bs[0], plan, train)
+    for (n, p), q in zip(eager.model.named_parameters(), compiled.model.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=n)
+    torch._dynamo.utils.counters.clear()
+    for k in range(3):
+        images = to_images(bs[1].images, 32)
+        out = student_step(
+            compiled, images, bs[1], plan, train, np.random.default_rng(k), 1e-3, 0.2, CPU, noise_seed=k
+        )
+        assert out.stepped and math.isfinite(out.grad_norm)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0  # no recompilation
+
+
+def _compiled_ddp_worker(rank: int, port: int, url: str, queue) -> None:
+    """A compiled DDP student with DAMP on: 3 + 1 samples, then 2 + 0 (rank 1's shards ran out)."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        train = TrainConfig(mesa_weight=0.0, damp_sigma=0.3, grad_clip=None)
+        plan, bs = batches(url, 4, train)
+        st = StudentState(SPEC.model_copy(update={"compile": True}), plan.heads, train, CPU, distributed=True)
+        torch.manual_seed(rank)  # the workers' global generators need not agree (only the step's seed does)
+        firsts = [local_slice(bs[0], 0, 3), local_slice(bs[0], 3, 4)]
+        seconds = [local_slice(bs[1], 0, 2), local_slice(bs[1], 0, 0)]
+        for k, (mine, n_global) in enumerate([(firsts[rank], 4), (seconds[rank], 2)]):
+            rng = np.random.default_rng([k, rank])  # the shifts may differ per worker, the noise may not
+            out = student_step(
+                st,
+                to_images(mine.images, 32),
+                mine,
+                plan,
+                train,
+                rng,
+                1e-2,
+                0.3,
+                CPU,
+                loss_scale=2 * len(mine) / n_global,
+                noise_seed=1000 + k,
+            )
+            assert out.stepped
+        queue.put((rank, {k: v.numpy().copy() for k, v in st.model.state_dict().items()}))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # ~2 min: two processes compile the student
+def test_compiled_ddp_replicas_stay_identical_with_damp_in_place(store_url):
+    """DDP averages the gradients at the noisy weights before ``undo`` scales them by the noise: the replicas
+    stay equal only if they drew the same noise (the step's shared ``noise_seed``)."""
+    ctx = mp.get_context("spawn")
+    queue, port = ctx.Queue(), _free_port()
+    procs = [ctx.Process(target=_compiled_ddp_worker, args=(r, port, store_url, queue)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    got = dict(queue.get(timeout=280) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    for k in got[0]:
+        np.testing.assert_array_equal(got[0][k], got[1][k], err_msg=k)
