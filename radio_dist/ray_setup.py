@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from typing import Any
 
 from pydantic import Field
 
 from radio_dist.config import StrictModel
+from radio_dist.failures import debugging
 
 # glibc malloc returns big freed blocks to the OS after every batch, so the next batch page-faults them
 # back in: measured on a 2-core CPU, sys time was ~half of an EfficientNet-Lite0 forward (6.5 s -> 2.8 s
@@ -43,7 +45,9 @@ class RayConfig(StrictModel):
     num_gpus: int | None = Field(None, ge=0, description="GPUs of a local instance (default: detected).")
     progress_bars: bool = Field(False, description="Show Ray Data's own operator progress bars too.")
     log_to_driver: bool = Field(
-        True, description="Forward worker/actor logs to this process (local instances started here)."
+        False,
+        description="Forward worker/actor logs to this process. Off: a failure is told in one line and the "
+        "workers' logs stay in Ray's session directory (/tmp/ray/session_latest/logs); --debug turns it on.",
     )
 
     @property
@@ -72,7 +76,9 @@ def init_ray(cfg: RayConfig) -> None:
 
     if ray.is_initialized():
         return
-    kwargs: dict[str, Any] = {"logging_level": "warning", "log_to_driver": cfg.log_to_driver}
+    forward = cfg.log_to_driver or debugging()
+    level = "warning" if debugging() else "error"  # Ray's notices (token auth on, ...) only with --debug
+    kwargs: dict[str, Any] = {"logging_level": level, "log_to_driver": forward}
     if cfg.on_cluster:
         if cfg.address:
             kwargs["address"] = cfg.address
@@ -85,7 +91,12 @@ def configure_data(cfg: RayConfig) -> None:
     """Ray Data's console output for a radio-dist job: radio-dist shows its own progress."""
     import ray.data
 
-    if not cfg.progress_bars:  # keep Ray Data's per-dataset INFO lines out
+    if not cfg.progress_bars and not debugging():
+        # keep Ray Data's own lines out: radio-dist shows progress and tells a failure in one line; its advice
+        # on tuning (a concurrency cap above an operator's inputs, ...) is not the user's to act on either
+        logging.getLogger("ray.data").setLevel(logging.CRITICAL)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"ray\.data\.")
+    elif not cfg.progress_bars:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = cfg.progress_bars

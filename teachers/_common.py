@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from radio_dist.teacher import TeacherRuntime, TeacherSpec, WeightsKind, resolve_weights_path
+from radio_dist.weights import read_state_dict
 
 
 def cpu_runtime() -> TeacherRuntime:
@@ -21,16 +22,9 @@ def cpu_runtime() -> TeacherRuntime:
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from a .safetensors or torch file (weights only, never pickled code)."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model", "module"):
-        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
-            sd = sd[key]
-    return sd
+    """A state dict from a .safetensors or torch file (weights only, never pickled code); a missing, truncated
+    or foreign file is a ``WeightsError`` naming it."""
+    return read_state_dict(path)
 
 
 def seeded_init(spec: TeacherSpec) -> None:

@@ -18,6 +18,7 @@ import timm
 import torch
 
 from radio_dist.teacher import Teacher, TeacherSpec, WeightsKind
+from radio_dist.weights import check_weights_file
 from teachers._common import seeded_init, weights_path
 
 FIXED_KWARGS: dict[str, Any] = {"num_classes": 0, "dynamic_img_size": True}
@@ -40,6 +41,7 @@ def build_timm_vit(
     overlay: dict[str, Any] = {}
     path = weights_path(spec)
     if path is not None:
+        check_weights_file(path)  # a truncated or foreign file is named here, not deep inside timm
         pretrained = True
         overlay = {"file": str(path)}
         if path.suffix == ".npz":  # an original big_vision (JAX) checkpoint: timm's npz reader

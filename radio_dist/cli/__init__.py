@@ -17,11 +17,20 @@ radio-dist submit distill --config jobs/configs/distill_sample.yaml --address ht
 
 from __future__ import annotations
 
+import os
+import sys
+from typing import Annotated
+
 import typer
 
-from radio_dist.cli import bench, cache, featsharp, store, submit, train
+from radio_dist.cli import bench, cache, failing, featsharp, store, submit, train
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Cache vision teachers; distill students.")
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,  # main() tells failures in one line; --debug prints the plain traceback
+    help="Cache vision teachers; distill students.",
+)
 teachers_app = typer.Typer(no_args_is_help=True, help="Registered teacher families.")
 store_app = typer.Typer(no_args_is_help=True, help="Inspect and check a feature store.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (figures in the README).")
@@ -45,3 +54,29 @@ bench_app.command("cache")(bench.bench_cache_cmd)
 bench_app.command("ingest")(bench.bench_ingest_cmd)
 bench_app.command("train")(bench.bench_train_cmd)
 app.command("submit")(submit.submit_cmd)
+
+
+@app.callback()
+def _options(
+    debug: Annotated[
+        bool,
+        typer.Option(
+            "--debug",
+            help=f"On a failure print the full traceback too (or set {failing.DEBUG_ENV}=1); it is always kept "
+            "in the log file the error line names.",
+        ),
+    ] = False,
+) -> None:
+    if debug:
+        os.environ[failing.DEBUG_ENV] = "1"
+
+
+def main() -> None:
+    """The ``radio-dist`` console script: every command above; a failure is one line naming the resource and
+    what to do (``radio_dist.failures``), exit code 1 (2 for a bad config), the traceback in a log file."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        failing.interrupted()
+    except Exception as e:
+        failing.report(e, sys.argv[1:])

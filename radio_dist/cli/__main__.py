@@ -1,5 +1,5 @@
 """`python -m radio_dist.cli ...`: the same as the `radio-dist` console script."""
 
-from radio_dist.cli import app
+from radio_dist.cli import main
 
-app()
+main()

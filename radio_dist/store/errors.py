@@ -13,3 +13,12 @@ class StoreMismatchError(StoreError):
 
 class StoreLockedError(StoreError):
     """Another caching job holds the store's writer lock."""
+
+
+class ObjectStoreError(StoreError):
+    """The object store behind a store cannot be used: ``kind`` says why (``s3-unreachable``,
+    ``s3-credentials``, ``s3-access``, ``s3-no-bucket``)."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind

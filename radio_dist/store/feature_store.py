@@ -28,6 +28,7 @@ Listings are never served from fsspec's listing cache: another process may have 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -47,6 +48,7 @@ from radio_dist.phis import PhiS
 from radio_dist.store.chunks import array_names, chunk_keys, member, plain_layout
 from radio_dist.store.errors import StoreError, StoreMismatchError
 from radio_dist.store.manifest import MANIFEST_SCHEMA, array_key, shard_of_part
+from radio_dist.store.preflight import check_object_store
 from radio_dist.store.records import FORMAT, OutputShapes, PhisRecord, StoreMeta, TeacherRecord
 
 # botocore retries for s3:// stores whose storage_options name none. "standard" retries throttling (503
@@ -54,6 +56,9 @@ from radio_dist.store.records import FORMAT, OutputShapes, PhisRecord, StoreMeta
 # retries) gives up sooner under a burst of throttling. s3fs's own retries do not cover everything: a
 # 503 on a HEAD has no body, so s3fs does not recognise it as SlowDown.
 S3_RETRIES: dict[str, Any] = {"max_attempts": 10, "mode": "standard"}
+# seconds botocore waits for one TCP connection (its default, 60, times 10 attempts hides an unreachable
+# endpoint for minutes; the pre-flight check has already found the endpoint up)
+S3_CONNECT_TIMEOUT_S = 10
 
 
 class StoreConfig(StrictModel):
@@ -96,18 +101,27 @@ class FeatureStore:
     @property
     def fs(self) -> fsspec.AbstractFileSystem:
         if self._fs is None:  # set _root first: other threads take a non-None _fs as "ready"
-            fs, self._root = fsspec.core.url_to_fs(self.url, **self.fs_options())
+            opts = self.fs_options()
+            fs, root = fsspec.core.url_to_fs(self.url, **opts)
+            if self.is_s3:  # reachable, credentials, bucket: told in a line within a bound (once a process)
+                check_object_store(fs, self.url, root, opts)
+            self._root = root
             self._fs = fs
         return self._fs
 
     def fs_options(self) -> dict[str, Any]:
         """The fsspec options in effect: ``storage_options``, plus ``S3_RETRIES`` on s3:// if none given."""
         opts = dict(self.storage_options)
-        if self.url.startswith(("s3://", "s3a://")):
+        if self.is_s3:
             config = dict(opts.get("config_kwargs") or {})
             config.setdefault("retries", dict(S3_RETRIES))
+            config.setdefault("connect_timeout", S3_CONNECT_TIMEOUT_S)
             opts["config_kwargs"] = config
         return opts
+
+    @property
+    def is_s3(self) -> bool:
+        return self.url.startswith(("s3://", "s3a://"))
 
     @property
     def root(self) -> str:
@@ -136,11 +150,18 @@ class FeatureStore:
         if self.is_local:
             self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
             tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except OSError as e:  # a full disk, say: leave no partial file, and name the one being written
+                with contextlib.suppress(OSError):
+                    os.remove(tmp)
+                if e.filename is None:
+                    raise OSError(e.errno, e.strerror, path) from e
+                raise
         else:  # one PUT of the whole object (a multipart upload above 100 MB is just as all-or-nothing)
             self.fs.pipe_file(path, data)
 

@@ -2,13 +2,15 @@
 
 Locally the shard's Zarr group is written through Zarr's LocalStore and fsynced before the commit; on object
 stores every object is one PUT of its whole bytes, and the manifest part is PUT only once every data PUT has
-succeeded. On an exception nothing is committed; an orphaned directory may remain and is ignored by readers.
+succeeded. On an exception nothing is committed; a local shard's partial directory is removed (on an object store
+the objects of an interrupted shard may remain, ignored by readers, until the shard is written again).
 """
 
 from __future__ import annotations
 
 import io
 import os
+import shutil
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -112,10 +114,17 @@ def write_shard_data(store: FeatureStore, shard: str, arrays: dict[str, np.ndarr
     the shard's prefix by an earlier, interrupted attempt at the same shard are removed.
     """
     if store.is_local:
-        local = zarr.storage.LocalStore(store.path("shards", shard))
-        fill_group(zarr.open_group(local, mode="w", zarr_format=3), arrays, chunk_bytes, None)
-        consolidate(local)
-        fsync_tree(store.path("shards", shard))
+        root = store.path("shards", shard)
+        try:
+            local = zarr.storage.LocalStore(root)
+            fill_group(zarr.open_group(local, mode="w", zarr_format=3), arrays, chunk_bytes, None)
+            consolidate(local)
+            fsync_tree(root)
+        except OSError as e:  # a full disk, say: the uncommitted shard is removed, its path named
+            shutil.rmtree(root, ignore_errors=True)
+            if e.filename is None:
+                raise OSError(e.errno, e.strerror, root) from e
+            raise
         return sum(a.nbytes for a in arrays.values())
     prefix = store.path("shards", shard)
     stale = set(store.fs.find(store.fresh(prefix)))

@@ -28,12 +28,13 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from pydantic import Field, field_validator, model_validator
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from radio_dist.config import StrictModel
 from radio_dist.phis import PhiS
+from radio_dist.weights import read_state_dict
 
 EXPORT_FORMAT = "radio-dist-student/1"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -477,15 +478,8 @@ class TimmBackbone(nn.Module):
 
 # -- student ------------------------------------------------------------------------------------------------
 def load_weights_file(path: str | Path) -> dict[str, Tensor]:
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise FileNotFoundError(f"weights file {p} does not exist — point weights at a local state dict")
-    if p.suffix == ".safetensors":
-        return load_file(str(p))
-    state = torch.load(str(p), map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    return state
+    """A student backbone's initial weights (a state dict file; a bad file is a ``WeightsError`` naming it)."""
+    return read_state_dict(path)
 
 
 class StudentModel(nn.Module):
@@ -692,6 +686,6 @@ def load_student(path: str) -> LoadedStudent:
         raise ValueError(
             f"{cfg_path}: teacher order {config['teacher_order']} != {list(model.teacher_names)}"
         )
-    model.load_state_dict(load_file(str(root / "model.safetensors")), strict=True)
+    model.load_state_dict(read_state_dict(root / "model.safetensors"), strict=True)
     phis = {t: PhiS.load(str(root / "phis" / f"{t}.safetensors")) for t in config.get("phis", [])}
     return LoadedStudent(model, phis, config)

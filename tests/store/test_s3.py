@@ -24,6 +24,7 @@ from test_store import make_arrays, prepared, write
 from radio_dist.cache.config import CacheJobConfig
 from radio_dist.cache.pipeline import run_cache
 from radio_dist.store import S3_RETRIES, FeatureStore, row_checksum, shard_id_for, verify_store
+from radio_dist.store.feature_store import S3_CONNECT_TIMEOUT_S
 from radio_dist.teacher import preset_spec
 
 
@@ -35,7 +36,9 @@ def test_endpoint_and_credentials_from_the_environment(s3_server, monkeypatch):
     report = verify_store(store)
     assert report["ok"] and report["rows"] == 2, report
     assert store.storage_options == {}  # nothing came from options (but the store's retry defaults)
-    assert store.fs_options() == {"config_kwargs": {"retries": S3_RETRIES}}
+    assert store.fs_options() == {
+        "config_kwargs": {"retries": S3_RETRIES, "connect_timeout": S3_CONNECT_TIMEOUT_S}
+    }
 
 
 def test_faults_are_retried_and_lose_nothing(s3_server):
@@ -179,5 +182,7 @@ def test_small_objects_are_single_puts(s3_server, rel):
     """Metadata and commits go up as one PUT each: nothing is streamed through open()/close()."""
     with FaultProxy(s3_server.endpoint) as proxy:  # no faults: a recording pass-through
         store = FeatureStore(s3_server.url("put"), s3_server.storage_options(proxy.endpoint))
+        _ = store.fs  # the once-per-process pre-flight (endpoint, credentials, bucket) is not the write
+        proxy.log.clear()
         store.put_atomic(rel, b"x" * 1000)
     assert len(proxy.log) == 1 and proxy.log[0][0] == "PUT" and proxy.log[0][1].endswith(rel), proxy.log

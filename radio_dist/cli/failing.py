@@ -1,0 +1,64 @@
+"""How a failed command ends: one ``error:`` line (a JSON object for ``--json``), the traceback kept in a log
+file whose path is printed, the traceback on screen only with ``--debug`` / ``RADIO_DIST_DEBUG=1``."""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from pathlib import Path
+from typing import NoReturn
+
+from radio_dist.cli.common import err, print_json
+from radio_dist.failures import DEBUG_ENV, KEPT, Explained, debugging, explain
+
+LOG_DIR_ENV = "RADIO_DIST_LOG_DIR"  # where failure logs go (default: ~/.cache/radio-dist/errors)
+
+
+def log_dir() -> Path:
+    if os.environ.get(LOG_DIR_ENV):
+        return Path(os.environ[LOG_DIR_ENV])
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "radio-dist" / "errors"
+
+
+def keep_traceback(exc: BaseException, argv: list[str]) -> str | None:
+    """Write the command line and the full traceback to a new log file; its path, or None if it could not be
+    written (the disk that failed may be this one too)."""
+    try:
+        d = log_dir()
+        d.mkdir(parents=True, exist_ok=True)
+        path = d / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+        text = "radio-dist " + " ".join(argv) + "\n\n" + "".join(traceback.format_exception(exc))
+        path.write_text(text)
+        return str(path)
+    except OSError:
+        return None
+
+
+def report(exc: BaseException, argv: list[str]) -> NoReturn:
+    """End the process for ``exc``: explained in one line, exit code 1 (2 for a bad config)."""
+    explained = explain(exc)
+    log = keep_traceback(exc, argv)
+    if debugging():
+        err.print("".join(traceback.format_exception(exc)), highlight=False, markup=False)
+    if "--json" in argv:
+        print_json(explained.as_json(log))
+    where = f" (traceback: {log})" if log else ""
+    err.print(f"[bold red]error:[/] {_escape(explained.message)}{where}", highlight=False, soft_wrap=True)
+    raise SystemExit(explained.code)
+
+
+def interrupted() -> NoReturn:
+    """Ctrl-C: say what it means for the data, exit 130 as shells expect."""
+    err.print(f"interrupted: {KEPT}", highlight=False)
+    raise SystemExit(130)
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+__all__ = ["DEBUG_ENV", "Explained", "interrupted", "report"]

@@ -1,0 +1,120 @@
+"""Before a process first uses an object store: is its endpoint reachable, are there credentials, may they
+read the store, does the bucket exist — each answered within a bound and told as a ``StoreError`` that names
+the store URL and the endpoint, instead of minutes of retries and a botocore traceback.
+
+The bound is ``RADIO_DIST_CONNECT_TIMEOUT_S`` (seconds, default 20): connection attempts to the endpoint are
+repeated until then (a restarting server comes back), then the job stops. Transient errors after that point
+(503 SlowDown, a dropped connection) are still retried by botocore and s3fs, as configured in
+``feature_store.S3_RETRIES``. Each (store, endpoint, access key) is checked once per process.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from typing import Any
+from urllib.parse import urlsplit
+
+from radio_dist.store.errors import ObjectStoreError, StoreError
+
+CONNECT_TIMEOUT_ENV = "RADIO_DIST_CONNECT_TIMEOUT_S"
+DEFAULT_CONNECT_TIMEOUT_S = 20.0
+_checked: set[tuple[str, str, str]] = set()
+_lock = threading.Lock()
+
+
+def connect_timeout_s() -> float:
+    raw = os.environ.get(CONNECT_TIMEOUT_ENV, "")
+    try:
+        return float(raw) if raw else DEFAULT_CONNECT_TIMEOUT_S
+    except ValueError:
+        raise StoreError(f"{CONNECT_TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
+
+
+def endpoint_of(options: dict[str, Any]) -> str:
+    """The S3 endpoint URL these fsspec options reach (AWS's own when none is named)."""
+    client = options.get("client_kwargs") or {}
+    named = (
+        client.get("endpoint_url")
+        or options.get("endpoint_url")
+        or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+    )
+    if named:
+        return str(named)
+    region = client.get("region_name") or os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+    return f"https://s3.{region}.amazonaws.com" if region else "https://s3.amazonaws.com"
+
+
+def wait_reachable(endpoint: str, url: str, bound_s: float) -> None:
+    """Open a TCP connection to ``endpoint`` within ``bound_s`` seconds (retrying once a second), else a
+    ``StoreError`` naming the store and the endpoint."""
+    parts = urlsplit(endpoint)
+    host = parts.hostname or endpoint
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    deadline = time.monotonic() + bound_s
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            with socket.create_connection((host, port), timeout=max(0.1, min(5.0, left))):
+                return
+        except OSError as e:
+            if time.monotonic() + 1.0 > deadline:
+                raise ObjectStoreError(
+                    "s3-unreachable",
+                    f"cannot reach the object store endpoint {endpoint} of {url} ({e.strerror or e}; tried for "
+                    f"{bound_s:.0f} s): check the endpoint URL (storage_options.client_kwargs.endpoint_url or "
+                    f"AWS_ENDPOINT_URL), that the server is up, and the network; {CONNECT_TIMEOUT_ENV} sets how "
+                    "long to wait",
+                ) from None
+            time.sleep(1.0)
+
+
+def check_object_store(fs: Any, url: str, root: str, options: dict[str, Any]) -> None:
+    """The checks above for an s3:// store at ``root`` (its path in ``fs``); a no-op once passed."""
+    endpoint = endpoint_of(options)
+    key = (url, endpoint, str(options.get("key") or os.environ.get("AWS_ACCESS_KEY_ID") or ""))
+    with _lock:
+        if key in _checked:
+            return
+    wait_reachable(endpoint, url, connect_timeout_s())
+    probe = f"{root.rstrip('/')}/store.json"
+    try:
+        fs.info(probe)
+    except FileNotFoundError:
+        _check_bucket(fs, url, root, endpoint)
+    except PermissionError:
+        raise ObjectStoreError(
+            "s3-access",
+            f"{endpoint} refused access to {url}: check the credentials (AWS_ACCESS_KEY_ID / "
+            "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or storage_options key/secret) and that they may read and "
+            "write this bucket and prefix",
+        ) from None
+    except Exception as e:
+        if {"NoCredentialsError", "PartialCredentialsError"} & {c.__name__ for c in type(e).__mro__}:
+            raise ObjectStoreError(
+                "s3-credentials",
+                f"no S3 credentials for {url}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), "
+                "or put key/secret in the store's storage_options",
+            ) from None
+        raise
+    with _lock:
+        _checked.add(key)
+
+
+def _check_bucket(fs: Any, url: str, root: str, endpoint: str) -> None:
+    """A new store's bucket must exist (a store's prefix need not). Credentials that may not look at the
+    bucket itself (prefix-only policies) are let through: the store's own reads and writes will tell."""
+    bucket = root.split("/", 1)[0]
+    try:
+        fs.info(bucket)
+    except FileNotFoundError:
+        raise ObjectStoreError(
+            "s3-no-bucket",
+            f"bucket {bucket!r} of {url} does not exist at {endpoint}: create it (e.g. `aws s3 mb s3://{bucket}`) "
+            "or fix the store URL",
+        ) from None
+    except PermissionError:
+        return
