@@ -79,13 +79,15 @@ def _own(e: BaseException) -> Explained | None:
     ]
     for cls, kind in kinds:
         if isinstance(e, cls):
-            kind = str(getattr(e, "kind", kind))  # an object store's failure says which (s3-access, ...)
-            return Explained(kind, _line(e), 2 if kind == "config" else 1)
+            # the inputs are wrong: exit 2, as for a usage error — but an object store that fails is not an
+            # input (its kind says which: s3-access, ...)
+            kind = str(getattr(e, "kind", kind))
+            return Explained(kind, _own_text(e), 1 if kind.startswith("s3-") else 2)
     # by name: these live in modules that import torch and Ray, which a failing CLI need not load
     mro = {c.__name__ for c in type(e).__mro__}
     for name, kind in (("NonFiniteError", "training"), ("CheckpointContentError", "checkpoint")):
         if name in mro:
-            return Explained(kind, _line(e))
+            return Explained(kind, _own_text(e))
     return None
 
 
@@ -181,6 +183,7 @@ def _ray(e: BaseException) -> Explained | None:
     return None
 
 
+INPUT_KINDS = {"config", "source", "store", "weights"}  # exit 2: what the user gave is wrong
 OWN_NAMES = {
     "ConfigError": "config",
     "ResumeError": "config",
@@ -209,7 +212,7 @@ def _embedded(e: BaseException) -> Explained | None:
         name, message = m.group(1), m.group(2).strip()
         if name in OWN_NAMES:
             kind = OWN_NAMES[name]
-            return Explained(kind, message, 2 if kind == "config" else 1)
+            return Explained(kind, message, 2 if kind in INPUT_KINDS else 1)
         errno_m = _ERRNO.search(message)
         if errno_m:
             return _os(OSError(int(errno_m.group(1)), errno_m.group(2).strip(), errno_m.group(3)))
@@ -229,6 +232,14 @@ def explain(exc: BaseException) -> Explained:
                 return found
     root = chain[-1]
     return Explained("unexpected", f"{type(root).__name__}: {_line(root)}")
+
+
+def _own_text(e: BaseException) -> str:
+    """A radio-dist error's whole message (a config's list of problems spans lines); one that Ray re-raised
+    carries Ray's header and traceback, so only its message line."""
+    if "RayError" in {c.__name__ for c in type(e).__mro__}:
+        return _line(e)
+    return str(e).strip() or type(e).__name__
 
 
 def _line(e: BaseException) -> str:

@@ -29,6 +29,7 @@ from pydantic import Field, field_validator, model_validator
 
 from radio_dist.config import StrictModel
 from radio_dist.ray_setup import ALLOCATOR_ENV
+from radio_dist.weights import check_weights_file
 
 
 class WeightsKind(str, Enum):
@@ -217,6 +218,8 @@ def fingerprint(spec: TeacherSpec, extra: dict[str, Any] | None = None) -> str:
     """Hash of the spec's identity plus a checksum of its weights (an adaptation's own state, such as a learned
     file, through its ``identity``), and ``extra``."""
     wpath = resolve_weights_path(spec.weights)
+    if wpath is not None:  # a bad file is named here, in the driver, not inside the actors that load it
+        check_weights_file(wpath, deep=True)
     weights_sum = (
         sha256_file(wpath) if wpath is not None else f"{spec.weights.kind.value}:{spec.weights.seed}"
     )

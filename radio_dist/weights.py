@@ -29,10 +29,15 @@ def _bad(path: Path, problem: str) -> WeightsError:
     )
 
 
-def check_weights_file(path: str | Path) -> Path:
+DEEP_CHECK_BYTES = 1 << 30  # legacy torch pickles up to this size are read whole by a deep check
+
+
+def check_weights_file(path: str | Path, deep: bool = False) -> Path:
     """``path`` as a readable weights file, else ``WeightsError``. A safetensors file must have a complete
     header; a torch (``.pt``/``.pth``/``.bin``) or ``.npz`` file must be a whole zip (torch's format since 1.6;
-    a truncated one lacks its directory) or a legacy torch pickle."""
+    a truncated one lacks its directory) or a legacy torch pickle. A legacy pickle has no index to check, so
+    ``deep`` (the driver, before it starts the actors that load it) reads one of up to ``DEEP_CHECK_BYTES``
+    whole."""
     p = Path(path).expanduser()
     if not p.exists():
         raise _bad(p, "does not exist")
@@ -64,6 +69,8 @@ def check_weights_file(path: str | Path) -> Path:
         head = f.read(2)
     if head[:1] != b"\x80":  # a legacy torch.save file is a pickle: protocol opcode first
         raise _bad(p, "is not a safetensors or torch file (truncated, or another format)")
+    if deep and p.stat().st_size <= DEEP_CHECK_BYTES:
+        read_state_dict(p)
     return p
 
 

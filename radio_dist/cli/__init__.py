@@ -18,7 +18,6 @@ radio-dist submit distill --config jobs/configs/distill_sample.yaml --address ht
 from __future__ import annotations
 
 import os
-import sys
 from typing import Annotated
 
 import typer
@@ -26,6 +25,7 @@ import typer
 from radio_dist.cli import bench, cache, failing, featsharp, store, submit, train
 
 app = typer.Typer(
+    cls=failing.ReportingGroup,  # a failure: one line naming the resource and what to do (radio_dist.failures)
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,  # main() tells failures in one line; --debug prints the plain traceback
@@ -35,7 +35,9 @@ teachers_app = typer.Typer(no_args_is_help=True, help="Registered teacher famili
 store_app = typer.Typer(no_args_is_help=True, help="Inspect and check a feature store.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (figures in the README).")
 featsharp_app = typer.Typer(
-    no_args_is_help=True, help="FeatSharp: the learned upsampler of a low-resolution teacher (SigLIP2)."
+    cls=failing.ReportingGroup,  # a failure: one line naming the resource and what to do (radio_dist.failures)
+    no_args_is_help=True,
+    help="FeatSharp: the learned upsampler of a low-resolution teacher (SigLIP2).",
 )
 app.add_typer(teachers_app, name="teachers")
 app.add_typer(store_app, name="store")
@@ -72,11 +74,8 @@ def _options(
 
 
 def main() -> None:
-    """The ``radio-dist`` console script: every command above; a failure is one line naming the resource and
-    what to do (``radio_dist.failures``), exit code 1 (2 for a bad config), the traceback in a log file."""
+    """The ``radio-dist`` console script: every command above (failures are told by ``ReportingGroup``)."""
     try:
         app()
     except KeyboardInterrupt:
         failing.interrupted()
-    except Exception as e:
-        failing.report(e, sys.argv[1:])

@@ -12,6 +12,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from radio_dist.config import ConfigError
+
 err = Console(stderr=True, soft_wrap=True)
 out = Console()
 
@@ -52,9 +54,10 @@ def print_json(doc: Any) -> None:
     os.write(_json_fd, text.encode())
 
 
-def fail(msg: str, code: int = 2) -> NoReturn:
-    err.print(f"[bold red]error:[/] {msg}", highlight=False)
-    raise typer.Exit(code)
+def fail(msg: str) -> NoReturn:
+    """Stop the command for bad input: ``error: msg``, exit code 2, a JSON error object for ``--json`` (told by
+    ``failing.ReportingGroup``; an exception being handled stays the cause, so it is classified first)."""
+    raise ConfigError(msg)
 
 
 def fmt(x: float | None) -> str:

@@ -4,10 +4,13 @@ file whose path is printed, the traceback on screen only with ``--debug`` / ``RA
 from __future__ import annotations
 
 import os
+import sys
 import time
 import traceback
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
+
+from typer.core import TyperGroup
 
 from radio_dist.cli.common import err, print_json
 from radio_dist.failures import DEBUG_ENV, KEPT, Explained, debugging, explain
@@ -36,10 +39,23 @@ def keep_traceback(exc: BaseException, argv: list[str]) -> str | None:
         return None
 
 
+class ReportingGroup(TyperGroup):
+    """The top-level command group: whatever a command raises ends as ``report`` says (the console script and
+    typer's test runner alike)."""
+
+    def main(self, args: Any = None, *rest: Any, **kwargs: Any) -> Any:
+        argv = list(args) if args is not None else sys.argv[1:]
+        try:
+            return super().main(argv, *rest, **kwargs)
+        except Exception as e:  # click's own exits (usage errors, --help) are SystemExit and pass through
+            report(e, argv)
+
+
 def report(exc: BaseException, argv: list[str]) -> NoReturn:
-    """End the process for ``exc``: explained in one line, exit code 1 (2 for a bad config)."""
+    """End the process for ``exc``: explained in one line; exit code 2 when the inputs are wrong (config,
+    store, source, weights), 1 when the run failed (file system, object store, Ray, training)."""
     explained = explain(exc)
-    log = keep_traceback(exc, argv)
+    log = None if explained.kind == "config" else keep_traceback(exc, argv)
     if debugging():
         err.print("".join(traceback.format_exception(exc)), highlight=False, markup=False)
     if "--json" in argv:
@@ -61,4 +77,4 @@ def _escape(text: str) -> str:
     return escape(text)
 
 
-__all__ = ["DEBUG_ENV", "Explained", "interrupted", "report"]
+__all__ = ["DEBUG_ENV", "Explained", "ReportingGroup", "interrupted", "report"]

