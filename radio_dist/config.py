@@ -146,3 +146,11 @@ def load_model(model: type[M], path: str | Path | None, overrides: list[str] | N
     data = read_yaml(path) if path is not None else {}
     apply_overrides(data, overrides or [], model)
     return validate(model, data, str(path) if path is not None else "config")
+
+
+DEBUG_ENV = "RADIO_DIST_DEBUG"  # set (or `radio-dist --debug`): tracebacks and Ray's own logs on screen too
+
+
+def debugging() -> bool:
+    """Whether the user asked for tracebacks and Ray's own logs (``--debug`` / ``RADIO_DIST_DEBUG=1``)."""
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")

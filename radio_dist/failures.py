@@ -16,16 +16,9 @@ prints ``error: <message>`` (or a JSON object for ``--json``) and keeps the trac
 from __future__ import annotations
 
 import errno
-import os
 import re
 from dataclasses import dataclass
 from typing import Any
-
-DEBUG_ENV = "RADIO_DIST_DEBUG"  # set (or --debug): tracebacks and Ray's own logs on screen too
-
-
-def debugging() -> bool:
-    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
 @dataclass(frozen=True)

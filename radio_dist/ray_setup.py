@@ -15,8 +15,7 @@ from typing import Any
 
 from pydantic import Field
 
-from radio_dist.config import StrictModel
-from radio_dist.failures import debugging
+from radio_dist.config import StrictModel, debugging
 
 # glibc malloc returns big freed blocks to the OS after every batch, so the next batch page-faults them
 # back in: measured on a 2-core CPU, sys time was ~half of an EfficientNet-Lite0 forward (6.5 s -> 2.8 s

@@ -90,6 +90,69 @@ def default_address() -> str:
     return os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265"
 
 
+TOKEN_PLACES = "RAY_AUTH_TOKEN, a file named by RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token"
+
+
+class ClusterAuthError(ConfigError):
+    """The Ray cluster wants a token this machine does not have (or has another one)."""
+
+
+def find_auth_token() -> tuple[str | None, str | None]:
+    """(token, where it came from), looked up as Ray's own clients do: ``RAY_AUTH_TOKEN``, the file named by
+    ``RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token`` (what ``ray start --head`` writes); (None, None) if none."""
+    if os.environ.get("RAY_AUTH_TOKEN", "").strip():
+        return os.environ["RAY_AUTH_TOKEN"].strip(), "RAY_AUTH_TOKEN"
+    named = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    path = Path(named).expanduser() if named else Path.home() / ".ray" / "auth_token"
+    if not path.is_file():
+        if named:
+            raise ClusterAuthError(
+                f"RAY_AUTH_TOKEN_PATH={named} names no file: point it at the cluster's token"
+            )
+        return None, None
+    token = path.read_text().strip()
+    return (token or None), str(path)
+
+
+def auth_headers() -> dict[str, str]:
+    """The ``Authorization`` header for a cluster with token authentication (sent whenever a token is found:
+    a cluster without authentication ignores it)."""
+    token, _ = find_auth_token()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _auth_problem(address: str, error: BaseException) -> ClusterAuthError | None:
+    """A refusal for want of the right token, told in one line with where to put it."""
+    text = str(error)
+    if not any(
+        k in text for k in ("Authentication required", "authentication token", "Authentication failed")
+    ):
+        return None
+    _, where = find_auth_token()
+    if where is None:
+        why = "it requires a token and none was found here"
+    else:
+        why = f"it rejected the token from {where}"
+    return ClusterAuthError(
+        f"the Ray cluster at {address} refused the request: {why} — copy the token the head wrote "
+        f"(~/.ray/auth_token on the head node) into {TOKEN_PLACES} on this machine"
+    )
+
+
+def job_client(address: str) -> Any:
+    """A Job Submission client for ``address`` with the cluster's token if there is one; a refused token
+    (or none where one is needed) is a ``ClusterAuthError``."""
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address, headers=auth_headers())
+    except Exception as e:  # Ray's AuthenticationError, or a RuntimeError carrying the HTTP 401/403
+        problem = _auth_problem(address, e)
+        if problem is not None:
+            raise problem from None
+        raise
+
+
 def submit_and_follow(
     address: str,
     submission: dict[str, Any],
@@ -98,15 +161,18 @@ def submit_and_follow(
     timeout_s: float | None = None,
 ) -> tuple[str, str]:
     """Submit, stream the job's logs while it runs (if ``follow``), and return (job id, final status)."""
-    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.job_submission import JobStatus
 
-    client = JobSubmissionClient(address)
+    client = job_client(address)
     job_id = None
     submit_deadline = time.monotonic() + 120
     while job_id is None:
         try:
             job_id = client.submit_job(**submission)
         except RuntimeError as e:  # a head that just started has no job agent yet: retry for a while
+            problem = _auth_problem(address, e)
+            if problem is not None:
+                raise problem from None
             if "No available agent" not in str(e) or time.monotonic() > submit_deadline:
                 raise
             log("the cluster's job agent is not up yet; retrying ...")

@@ -22,8 +22,12 @@ class WeightsError(ValueError):
     """A weights file that cannot be used: the message names the file, what is wrong and what to do."""
 
 
-def _bad(path: Path, problem: str) -> WeightsError:
-    return WeightsError(
+class MissingWeightsError(WeightsError, FileNotFoundError):
+    """The weights file is not there (also a ``FileNotFoundError``)."""
+
+
+def _bad(path: Path, problem: str, cls: type[WeightsError] = WeightsError) -> WeightsError:
+    return cls(
         f"weights file {path}: {problem} — download or convert it again (see the README's weights section) "
         "and point the config's weights path at it"
     )
@@ -40,7 +44,7 @@ def check_weights_file(path: str | Path, deep: bool = False) -> Path:
     whole."""
     p = Path(path).expanduser()
     if not p.exists():
-        raise _bad(p, "does not exist")
+        raise _bad(p, "does not exist", MissingWeightsError)
     if not p.is_file():
         raise _bad(p, "is not a file")
     if not os.access(p, os.R_OK):

@@ -175,8 +175,6 @@ def test_a_corrupt_student_weights_file_fails_distill_in_one_line_and_debug_show
     bad.write_bytes(os.urandom(2048))
     env = {"RADIO_DIST_LOG_DIR": str(tmp_path / "logs")}
     args = ["--out", str(tmp_path / "run"), "--set", f"students.0.weights={bad}"]
-    line = one_line(cli("distill", "--store", str(tmp_path / "none"), *args, env=env), code=2)
-    assert "is not a radio-dist store" in line and str(tmp_path / "none") in line
     store = str(tmp_path / "store")
     write_synthetic_store(store, [6])
     line = one_line(cli("distill", "--store", store, *args, env=env), code=2)

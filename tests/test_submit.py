@@ -1,4 +1,5 @@
-"""`radio-dist submit` against a real Ray head started on loopback (`ray start --head`), then stopped.
+"""`radio-dist submit` against a real Ray head started on loopback (`ray start --head`, token authentication on
+as by default), then stopped.
 
 The head gets its own --temp-dir so that nothing else on the machine (the test session's own local Ray)
 mistakes it for "the" local cluster, and it runs in its own process group so stopping it stops only it.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -49,15 +51,20 @@ def ray_head(tmp_path_factory):
             "ray-client-server-port",
         )
     ]
-    # A loopback-only test cluster: token auth off (Ray 2.5x turns it on for `ray start`; a real cluster keeps it
-    # on and the client finds the token in RAY_AUTH_TOKEN or ~/.ray/auth_token).
+    # The head as users get it: token authentication on (Ray's default for `ray start`). Its token is given
+    # (RAY_AUTH_TOKEN) rather than left in the machine's ~/.ray/auth_token, and reaches the client as a file
+    # named by RAY_AUTH_TOKEN_PATH below.
+    token = secrets.token_hex(32)
+    token_file = temp / "auth_token"
+    token_file.write_text(token + "\n")
     env = {
         **os.environ,
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         "RAY_USAGE_STATS_ENABLED": "0",
-        "RAY_AUTH_MODE": "disabled",
+        "RAY_AUTH_TOKEN": token,
     }
-    env.pop("RAY_ADDRESS", None)
+    for name in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"):
+        env.pop(name, None)
     head = subprocess.Popen(
         [
             str(BIN / "ray"), "start", "--head", "--block",
@@ -73,18 +80,24 @@ def ray_head(tmp_path_factory):
     address = f"http://127.0.0.1:{dash}"
     from ray.job_submission import JobSubmissionClient
 
+    saved = os.environ.get("RAY_AUTH_TOKEN_PATH")
     try:
         deadline = time.monotonic() + 120
         while True:
             try:
-                JobSubmissionClient(address).list_jobs()
+                JobSubmissionClient(address, headers={"Authorization": f"Bearer {token}"}).list_jobs()
                 break
             except Exception as e:
                 if head.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"ray head did not come up at {address}: {e}") from None
                 time.sleep(1)
+        os.environ["RAY_AUTH_TOKEN_PATH"] = str(token_file)  # where the client finds it (radio-dist submit)
         yield address
     finally:
+        if saved is None:
+            os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+        else:
+            os.environ["RAY_AUTH_TOKEN_PATH"] = saved
         _stop(head)
 
 
@@ -150,6 +163,28 @@ def test_submit_cache_then_distill_jobs(ray_head, tmp_path):
     assert set(seen) == {0} and sorted(seen[0].values()) == [1] * 16
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["global_step"] == 2
+
+
+@pytest.mark.slow
+def test_no_token_or_a_wrong_one_is_one_line_saying_where_to_put_it(ray_head, tmp_path, monkeypatch):
+    """The head has token authentication on: without the token, or with another one, submit stops before
+    uploading anything, naming the cluster and where the token goes."""
+    args = ["submit", "distill", "--address", ray_head, "--working-dir", str(REPO)]
+    args += ["--config", str(REPO / "jobs/configs/distill_sample.yaml")]
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH")
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ray/auth_token here
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2, res.output
+    assert (
+        f"the Ray cluster at {ray_head} refused the request: it requires a token and none was found"
+        in res.output
+    )
+    assert "RAY_AUTH_TOKEN" in res.output and "Traceback" not in res.output
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "not-the-token")
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2, res.output
+    assert "it rejected the token from RAY_AUTH_TOKEN" in res.output
 
 
 @pytest.mark.slow

@@ -23,6 +23,7 @@ from typing import Annotated
 import typer
 
 from radio_dist.cli import bench, cache, failing, featsharp, store, submit, train
+from radio_dist.config import DEBUG_ENV
 
 app = typer.Typer(
     cls=failing.ReportingGroup,  # a failure: one line naming the resource and what to do (radio_dist.failures)
@@ -64,13 +65,13 @@ def _options(
         bool,
         typer.Option(
             "--debug",
-            help=f"On a failure print the full traceback too (or set {failing.DEBUG_ENV}=1); it is always kept "
+            help=f"On a failure print the full traceback too (or set {DEBUG_ENV}=1); it is always kept "
             "in the log file the error line names.",
         ),
     ] = False,
 ) -> None:
     if debug:
-        os.environ[failing.DEBUG_ENV] = "1"
+        os.environ[DEBUG_ENV] = "1"
 
 
 def main() -> None:

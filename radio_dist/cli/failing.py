@@ -13,7 +13,8 @@ from typing import Any, NoReturn
 from typer.core import TyperGroup
 
 from radio_dist.cli.common import err, print_json
-from radio_dist.failures import DEBUG_ENV, KEPT, Explained, debugging, explain
+from radio_dist.config import DEBUG_ENV, debugging
+from radio_dist.failures import KEPT, Explained, explain
 
 LOG_DIR_ENV = "RADIO_DIST_LOG_DIR"  # where failure logs go (default: ~/.cache/radio-dist/errors)
 
