@@ -7,6 +7,7 @@ import os
 import sys
 import time
 import traceback
+import uuid
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -32,7 +33,7 @@ def keep_traceback(exc: BaseException, argv: list[str]) -> str | None:
     try:
         d = log_dir()
         d.mkdir(parents=True, exist_ok=True)
-        path = d / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+        path = d / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:6]}.log"
         text = "radio-dist " + " ".join(argv) + "\n\n" + "".join(traceback.format_exception(exc))
         path.write_text(text)
         return str(path)
