@@ -33,6 +33,12 @@ def store_info_cmd(store: StoreArg, as_json: JsonOpt = False) -> None:
     t = Table(title=f"store {info['url']}", show_header=False)
     t.add_row("rows ok / error", f"{info['rows_ok']} / {info['rows_error']}")
     t.add_row("shards (orphans)", f"{info['shards']} ({info['orphan_shards']})")
+    if info["orphan_shards"] or info["temp_files"]:
+        t.add_row(
+            "left by interrupted writes",
+            f"{info['orphan_shards']} shard dir(s), {info['temp_files']} temporary file(s), "
+            f"{info['garbage_bytes'] / 1e6:.1f} MB — `radio-dist store gc {info['url']}` removes them",
+        )
     t.add_row("partitions", ", ".join(f"{k}={v}px" for k, v in info["partitions"].items()))
     t.add_row("view resampling", str(info["view_resample"]))
     for name, ti in info["teachers"].items():
@@ -74,3 +80,27 @@ def store_verify_cmd(
         )
     if not report["ok"]:
         raise typer.Exit(1)
+
+
+def store_gc_cmd(
+    store: StoreArg,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what would be removed.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Remove what interrupted writes left (uncommitted shard dirs, temporary files); never committed data.
+    Refused while a job writes the store."""
+    from radio_dist.store import collect_garbage
+
+    report = collect_garbage(open_store(store), dry_run=dry_run)
+    if as_json:
+        print(json.dumps(report, indent=1))
+        return
+    verb = "would remove" if dry_run else "removed"
+    for shard in report["orphan_shards"]:
+        out.print(f"{verb} uncommitted shard dir shards/{shard}", highlight=False)
+    for rel in report["temp_files"]:
+        out.print(f"{verb} temporary file {rel}", highlight=False)
+    n = len(report["orphan_shards"]) + len(report["temp_files"])
+    out.print(
+        f"{verb} {n} item(s), {report['bytes'] / 1e6:.1f} MB" if n else "nothing to remove", highlight=False
+    )

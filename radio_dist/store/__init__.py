@@ -2,11 +2,13 @@
 
 ``feature_store`` (the root, reads), ``records`` (``store.json`` as typed records), ``manifest`` (names,
 ids, the commit schema), ``writer`` (a shard written whole, then committed), ``lock`` (one writer at a
-time), ``chunks`` (the Zarr layout, read straight from chunk files), ``verify`` (info and verify).
+time), ``chunks`` (the Zarr layout, read straight from chunk files), ``verify`` (info and verify), ``gc``
+(what interrupted writes left), ``preflight`` (an object store checked before first use).
 """
 
 from radio_dist.store.errors import StoreError, StoreLockedError, StoreMismatchError
 from radio_dist.store.feature_store import S3_RETRIES, FeatureStore, StoreConfig
+from radio_dist.store.gc import collect_garbage, find_garbage
 from radio_dist.store.lock import WriterLock
 from radio_dist.store.manifest import MANIFEST_SCHEMA, array_key, image_key, row_checksum, shard_id_for
 from radio_dist.store.records import FORMAT, OutputShapes, PhisRecord, StoreMeta, TeacherRecord
@@ -28,6 +30,8 @@ __all__ = [
     "StoreMeta",
     "StoreMismatchError",
     "TeacherRecord",
+    "collect_garbage",
+    "find_garbage",
     "WriterLock",
     "array_key",
     "image_key",

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 
 from radio_dist.store.chunks import array_names, member
 from radio_dist.store.feature_store import FeatureStore
+from radio_dist.store.gc import find_garbage
 from radio_dist.store.manifest import MANIFEST_SCHEMA, array_key, image_key, row_checksum, shard_of_part
 
 
@@ -21,6 +22,8 @@ def store_info(store: FeatureStore) -> dict[str, Any]:
     status = man.column("status").to_pylist()
     n_ok = sum(s == "ok" for s in status)
     shard_bytes = store.nbytes("shards")
+    garbage = find_garbage(store)
+    shard_bytes -= sum(store.nbytes(f"shards/{s}") for s in garbage.orphan_shards)  # committed data only
     teachers = {}
     for name, t in meta.teachers.items():
         teachers[name] = {
@@ -40,7 +43,9 @@ def store_info(store: FeatureStore) -> dict[str, Any]:
         "rows_ok": n_ok,
         "rows_error": len(status) - n_ok,
         "shards": len(set(man.column("shard").to_pylist())),
-        "orphan_shards": len(store.orphan_shards()),
+        "orphan_shards": len(garbage.orphan_shards),
+        "temp_files": len(garbage.temp_files),
+        "garbage_bytes": garbage.bytes,  # what `radio-dist store gc` would remove
         "teachers": teachers,
         "bytes_shards": shard_bytes,
         "bytes_total": store.nbytes(),
@@ -125,10 +130,12 @@ def verify_store(store: FeatureStore, check_data: bool = True) -> dict[str, Any]
                         f"shard {shard}: checksum mismatch for image {r['id']} (row {r['index']})"
                     )
                 checked += 1
-    orphans = store.orphan_shards()
-    if orphans:
+    garbage = find_garbage(store)
+    if not garbage.empty:
         notes.append(
-            f"{len(orphans)} uncommitted shard dir(s) from interrupted writes (invisible to readers)"
+            f"{len(garbage.orphan_shards)} uncommitted shard dir(s) and {len(garbage.temp_files)} temporary "
+            f"file(s) from interrupted writes ({garbage.bytes / 1e6:.1f} MB, invisible to readers): "
+            f"`radio-dist store gc {store.url}` removes them"
         )
     return {
         "ok": not problems,
