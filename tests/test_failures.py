@@ -300,3 +300,24 @@ def test_a_full_disk_mid_run_is_one_line_leaves_nothing_and_the_rerun_completes(
         assert verify.returncode == 0, verify.stdout + verify.stderr
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+@pytest.mark.skipif(not _can_mount(), reason="needs root to mount a read-only tmpfs (the real fault)")
+def test_a_read_only_store_location_is_one_line(tmp_path):
+    """The store on a file system mounted read-only (root is refused by the file system, not by permission
+    bits, so this is the fault a root test can meet; permission denied is classified alike but not run here)."""
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(mnt)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        res = cli(
+            "cache-teachers", "--store", str(mnt / "store"), env={"RADIO_DIST_LOG_DIR": str(tmp_path / "l")}
+        )
+        line = one_line(res)
+        assert line.startswith(f"error: {mnt / 'store'} is on a read-only file system: write the store")
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
