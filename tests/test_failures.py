@@ -168,6 +168,7 @@ def test_a_corrupt_teacher_weights_file_is_one_line_and_json(tmp_path):
     assert not list(store.glob("manifest/*.parquet"))
 
 
+@pytest.mark.slow  # ~30 s: three distill commands, each a fresh interpreter
 def test_a_corrupt_student_weights_file_fails_distill_in_one_line_and_debug_shows_the_traceback(tmp_path):
     from radio_dist.testing import write_synthetic_store
 
