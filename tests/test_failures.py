@@ -322,3 +322,26 @@ def test_a_read_only_store_location_is_one_line(tmp_path):
         assert line.startswith(f"error: {mnt / 'store'} is on a read-only file system: write the store")
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_behind_a_proxy_the_direct_connection_is_not_tried(monkeypatch):
+    """A cluster that reaches S3 only through HTTPS_PROXY must not be refused by the pre-flight's TCP check."""
+    from radio_dist.store.preflight import behind_proxy
+
+    for name in (
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+        "NO_PROXY",
+        "no_proxy",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    assert not behind_proxy("https://s3.amazonaws.com")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
+    assert behind_proxy("https://s3.us-east-1.amazonaws.com")
+    assert not behind_proxy("http://minio.internal:9000")  # plain http: HTTP_PROXY would be the one
+    monkeypatch.setenv("NO_PROXY", "localhost,.amazonaws.com")
+    assert not behind_proxy("https://s3.us-east-1.amazonaws.com")

@@ -3,7 +3,9 @@ read the store, does the bucket exist — each answered within a bound and told 
 the store URL and the endpoint, instead of minutes of retries and a botocore traceback.
 
 The bound is ``RADIO_DIST_CONNECT_TIMEOUT_S`` (seconds, default 20): connection attempts to the endpoint are
-repeated until then (a restarting server comes back), then the job stops. Transient errors after that point
+repeated until then (a restarting server comes back), then the job stops. Behind an HTTP(S) proxy (the
+standard ``HTTPS_PROXY`` / ``NO_PROXY`` variables) the direct connection is not tried; the requests below then
+wait at most botocore's ``connect_timeout`` per attempt. Transient errors after that point
 (503 SlowDown, a dropped connection) are still retried by botocore and s3fs, as configured in
 ``feature_store.S3_RETRIES``. Each (store, endpoint, access key) is checked once per process.
 """
@@ -48,6 +50,19 @@ def endpoint_of(options: dict[str, Any]) -> str:
     return f"https://s3.{region}.amazonaws.com" if region else "https://s3.amazonaws.com"
 
 
+def behind_proxy(endpoint: str) -> bool:
+    """Whether requests to ``endpoint`` go through an HTTP(S) proxy (the standard environment variables, as
+    botocore reads them), so a direct TCP connection says nothing about them."""
+    host = urlsplit(endpoint).hostname or ""
+    scheme = urlsplit(endpoint).scheme or "https"
+    proxy = os.environ.get(f"{scheme}_proxy") or os.environ.get(f"{scheme.upper()}_PROXY")
+    proxy = proxy or os.environ.get("all_proxy") or os.environ.get("ALL_PROXY")
+    if not proxy:
+        return False
+    skip = (os.environ.get("no_proxy") or os.environ.get("NO_PROXY") or "").split(",")
+    return not any(h.strip() and (host == h.strip().lstrip(".") or host.endswith(h.strip())) for h in skip)
+
+
 def wait_reachable(endpoint: str, url: str, bound_s: float) -> None:
     """Open a TCP connection to ``endpoint`` within ``bound_s`` seconds (retrying once a second), else a
     ``StoreError`` naming the store and the endpoint."""
@@ -79,7 +94,8 @@ def check_object_store(fs: Any, url: str, root: str, options: dict[str, Any]) ->
     with _lock:
         if key in _checked:
             return
-    wait_reachable(endpoint, url, connect_timeout_s())
+    if not behind_proxy(endpoint):  # through a proxy the endpoint need not be reachable directly
+        wait_reachable(endpoint, url, connect_timeout_s())
     probe = f"{root.rstrip('/')}/store.json"
     try:
         fs.info(probe)
