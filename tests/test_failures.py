@@ -5,6 +5,7 @@ what was left on disk."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -265,21 +267,28 @@ def _can_mount() -> bool:
     return hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("mount") is not None
 
 
+@contextlib.contextmanager
+def tmpfs(mnt: Path, options: str) -> Iterator[Path]:
+    """A real tmpfs mounted at ``mnt`` with ``options`` (size=..., ro), unmounted after; the test is skipped
+    where mounting is not allowed."""
+    mnt.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mnt)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
 @pytest.mark.slow  # ~1.5 min: two caching runs
 @pytest.mark.skipif(not _can_mount(), reason="needs root to mount a size-limited tmpfs (the real fault)")
 def test_a_full_disk_mid_run_is_one_line_leaves_nothing_and_the_rerun_completes(tmp_path):
     """The store on a size-limited tmpfs that fills up while shards are written: one line naming the file
     system's path, no temporary file or partial shard left, committed shards intact; after the disk is grown
     the same command completes with every image exactly once."""
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
     # PHI-S of the two sample teachers take ~52.5 MB: 55 MB leaves room for about one 4-image shard
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=55m", "tmpfs", str(mnt)], capture_output=True
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
+    with tmpfs(tmp_path / "mnt", "size=55m") as mnt:
         store = mnt / "store"
         args = ["cache-teachers", "--store", str(store), "--set", "store.shard_size=4"]
         res = cli(*args, env={"RADIO_DIST_LOG_DIR": str(tmp_path / "logs")})
@@ -299,29 +308,18 @@ def test_a_full_disk_mid_run_is_one_line_leaves_nothing_and_the_rerun_completes(
         assert len(ids) == len(set(ids)) == 13  # the 13 sample photos, each exactly once
         verify = cli("store", "verify", str(store))
         assert verify.returncode == 0, verify.stdout + verify.stderr
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
 @pytest.mark.skipif(not _can_mount(), reason="needs root to mount a read-only tmpfs (the real fault)")
 def test_a_read_only_store_location_is_one_line(tmp_path):
     """The store on a file system mounted read-only (root is refused by the file system, not by permission
     bits, so this is the fault a root test can meet; permission denied is classified alike but not run here)."""
-    mnt = tmp_path / "ro"
-    mnt.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(mnt)], capture_output=True
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
+    with tmpfs(tmp_path / "ro", "size=1m,ro") as mnt:
         res = cli(
             "cache-teachers", "--store", str(mnt / "store"), env={"RADIO_DIST_LOG_DIR": str(tmp_path / "l")}
         )
         line = one_line(res)
         assert line.startswith(f"error: {mnt / 'store'} is on a read-only file system: write the store")
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
 def test_behind_a_proxy_the_direct_connection_is_not_tried(monkeypatch):
