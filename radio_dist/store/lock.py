@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -47,8 +48,13 @@ class WriterLock:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
                 return False
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+            except OSError as e:  # a full disk, say: no empty lock file left behind, and the path named
+                with contextlib.suppress(OSError):
+                    os.remove(path)
+                raise OSError(e.errno, e.strerror, path) from e
             return True
         try:
             self.store.fs.pipe_file(path, data, mode="create")

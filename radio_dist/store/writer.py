@@ -8,6 +8,7 @@ the objects of an interrupted shard may remain, ignored by readers, until the sh
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import shutil
@@ -102,7 +103,12 @@ class ShardWriter:
         table = pa.Table.from_pylist(table_rows, schema=MANIFEST_SCHEMA)
         buf = io.BytesIO()
         pq.write_table(table, buf)
-        self.store.put_atomic(f"manifest/{self.shard}.parquet", buf.getvalue())  # the commit
+        try:
+            self.store.put_atomic(f"manifest/{self.shard}.parquet", buf.getvalue())  # the commit
+        except OSError:  # a full disk, say: a local put_atomic that raises has not renamed, so nothing was
+            if ok and self.store.is_local:  # committed; the data of this attempt would be an orphan
+                shutil.rmtree(self.store.path("shards", self.shard), ignore_errors=True)
+            raise
         return ShardResult(self.shard, len(ok), n_err, nbytes + buf.tell())
 
 
@@ -121,6 +127,7 @@ def write_shard_data(store: FeatureStore, shard: str, arrays: dict[str, np.ndarr
             consolidate(local)
             fsync_tree(root)
         except OSError as e:  # a full disk, say: the uncommitted shard is removed, its path named
+            settle_zarr_writes()
             shutil.rmtree(root, ignore_errors=True)
             if e.filename is None:
                 raise OSError(e.errno, e.strerror, root) from e
@@ -144,6 +151,21 @@ def write_shard_data(store: FeatureStore, shard: str, arrays: dict[str, np.ndarr
     if stale:
         store.fs.rm(sorted(stale))
     return sum(a.nbytes for a in arrays.values())
+
+
+def settle_zarr_writes(timeout_s: float = 30.0) -> None:
+    """Wait for the writes zarr still has in flight. When one write of a group fails, zarr's gather raises at
+    once and leaves the others running on its I/O loop: they would recreate files in a shard directory just
+    removed (seen with a full tmpfs: a 132-557 byte orphan after every few failures)."""
+    from zarr.core.sync import sync
+
+    async def settle() -> None:
+        me = asyncio.current_task()
+        pending = [t for t in asyncio.all_tasks() if t is not me]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout_s)
+
+    sync(settle())
 
 
 def fsync_tree(path: str) -> None:
