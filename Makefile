@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STORE ?= ./store
 RUN ?= ./runs/demo
 
-.PHONY: install demo test test-slow test-all lint bench bench-gpu clean
+.PHONY: install demo test test-slow test-faults test-all lint bench bench-gpu clean
 
 install: $(VENV)/.installed
 
@@ -31,6 +31,9 @@ test: install   ## the default test run (slow tests excluded)
 
 test-slow: install   ## the slow tests only (a real `ray start --head` + `radio-dist submit`, ...)
 	$(BIN)/pytest -m slow
+
+test-faults: install   ## the fault corpus: every test that injects a real fault (slow ones too), one tally
+	$(BIN)/pytest -m faults
 
 test-all: install
 	$(BIN)/pytest

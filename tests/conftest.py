@@ -80,3 +80,14 @@ def s3_server() -> Iterator[S3Server]:
         yield S3Server(endpoint, S3_BUCKET)
     finally:
         server.stop()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """The fault corpus's tally (``faultkit.TALLY``), when this session ran fault tests."""
+    from faultkit import TALLY
+
+    lines = TALLY.lines()
+    if lines:
+        terminalreporter.write_sep("-", "fault corpus")
+        for line in lines:
+            terminalreporter.write_line(line)

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import fsspec
 import pytest
+from faultkit import TALLY
 from fixtures import write_good_photos
 from s3faults import FaultProxy
-from test_store import make_arrays, prepared, write
+from synthetic import make_arrays, prepared, write
 
 from radio_dist.cache.config import CacheJobConfig
 from radio_dist.cache.pipeline import run_cache
@@ -41,6 +42,7 @@ def test_endpoint_and_credentials_from_the_environment(s3_server, monkeypatch):
     }
 
 
+@pytest.mark.faults
 def test_faults_are_retried_and_lose_nothing(s3_server):
     """503s and dropped connections on every kind of request while shards are written, committed and read.
 
@@ -84,6 +86,7 @@ def test_faults_are_retried_and_lose_nothing(s3_server):
         f"{writing} while writing, {proxy.faults - writing} while reading) in {c['requests']} requests, "
         f"rows checked {len(read)}, lost {lost}, duplicated {duplicated}"
     )
+    TALLY.record("S3 503 / dropped / cut-short responses", proxy.faults, len(read), lost, duplicated)
     assert lost == 0 and duplicated == 0
     assert len(read) == len(expected) == n_shards * rows_per_shard
     report = verify_store(FeatureStore(url, s3_server.storage_options()))  # straight to the server
@@ -96,7 +99,7 @@ def test_faults_are_retried_and_lose_nothing(s3_server):
 WRITER = """
 import sys
 sys.path.insert(0, {tests!r})
-from test_store import prepared, write
+from synthetic import prepared, write
 from radio_dist.store import FeatureStore
 store = prepared(FeatureStore({url!r}, {options!r}))
 for ids in {shards!r}:
@@ -105,6 +108,7 @@ for ids in {shards!r}:
 """
 
 
+@pytest.mark.faults
 def test_writer_killed_between_data_and_commit_leaves_nothing_visible(s3_server):
     """Another process commits shard a, then is SIGKILLed while shard b's data is on S3 and b's commit (the
     manifest PUT) is in flight: b stays invisible, a is seen by a store that had listed before; re-run."""
@@ -119,7 +123,7 @@ def test_writer_killed_between_data_and_commit_leaves_nothing_visible(s3_server)
         s3_server.endpoint, hold=lambda method, path: method == "PUT" and commit_b in path
     ) as proxy:
         code = WRITER.format(
-            tests=str(Path(__file__).parent),
+            tests=str(Path(__file__).parents[1]),
             url=url,
             options=s3_server.storage_options(proxy.endpoint),
             shards=[ids_a, ids_b],
@@ -142,6 +146,7 @@ def test_writer_killed_between_data_and_commit_leaves_nothing_visible(s3_server)
     assert write(store, list(reversed(ids_b))).skipped  # a second re-run finds it committed
     report = verify_store(store)
     assert report["ok"] and report["rows"] == report["unique_ids"] == report["rows_checksummed"] == 24
+    TALLY.record("writer SIGKILLed (s3)", 1, report["rows"])
 
 
 def test_cache_teachers_from_s3_photos_into_s3_store(s3_server, ray_local, tmp_path):

@@ -16,70 +16,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from faultkit import TALLY
+from synthetic import PARTS, TEACHERS, make_arrays, make_rows, prepared, write
 
-from radio_dist.phis import Moments, fit_phis
 from radio_dist.store import (
     FeatureStore,
-    OutputShapes,
     ShardWriter,
     StoreError,
     StoreLockedError,
     StoreMismatchError,
-    TeacherRecord,
     WriterLock,
     array_key,
-    image_key,
     store_info,
     verify_store,
 )
 from radio_dist.store.chunks import plain_layout
 from radio_dist.store.lock import LOCK_REL
-
-TEACHERS = {"t1": TeacherRecord(fingerprint="f" * 32, family="demo", spec={"x": 1})}
-PARTS = {"low": 16}
-
-
-def make_rows(ids: list[str], errors: tuple[str, ...] = ()) -> list[dict]:
-    return [
-        {
-            "id": i,
-            "source": f"/data/{i}.jpg",
-            "view": "",
-            "status": "error" if i in errors else "ok",
-            "error": f"/data/{i}.jpg: broken" if i in errors else None,
-            "width": 32,
-            "height": 24,
-            "mode": "RGB",
-            "geometry": json.dumps({"low": {"crop": [4, 0, 28, 24], "size": 16}}),
-        }
-        for i in ids
-    ]
-
-
-def make_arrays(n: int, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {
-        image_key("low"): rng.integers(0, 255, (n, 16, 16, 3), dtype=np.uint8),
-        array_key("t1", "low", "dense"): rng.standard_normal((n, 2, 2, 8)).astype(np.float16),
-        array_key("t1", "low", "summary"): rng.standard_normal((n, 8)).astype(np.float32),
-    }
-
-
-def prepared(store: FeatureStore) -> FeatureStore:
-    store.init_or_check(PARTS, TEACHERS)
-    phis = fit_phis(Moments.from_features(np.random.default_rng(1).standard_normal((500, 8)) * 3 + 1))
-    store.save_phis("t1", phis, 0.5, {"low": OutputShapes(dense=[2, 2, 8], summary=[8])}, fit_images=500)
-    return store
-
-
-def write(store: FeatureStore, ids: list[str], errors: tuple[str, ...] = (), seed: int = 0):
-    rows = make_rows(ids, errors)
-    n_ok = len(ids) - len(errors)
-    with ShardWriter(store, ids) as w:
-        for k, v in make_arrays(n_ok, seed).items():
-            w.add_array(k, v)
-        w.add_rows(rows)
-    return w.result
 
 
 class StoreConformance:
@@ -311,7 +263,7 @@ class TestS3Store(StoreConformance):
 WRITER = """
 import sys, numpy as np
 sys.path.insert(0, {tests!r})
-from test_store import prepared, write
+from synthetic import prepared, write
 from radio_dist.store import FeatureStore
 store = prepared(FeatureStore({url!r}))
 print("ready", flush=True)
@@ -320,10 +272,11 @@ for s in range(10_000):
 """
 
 
+@pytest.mark.faults
 def test_sigkill_mid_write_leaves_only_whole_shards(tmp_path):
     """A writer killed at arbitrary moments never leaves a partial shard visible to readers."""
     url = str(tmp_path / "store")
-    code = WRITER.format(tests=str(Path(__file__).parent), url=url)
+    code = WRITER.format(tests=str(Path(__file__).parents[1]), url=url)
     for delay in (0.7, 1.3, 2.1):
         proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
@@ -335,6 +288,7 @@ def test_sigkill_mid_write_leaves_only_whole_shards(tmp_path):
     assert report["ok"], report["problems"]
     assert report["rows"] > 0 and report["rows"] == report["unique_ids"] == report["rows_checksummed"]
     assert report["rows"] % 8 == 0  # shards are all-or-nothing
+    TALLY.record("writer SIGKILLed (local)", 3, report["rows"], 0, report["rows"] - report["unique_ids"])
 
 
 def test_layouts_this_store_does_not_write_are_read_through_zarr(tmp_path):
