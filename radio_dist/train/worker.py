@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import Field
+from pydantic import Field, NonNegativeInt
 
 from radio_dist.config import StrictModel
 from radio_dist.train.rundir import RunDir, RunLog
@@ -65,7 +65,9 @@ class ScalingSettings(StrictModel):
 class DebugSettings(StrictModel):
     """Fault injection for the tests that prove nothing is lost or duplicated."""
 
-    kill_at_step: int | None = Field(None, ge=0, description="SIGKILL one worker at this global step, once.")
+    kill_at_step: NonNegativeInt | list[NonNegativeInt] | None = Field(
+        None, description="SIGKILL one worker after this global step (or each of these), once each."
+    )
     kill_rank: int = Field(0, ge=0, description="Which worker kill_at_step kills.")
     stop_after_step: int | None = Field(
         None,
@@ -255,8 +257,9 @@ class TrainWorker:
         """Fault injection: ``debug.kill_at_step`` SIGKILLs worker ``kill_rank`` once, after that step
         (``done`` steps done), leaving a marker so the restarted attempt runs through."""
         k = self.debug.kill_at_step
-        if k is not None and done == k + 1 and self.rank == self.debug.kill_rank:
-            marker = f"killed-{k}"
+        steps = [] if k is None else [k] if isinstance(k, int) else k
+        if done - 1 in steps and self.rank == self.debug.kill_rank:
+            marker = f"killed-{done - 1}"
             if not self.out.exists(marker):
                 self.out.touch(marker)
                 os.kill(os.getpid(), signal.SIGKILL)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from faultkit import TALLY
 from fixtures import FIXTURE_MAX_PIXELS, make_bad_inputs, write_good_photos
 
 from radio_dist.cache.config import CacheJobConfig
@@ -191,6 +192,7 @@ def _radio_dist(*args: str) -> list[str]:
 
 
 @pytest.mark.slow  # ~2 min: a job of its own with its own local Ray, killed and run again
+@pytest.mark.faults
 def test_sigkill_then_rerun_finishes_without_recompute_or_duplicates(tmp_path):
     """Kill the whole job (driver + its local Ray) mid-run; the re-run only computes what was not committed."""
     store_url = str(tmp_path / "store")
@@ -239,6 +241,7 @@ def test_sigkill_then_rerun_finishes_without_recompute_or_duplicates(tmp_path):
     report = verify_store(store)
     assert report["ok"], report["problems"]
     assert report["rows"] == report["unique_ids"] == 60
+    TALLY.record("caching job SIGKILLed (driver + Ray)", 1, report["rows"], 60 - report["unique_ids"])
 
 
 def _descendants(root: int) -> list[int]:
@@ -269,8 +272,10 @@ def _cmdline(pid: int) -> str:
 
 
 @pytest.mark.slow  # ~1-2 min: a job of its own with its own local Ray
-def test_a_killed_teacher_actor_is_replaced_and_every_image_lands_once(tmp_path):
-    """SIGKILL one teacher actor mid-run: Ray Data restarts it and retries its batches; the job completes."""
+@pytest.mark.faults
+def test_killed_teacher_actors_are_replaced_and_every_image_lands_once(tmp_path):
+    """SIGKILL a teacher actor three times mid-run, each time after more shards landed: Ray Data restarts it
+    and retries its batches; the job completes with every image once."""
     store_url = str(tmp_path / "store")
     cfg = tmp_path / "job.yaml"
     cfg.write_text(json.dumps(job({"kind": "sample-photos", "views": 60}, store_url).model_dump(mode="json")))
@@ -279,17 +284,20 @@ def test_a_killed_teacher_actor_is_replaced_and_every_image_lands_once(tmp_path)
         cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True, text=True
     )
     store = FeatureStore(store_url)
-    victim = None
+    victims: list[int] = []
+    at_parts = [3, 6, 9]  # manifest parts (the fit sample's among them) committed before each kill
     deadline = time.time() + 240
     try:
-        while time.time() < deadline and proc.poll() is None and victim is None:
-            if store.exists() and store.has_phis() and len(store.manifest_parts()) >= 4:  # main phase running
-                actors = [p for p in _descendants(proc.pid) if "TeacherStage" in _cmdline(p)]
+        while time.time() < deadline and proc.poll() is None and len(victims) < len(at_parts):
+            if store.exists() and store.has_phis() and len(store.manifest_parts()) >= at_parts[len(victims)]:
+                actors = [
+                    p for p in _descendants(proc.pid) if "TeacherStage" in _cmdline(p) and p not in victims
+                ]
                 if actors:
-                    victim = actors[0]
-                    os.kill(victim, signal.SIGKILL)
-            time.sleep(0.2)
-        assert victim is not None, "no teacher actor found to kill before the run ended"
+                    victims.append(actors[0])
+                    os.kill(actors[0], signal.SIGKILL)
+            time.sleep(0.1)
+        assert len(victims) == len(at_parts), f"killed {len(victims)} teacher actors before the run ended"
         stdout, _ = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
@@ -303,8 +311,10 @@ def test_a_killed_teacher_actor_is_replaced_and_every_image_lands_once(tmp_path)
     lost = 60 - report["unique_ids"]
     duplicated = report["rows"] - report["unique_ids"]
     print(
-        f"caching actor SIGKILLed (pid {victim}): rows checked {report['rows']}, lost {lost}, duplicated {duplicated}"
+        f"caching actors SIGKILLed (pids {victims}): rows checked {report['rows']}, lost {lost}, "
+        f"duplicated {duplicated}"
     )
+    TALLY.record("teacher actor SIGKILLed", len(victims), report["rows"], lost, duplicated)
     assert summary["ok"] + summary["error"] == 60 and lost == 0 and duplicated == 0
 
 
