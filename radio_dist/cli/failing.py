@@ -56,7 +56,10 @@ class ReportingGroup(TyperGroup):
 def report(exc: BaseException, argv: list[str]) -> NoReturn:
     """End the process for ``exc``: explained in one line; exit code 2 when the inputs are wrong (config,
     store, source, weights), 1 when the run failed (file system, object store, Ray, training)."""
-    explained = explain(exc)
+    try:
+        explained = explain(exc)
+    except Exception:  # explaining must not hide the failure (a broken install cannot import a classifier)
+        explained = Explained("unexpected", f"{type(exc).__name__}: {str(exc).strip() or '(no message)'}")
     log = None if explained.kind == "config" else keep_traceback(exc, argv)
     if debugging():
         err.print("".join(traceback.format_exception(exc)), highlight=False, markup=False)
