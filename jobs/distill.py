@@ -9,22 +9,13 @@ the same job (same `out`) resumes from its last checkpoint.
 
 from __future__ import annotations
 
-import argparse
-import json
-
-from radio_dist.config import load_model
+from jobs import run_job
 from radio_dist.train.config import DistillConfig
 from radio_dist.train.distill import run_distill
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", required=True, help="YAML job file")
-    ap.add_argument("--set", action="append", default=[], help="override key.path=value (repeatable)")
-    args = ap.parse_args(argv)
-    cfg = load_model(DistillConfig, args.config, args.set)
-    summary = run_distill(cfg)
-    print(json.dumps(summary, default=str))
+    run_job(__doc__ or "", DistillConfig, run_distill, argv)
 
 
 if __name__ == "__main__":

@@ -10,21 +10,12 @@ caching job's teacher spec names in `options.featsharp` (with `adaptation: feats
 
 from __future__ import annotations
 
-import argparse
-import json
-
-from radio_dist.config import load_model
+from jobs import run_job
 from radio_dist.featsharp.train import FeatSharpConfig, run_featsharp
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", required=True, help="YAML job file")
-    ap.add_argument("--set", action="append", default=[], help="override key.path=value (repeatable)")
-    args = ap.parse_args(argv)
-    cfg = load_model(FeatSharpConfig, args.config, args.set)
-    summary = run_featsharp(cfg)
-    print(json.dumps(summary, default=str))
+    run_job(__doc__ or "", FeatSharpConfig, run_featsharp, argv)
 
 
 if __name__ == "__main__":

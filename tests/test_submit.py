@@ -1,5 +1,5 @@
-"""`radio-dist submit` against a real Ray head started on loopback (`ray start --head`, token authentication on
-as by default), then stopped.
+"""`radio-dist submit` against a real Ray head started on loopback (`ray start --head` finding a token, so with
+token authentication on, as Ray 2.60 does whenever a token is there), then stopped.
 
 The head gets its own --temp-dir so that nothing else on the machine (the test session's own local Ray)
 mistakes it for "the" local cluster, and it runs in its own process group so stopping it stops only it.
@@ -51,7 +51,8 @@ def ray_head(tmp_path_factory):
             "ray-client-server-port",
         )
     ]
-    # The head as users get it: token authentication on (Ray's default for `ray start`). Its token is given
+    # The head as users get it with a token: Ray 2.60's `ray start` turns token authentication on whenever it
+    # finds one (~/.ray/auth_token, RAY_AUTH_TOKEN; checked: without one it stays off). Its token is given
     # (RAY_AUTH_TOKEN) rather than left in the machine's ~/.ray/auth_token, and reaches the client as a file
     # named by RAY_AUTH_TOKEN_PATH below.
     token = secrets.token_hex(32)
@@ -200,6 +201,35 @@ def test_a_failing_job_fails_the_command(ray_head, tmp_path):
     assert res.exit_code == 1
     assert "FAILED" in res.stdout
     assert "not a radio-dist store" in res.output  # the job's own error, followed from its logs
+    assert "error: " in res.output and "Traceback" not in res.output  # one line there too
+
+
+@pytest.mark.slow  # ~1 min: a small store, one job through Ray's own CLI
+def test_the_readme_ray_job_submit_line_works_against_a_token_head(ray_head, tmp_path):
+    """The README's `ray job submit` line, as written, against the head with token authentication on: Ray's
+    own client sends the token only with RAY_AUTH_MODE=token (it is refused without, as the README says)."""
+    from radio_dist.testing import write_synthetic_store
+
+    store, out = tmp_path / "store", tmp_path / "run"
+    write_synthetic_store(str(store), [6, 6])
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    readme = (REPO / "README.md").read_text()
+    assert "RAY_AUTH_MODE=token ray job submit --address http://HEAD:8265 --working-dir . -- \\\n" in readme
+    cmd = [
+        str(BIN / "ray"), "job", "submit", "--address", ray_head, "--working-dir", ".", "--",
+        "python", "-m", "jobs.distill", "--config", "jobs/configs/distill_sample.yaml",
+        "--set", f"store.url={store}", "--set", f"out={out}", "--set", "train.epochs=1",
+        "--set", "train.threads=1",
+        "--set", 'students=[{"name": "tiny", "kind": "cradio", "arch": "tiny", "head_hidden": 32}]',
+    ]  # fmt: skip
+    refused = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "authentication token" in (refused.stdout + refused.stderr)
+    done = subprocess.run(
+        cmd, cwd=REPO, env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert (out / "students" / "tiny" / "model.safetensors").is_file()
+    assert sorted(sample_audit(str(out))[0].values()) == [1] * 12
 
 
 def test_submitted_jobs_keep_freed_memory_unless_the_runtime_env_says_otherwise(tmp_path):
