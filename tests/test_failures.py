@@ -135,6 +135,7 @@ def test_an_error_ray_kept_only_as_text_is_still_told_as_itself():
 
 
 # -- real commands ---------------------------------------------------------------------------------------------
+@pytest.mark.faults
 def test_a_corrupt_teacher_weights_file_is_one_line_and_json(tmp_path):
     """cache-teachers with a truncated teacher weights file (loaded inside the Ray Data actors): one line
     naming the file, exit 1, JSON for --json, the traceback in the log file, nothing committed."""
@@ -169,9 +170,11 @@ def test_a_corrupt_teacher_weights_file_is_one_line_and_json(tmp_path):
     assert "Traceback" in log.read_text() and "WeightsError" in log.read_text()
     assert len([x for x in res.stderr.splitlines() if x.strip()]) <= 12, res.stderr  # no worker log dump
     assert not list(store.glob("manifest/*.parquet"))
+    TALLY.record("weights file corrupt / missing", 1, 0)
 
 
 @pytest.mark.slow  # ~30 s: three distill commands, each a fresh interpreter
+@pytest.mark.faults
 def test_a_corrupt_student_weights_file_fails_distill_in_one_line_and_debug_shows_the_traceback(tmp_path):
     from radio_dist.testing import write_synthetic_store
 
@@ -187,6 +190,7 @@ def test_a_corrupt_student_weights_file_fails_distill_in_one_line_and_debug_show
     assert res.returncode == 2 and "Traceback" in res.stderr  # --debug: the traceback on screen too
     assert any(x.startswith(f"error: weights file {bad}") for x in res.stderr.splitlines())
     assert not (tmp_path / "run" / "students").exists()
+    TALLY.record("weights file corrupt / missing", 1, 0)
 
 
 def _free_port() -> int:
@@ -195,6 +199,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.mark.faults
 def test_an_unreachable_object_store_fails_within_the_bound(tmp_path):
     """A closed port: the endpoint is named within RADIO_DIST_CONNECT_TIMEOUT_S, not after minutes of retries."""
     port = _free_port()
@@ -206,14 +211,18 @@ def test_an_unreachable_object_store_fails_within_the_bound(tmp_path):
     assert f"cannot reach the object store endpoint http://127.0.0.1:{port} of s3://bucket/store" in line
     assert json.loads(res.stdout)["error"]["kind"] == "s3-unreachable"
     assert took < 25, took  # 3 s of connection attempts plus the interpreter's start
+    TALLY.record("S3 unreachable / no credentials / no bucket / denied", 1, 0)
 
 
+@pytest.mark.faults
 def test_a_missing_bucket_is_named(s3_server):
     res = cli("store", "info", "s3://no-such-bucket/store", env={"AWS_ENDPOINT_URL": s3_server.endpoint})
     line = one_line(res)
     assert "bucket 'no-such-bucket' of s3://no-such-bucket/store does not exist at" in line
+    TALLY.record("S3 unreachable / no credentials / no bucket / denied", 1, 0)
 
 
+@pytest.mark.faults
 def test_no_credentials_are_named(s3_server):
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env.update(
@@ -233,6 +242,7 @@ def test_no_credentials_are_named(s3_server):
         cwd=REPO,
     )
     assert "no S3 credentials for s3://" in one_line(res)
+    TALLY.record("S3 unreachable / no credentials / no bucket / denied", 1, 0)
 
 
 @pytest.mark.slow  # ~2 min: two caching runs and three failed ones
@@ -299,6 +309,7 @@ def test_after_each_fault_the_fixed_rerun_caches_every_image_once(s3_server, tmp
     TALLY.record("infrastructure faults, then the fixed rerun", len(faults), len(ids), 12 - len(set(ids)))
 
 
+@pytest.mark.faults
 def test_access_denied_by_the_server_is_named(tmp_path):
     """A loopback S3 server that checks credentials (moto with authentication on) refuses unknown keys."""
     port = _free_port()
@@ -322,6 +333,7 @@ def test_access_denied_by_the_server_is_named(tmp_path):
         res = cli("store", "info", "s3://bucket/store", env={"AWS_ENDPOINT_URL": endpoint})
         line = one_line(res)
         assert f"{endpoint} refused access to s3://bucket/store" in line
+        TALLY.record("S3 unreachable / no credentials / no bucket / denied", 1, 0)
     finally:
         server.kill()
         server.wait()
@@ -359,16 +371,18 @@ def test_a_full_disk_mid_run_is_one_line_leaves_nothing_and_the_rerun_completes(
     TALLY.record("disk full (caching job, CLI)", 1, len(ids), 13 - len(set(ids)), len(ids) - len(set(ids)))
 
 
+@pytest.mark.faults
 @pytest.mark.skipif(not can_mount(), reason="needs root to mount a read-only tmpfs (the real fault)")
 def test_a_read_only_store_location_is_one_line(tmp_path):
     """The store on a file system mounted read-only (root is refused by the file system, not by permission
-    bits, so this is the fault a root test can meet; permission denied is classified alike but not run here)."""
+    bits; permission denied: the next test, as another user)."""
     with tmpfs(tmp_path / "ro", "size=1m,ro") as mnt:
         res = cli(
             "cache-teachers", "--store", str(mnt / "store"), env={"RADIO_DIST_LOG_DIR": str(tmp_path / "l")}
         )
         line = one_line(res)
         assert line.startswith(f"error: {mnt / 'store'} is on a read-only file system: write the store")
+    TALLY.record("read-only file system / permission denied", 1, 0)
 
 
 _AS_NOBODY = """
@@ -433,7 +447,7 @@ def test_permission_denied_is_one_line_and_loses_nothing():
         assert collect_garbage(owned)["dry_run"] is False  # took the lock the other user could not
         report = verify_store(owned)
         assert report["ok"] and report["rows"] == report["rows_checksummed"] == 8, report
-        TALLY.record("permission denied", 2, 8)
+        TALLY.record("read-only file system / permission denied", 2, 8)
     finally:
         shutil.rmtree(base, ignore_errors=True)
 

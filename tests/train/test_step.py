@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from faultkit import TALLY
 from fixtures import TINY_VIT
 
 from radio_dist.store import StoreConfig
@@ -63,6 +64,7 @@ def step(st, db: DeviceBatch, plan, train: TrainConfig, dtype=None, scale=1.0, s
     return student_step(st, images, db, plan, train, rng, train.lr, 0.0, CPU, loss_scale=scale, dtype=dtype)
 
 
+@pytest.mark.faults
 def test_non_finite_targets_skip_the_step_and_too_many_in_a_row_stop_with_a_clear_error(store_url):
     train = TrainConfig(max_nonfinite_steps=3, mesa_weight=0.0, damp_sigma=0.0)
     plan, bs = batches(store_url, 4, train)
@@ -83,6 +85,7 @@ def test_non_finite_targets_skip_the_step_and_too_many_in_a_row_stop_with_a_clea
     with pytest.raises(NonFiniteError, match=r"student 'vit': 3 steps in a row.*max_nonfinite_steps"):
         step(st, poisoned, plan, train)
     assert st.checkpoint_state()[0]["guard"] == {"nonfinite_run": 3, "skipped": 4}
+    TALLY.record("non-finite target in a batch", 4, 0)
 
 
 def test_gradients_are_clipped_to_the_configured_norm(store_url):
