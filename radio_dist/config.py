@@ -154,3 +154,34 @@ DEBUG_ENV = "RADIO_DIST_DEBUG"  # set (or `radio-dist --debug`): tracebacks and 
 def debugging() -> bool:
     """Whether the user asked for tracebacks and Ray's own logs (``--debug`` / ``RADIO_DIST_DEBUG=1``)."""
     return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+CONNECT_TIMEOUT_ENV = "RADIO_DIST_CONNECT_TIMEOUT_S"  # how long to wait for an endpoint (object store, Ray)
+DEFAULT_CONNECT_TIMEOUT_S = 20.0
+
+
+def connect_timeout_s() -> float:
+    """The bound on waiting for a service to accept connections (``RADIO_DIST_CONNECT_TIMEOUT_S``, seconds)."""
+    raw = os.environ.get(CONNECT_TIMEOUT_ENV, "")
+    try:
+        return float(raw) if raw else DEFAULT_CONNECT_TIMEOUT_S
+    except ValueError:
+        raise ConfigError(f"{CONNECT_TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
+
+
+def wait_for_port(host: str, port: int, bound_s: float) -> OSError | None:
+    """Open (and close) a TCP connection to ``host:port`` within ``bound_s`` seconds, retrying once a second (a
+    restarting server comes back); None when it connected, else the last error."""
+    import socket
+    import time
+
+    deadline = time.monotonic() + bound_s
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            with socket.create_connection((host, port), timeout=max(0.1, min(5.0, left))):
+                return None
+        except OSError as e:
+            if time.monotonic() + 1.0 > deadline:
+                return e
+        time.sleep(1.0)

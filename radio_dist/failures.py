@@ -78,7 +78,11 @@ def _own(e: BaseException) -> Explained | None:
             return Explained(kind, _own_text(e), 1 if kind.startswith("s3-") else 2)
     # by name: these live in modules that import torch and Ray, which a failing CLI need not load
     mro = {c.__name__ for c in type(e).__mro__}
-    for name, kind in (("NonFiniteError", "training"), ("CheckpointContentError", "checkpoint")):
+    for name, kind in (
+        ("NonFiniteError", "training"),
+        ("CheckpointContentError", "checkpoint"),
+        ("RayUnreachableError", "ray"),
+    ):
         if name in mro:
             return Explained(kind, _own_text(e))
     return None
@@ -188,6 +192,7 @@ OWN_NAMES = {
     "WeightsError": "weights",
     "NonFiniteError": "training",
     "CheckpointContentError": "checkpoint",
+    "RayUnreachableError": "ray",
 }
 _EXC_LINE = re.compile(r"^(?:[A-Za-z_][\w]*\.)*([A-Za-z_]\w*(?:Error|Exception)): (.+)$")
 _ERRNO = re.compile(r"\[Errno (\d+)\] ([^:']+)(?:: '([^']+)')?")

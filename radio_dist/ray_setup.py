@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import Field
 
-from radio_dist.config import StrictModel, debugging
+from radio_dist.config import CONNECT_TIMEOUT_ENV, StrictModel, connect_timeout_s, debugging, wait_for_port
 
 # glibc malloc returns big freed blocks to the OS after every batch, so the next batch page-faults them
 # back in: measured on a 2-core CPU, sys time was ~half of an EfficientNet-Lite0 forward (6.5 s -> 2.8 s
@@ -69,6 +69,29 @@ def local_ray_options(cfg: RayConfig) -> dict[str, Any]:
     }
 
 
+class RayUnreachableError(RuntimeError):
+    """The Ray cluster a job is to join does not accept connections (``ray.init`` would wait for it without
+    end, printing a warning every few seconds)."""
+
+
+def check_reachable(address: str, origin: str, bound_s: float) -> None:
+    """A TCP connection to the cluster's ``host:port`` (or ``ray://host:port``) within ``bound_s`` seconds, else
+    a ``RayUnreachableError`` naming the address and where it came from (``origin``). Other forms (``auto``,
+    ``local``, a bare host, another scheme) are Ray's to resolve."""
+    if "://" in address and not address.startswith("ray://"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    e = wait_for_port(host.strip("[]"), int(port), bound_s)
+    if e is not None:
+        raise RayUnreachableError(
+            f"cannot reach the Ray cluster at {address} ({origin}; {e.strerror or e}; tried for {bound_s:.0f} s): "
+            "check that its head is up (`ray status` there) and the address (the GCS port, 6379 by default, "
+            f"or ray://HOST:10001); leave it unset for a local instance; {CONNECT_TIMEOUT_ENV} sets how long to wait"
+        )
+
+
 def init_ray(cfg: RayConfig) -> None:
     """Join the cluster ``cfg`` names (or ``RAY_ADDRESS``), or start a local instance; no-op if Ray is up."""
     import ray
@@ -81,6 +104,8 @@ def init_ray(cfg: RayConfig) -> None:
     if cfg.on_cluster:
         if cfg.address:
             kwargs["address"] = cfg.address
+        origin = "ray.address" if cfg.address else "RAY_ADDRESS"
+        check_reachable(cfg.address or os.environ.get("RAY_ADDRESS", ""), origin, connect_timeout_s())
     else:
         kwargs.update(local_ray_options(cfg))
     ray.init(**kwargs)

@@ -215,6 +215,32 @@ def test_an_unreachable_object_store_fails_within_the_bound(tmp_path):
 
 
 @pytest.mark.faults
+def test_a_ray_cluster_that_is_not_there_fails_within_the_bound(tmp_path):
+    """ray.address on a closed port: one line naming the address within the bound (Ray itself waited without
+    end, a warning every few seconds: killed after 5 min when tried), and no store directory left behind."""
+    from radio_dist.ray_setup import RayUnreachableError, check_reachable
+
+    port = _free_port()
+    store = tmp_path / "store"
+    t0 = time.monotonic()
+    res = cli(
+        "cache-teachers", "--store", str(store), "--set", f"ray.address=127.0.0.1:{port}", "--json",
+        env={"RADIO_DIST_CONNECT_TIMEOUT_S": "3", "RADIO_DIST_LOG_DIR": str(tmp_path / "logs")},
+    )  # fmt: skip
+    took = time.monotonic() - t0
+    line = one_line(res)
+    assert f"error: cannot reach the Ray cluster at 127.0.0.1:{port} (ray.address; Connection refused" in line
+    assert json.loads(res.stdout)["error"]["kind"] == "ray"
+    assert took < 25, took
+    assert not store.exists()  # the lock it took first is gone, and the directories made for it
+    with pytest.raises(RayUnreachableError, match=f"ray://127.0.0.1:{port} \\(RAY_ADDRESS"):
+        check_reachable(f"ray://127.0.0.1:{port}", "RAY_ADDRESS", 0.5)
+    for other in ("auto", "local", "http://127.0.0.1:1", "head-node"):  # Ray's to resolve
+        check_reachable(other, "ray.address", 0.5)
+    TALLY.record("Ray cluster unreachable", 1, 0)
+
+
+@pytest.mark.faults
 def test_a_missing_bucket_is_named(s3_server):
     res = cli("store", "info", "s3://no-such-bucket/store", env={"AWS_ENDPOINT_URL": s3_server.endpoint})
     line = one_line(res)

@@ -13,26 +13,15 @@ wait at most botocore's ``connect_timeout`` per attempt. Transient errors after 
 from __future__ import annotations
 
 import os
-import socket
 import threading
-import time
 from typing import Any
 from urllib.parse import urlsplit
 
-from radio_dist.store.errors import ObjectStoreError, StoreError
+from radio_dist.config import CONNECT_TIMEOUT_ENV, connect_timeout_s, wait_for_port
+from radio_dist.store.errors import ObjectStoreError
 
-CONNECT_TIMEOUT_ENV = "RADIO_DIST_CONNECT_TIMEOUT_S"
-DEFAULT_CONNECT_TIMEOUT_S = 20.0
 _checked: set[tuple[str, str, str]] = set()
 _lock = threading.Lock()
-
-
-def connect_timeout_s() -> float:
-    raw = os.environ.get(CONNECT_TIMEOUT_ENV, "")
-    try:
-        return float(raw) if raw else DEFAULT_CONNECT_TIMEOUT_S
-    except ValueError:
-        raise StoreError(f"{CONNECT_TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
 
 
 def endpoint_of(options: dict[str, Any]) -> str:
@@ -69,22 +58,15 @@ def wait_reachable(endpoint: str, url: str, bound_s: float) -> None:
     parts = urlsplit(endpoint)
     host = parts.hostname or endpoint
     port = parts.port or (443 if parts.scheme == "https" else 80)
-    deadline = time.monotonic() + bound_s
-    while True:
-        left = deadline - time.monotonic()
-        try:
-            with socket.create_connection((host, port), timeout=max(0.1, min(5.0, left))):
-                return
-        except OSError as e:
-            if time.monotonic() + 1.0 > deadline:
-                raise ObjectStoreError(
-                    "s3-unreachable",
-                    f"cannot reach the object store endpoint {endpoint} of {url} ({e.strerror or e}; tried for "
-                    f"{bound_s:.0f} s): check the endpoint URL (storage_options.client_kwargs.endpoint_url or "
-                    f"AWS_ENDPOINT_URL), that the server is up, and the network; {CONNECT_TIMEOUT_ENV} sets how "
-                    "long to wait",
-                ) from None
-            time.sleep(1.0)
+    e = wait_for_port(host, port, bound_s)
+    if e is not None:
+        raise ObjectStoreError(
+            "s3-unreachable",
+            f"cannot reach the object store endpoint {endpoint} of {url} ({e.strerror or e}; tried for "
+            f"{bound_s:.0f} s): check the endpoint URL (storage_options.client_kwargs.endpoint_url or "
+            f"AWS_ENDPOINT_URL), that the server is up, and the network; {CONNECT_TIMEOUT_ENV} sets how "
+            "long to wait",
+        ) from None
 
 
 def check_object_store(fs: Any, url: str, root: str, options: dict[str, Any]) -> None:
