@@ -366,13 +366,14 @@ def test_access_denied_by_the_server_is_named(tmp_path):
 
 
 # -- a full file system ----------------------------------------------------------------------------------------
-@pytest.mark.slow  # ~1.5 min: two caching runs
+@pytest.mark.slow  # ~2 min: three caching runs and a refused one
 @pytest.mark.faults
 @pytest.mark.skipif(not can_mount(), reason="needs root to mount a size-limited tmpfs (the real fault)")
 def test_a_full_disk_mid_run_is_one_line_leaves_nothing_and_the_rerun_completes(tmp_path):
     """The store on a size-limited tmpfs that fills up while shards are written: one line naming the file
     system's path, no temporary file or partial shard left, committed shards intact; after the disk is grown
-    the same command completes with every image exactly once."""
+    the same command completes with every image exactly once. Then the file system is remounted read-only:
+    one line, every file unchanged; writable again, the rerun finds all 13 committed."""
     # PHI-S of the two sample teachers take ~52.5 MB: 55 MB leaves room for about one 4-image shard
     with tmpfs(tmp_path / "mnt", "size=55m") as mnt:
         store = mnt / "store"
@@ -394,7 +395,17 @@ def test_a_full_disk_mid_run_is_one_line_leaves_nothing_and_the_rerun_completes(
         assert len(ids) == len(set(ids)) == 13  # the 13 sample photos, each exactly once
         verify = cli("store", "verify", str(store))
         assert verify.returncode == 0, verify.stdout + verify.stderr
+        # the same file system read-only now: one line, nothing changed; writable again, the rerun is a no-op
+        done = {p: p.read_bytes() for p in store.rglob("*") if p.is_file()}
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+        line = one_line(cli(*args, env={"RADIO_DIST_LOG_DIR": str(tmp_path / "logs")}))
+        assert line.startswith(f"error: {store}/locks/") and "is on a read-only file system" in line, line
+        subprocess.run(["mount", "-o", "remount,rw", str(mnt)], check=True)
+        assert {p: p.read_bytes() for p in store.rglob("*") if p.is_file()} == done
+        last = cli(*args, "--json")
+        assert last.returncode == 0 and json.loads(last.stdout)["skipped"] == 13, last.stderr[-3000:]
     TALLY.record("disk full (caching job, CLI)", 1, len(ids), 13 - len(set(ids)), len(ids) - len(set(ids)))
+    TALLY.record("read-only file system / permission denied", 1, 13)
 
 
 @pytest.mark.faults
