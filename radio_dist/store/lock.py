@@ -125,7 +125,10 @@ class WriterLock:
         if info is not None and info.get("owner") == self.owner:
             self.store.fs.rm_file(self.store.path(LOCK_REL))
         if self.store.is_local and not self.store.exists():  # a job that stopped before creating the store
-            for d in (os.path.dirname(self.store.path(LOCK_REL)), self.store.path("")):  # leaves no empty dirs
+            for d in (
+                os.path.dirname(self.store.path(LOCK_REL)),
+                self.store.path(""),
+            ):  # leaves no empty dirs
                 with contextlib.suppress(OSError):
                     os.rmdir(d)
 

@@ -93,6 +93,7 @@ def test_refuses_a_store_that_does_not_match(store_url, tmp_path):
         prepare_run(DistillConfig.model_validate({**cfg.model_dump(), "partitions": ["mid"]}))
 
 
+@pytest.mark.slow  # ~1 min; the default run has the relaunch chain (stop, other settings, resume)
 @pytest.mark.faults
 def test_killed_worker_resumes_and_sees_every_sample_once(ray_local, store_url, tmp_path):
     """Two workers; one is SIGKILLed mid-epoch; Ray Train restarts both from the last checkpoint. The ViT
