@@ -29,6 +29,7 @@ class WriterLock:
     def __init__(self, store: FeatureStore, job: str = "cache-teachers", ttl_s: float = 120.0) -> None:
         self.store, self.job, self.ttl_s = store, job, ttl_s
         self.owner = uuid.uuid4().hex
+        self._made: list[str] = []  # local folders the lock created (the store's, its locks/)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -43,6 +44,8 @@ class WriterLock:
         path = self.store.path(LOCK_REL)
         data = self._record()
         if self.store.is_local:
+            folders = [os.path.dirname(path), self.store.path("")]
+            self._made = [d for d in folders if not os.path.isdir(d)]  # removed again if no store came of it
             os.makedirs(os.path.dirname(path), exist_ok=True)
             try:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -125,10 +128,7 @@ class WriterLock:
         if info is not None and info.get("owner") == self.owner:
             self.store.fs.rm_file(self.store.path(LOCK_REL))
         if self.store.is_local and not self.store.exists():  # a job that stopped before creating the store
-            for d in (
-                os.path.dirname(self.store.path(LOCK_REL)),
-                self.store.path(""),
-            ):  # leaves no empty dirs
+            for d in self._made:  # leaves no directory it made (only empty ones go)
                 with contextlib.suppress(OSError):
                     os.rmdir(d)
 

@@ -259,6 +259,25 @@ class TestS3Store(StoreConformance):
         return FeatureStore(s3_server.url("store"), s3_server.storage_options())
 
 
+def test_a_job_that_stops_before_creating_its_store_leaves_no_folder_it_made(tmp_path):
+    """The writer lock comes first (a second job is refused before anything): released with no store made, it
+    removes the folders it created, and only those."""
+    with WriterLock(FeatureStore(str(tmp_path / "new" / "store"))):
+        assert (tmp_path / "new" / "store" / "locks").is_dir()
+    assert (
+        not (tmp_path / "new" / "store").exists() and (tmp_path / "new").is_dir()
+    )  # the parent: not its own
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    with WriterLock(FeatureStore(str(mine))):
+        pass
+    assert mine.is_dir() and not list(mine.iterdir())  # the user's folder stays, without a locks/ in it
+    store = prepared(FeatureStore(str(tmp_path / "real")))
+    with WriterLock(store):
+        pass
+    assert (tmp_path / "real" / "locks").is_dir()  # a store that exists keeps its layout
+
+
 @pytest.mark.faults
 def test_sigkill_mid_write_leaves_only_whole_shards(tmp_path):
     """A writer killed at arbitrary moments never leaves a partial shard visible to readers; the resumed
