@@ -76,15 +76,11 @@ def _own(e: BaseException) -> Explained | None:
             # input (its kind says which: s3-access, ...)
             kind = str(getattr(e, "kind", kind))
             return Explained(kind, _own_text(e), 1 if kind.startswith("s3-") else 2)
-    # by name: these live in modules that import torch and Ray, which a failing CLI need not load
-    mro = {c.__name__ for c in type(e).__mro__}
-    for name, kind in (
-        ("NonFiniteError", "training"),
-        ("CheckpointContentError", "checkpoint"),
-        ("RayUnreachableError", "ray"),
-    ):
-        if name in mro:
-            return Explained(kind, _own_text(e))
+    # the rest by name (OWN_NAMES): they live in modules that import torch and Ray, which a failing CLI need not load
+    for c in type(e).__mro__:
+        named = OWN_NAMES.get(c.__name__)
+        if named is not None:
+            return Explained(named, _own_text(e), 2 if named in INPUT_KINDS else 1)
     return None
 
 

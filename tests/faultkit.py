@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from synthetic import PARTS, TEACHERS, expected_checksums, prepared, write_missing
+from synthetic import PARTS, TEACHERS, expected_checksums, plan, prepared, write_missing
 
 from radio_dist.store import FeatureStore, WriterLock, verify_store
 
@@ -99,8 +99,6 @@ def check_rows(store: FeatureStore, expected: dict[str, str]) -> tuple[int, int,
 def resume_writing(url: str, options: dict[str, Any] | None, n_shards: int) -> None:
     """A caching job in miniature: open (or create) the store, take the writer lock (a killed writer's is
     taken over), write every shard of ``synthetic.plan(n_shards)`` not yet committed."""
-    from synthetic import plan
-
     store = FeatureStore(url, options)
     if not store.exists() or not store.has_phis():
         prepared(store)
@@ -125,8 +123,6 @@ def writer_context() -> multiprocessing.context.BaseContext:
 
 
 def expected_rows(n_shards: int) -> dict[str, str]:
-    from synthetic import plan
-
     return expected_checksums(plan(n_shards))
 
 
