@@ -8,9 +8,12 @@ with random targets; ``write_synthetic_store`` is the small-store shorthand the 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from radio_dist.phis import Moments, fit_phis
 from radio_dist.store import FeatureStore, OutputShapes, ShardWriter, TeacherRecord, array_key, image_key
+from radio_dist.store.codecs import Fidelity, get_codec
+from radio_dist.store.manifest import scale_key
 
 DEMO_TEACHERS: dict[str, tuple[int, int, int | None]] = {
     "effnet_lite0": (7, 1280, 1280),
@@ -25,12 +28,14 @@ def write_random_store(
     px: int | dict[str, int],
     errors_per_shard: int = 0,
     seed: int = 7,
+    codec: str = "fp16",
 ) -> dict[str, list[str]]:
     """A real Zarr/Parquet store with random targets (no teacher runs) — same layout and bytes as a cached one.
 
     ``teachers`` maps name -> (grid, dense_dim, summary_dim | None), the grid at the smallest partition;
     ``px`` is the view size of one partition ``low`` or a mapping partition -> px (each partition's grid
-    scales with its size, as a teacher's does). Returns {shard: ok ids in array order}.
+    scales with its size, as a teacher's does); ``codec`` stores every teacher's targets (with their fidelity,
+    as a caching job records it). Returns {shard: ok ids in array order}.
     """
     partitions = {"low": px} if isinstance(px, int) else dict(px)
     smallest = min(partitions.values())
@@ -38,7 +43,15 @@ def write_random_store(
     store = FeatureStore(url)
     store.init_or_check(
         partitions,
-        {t: TeacherRecord(fingerprint=f"fp-{t}", family="synthetic", spec={"name": t}) for t in teachers},
+        {
+            t: TeacherRecord(
+                fingerprint=f"fp-{t}",
+                family="synthetic",
+                spec={"name": t},
+                codecs={p: codec for p in partitions} if codec != "fp16" else {},
+            )
+            for t in teachers
+        },
     )
     rng = np.random.default_rng(seed)
     for t, (_, dim, sdim) in teachers.items():
@@ -75,8 +88,13 @@ def write_random_store(
                 w.add_array(image_key(p), r.integers(0, 255, (len(ok), s_px, s_px, 3), dtype=np.uint8))
                 for t, (_, dim, sdim) in teachers.items():
                     g = grids[t][p]
-                    dense = r.standard_normal((len(ok), g, g, dim), dtype=np.float32).astype(np.float16)
-                    w.add_array(array_key(t, p, "dense"), dense)
+                    dense = torch.from_numpy(r.standard_normal((len(ok), g, g, dim), dtype=np.float32))
+                    codes, scales = get_codec(codec).encode(dense)
+                    w.add_array(array_key(t, p, "dense"), codes.numpy())
+                    if scales is not None:
+                        w.add_array(scale_key(t, p), scales.numpy())
+                    decoded = get_codec(codec).decode(codes, scales)
+                    w.add_fidelity(t, p, codec, "float", Fidelity.measure(dense, decoded))
                     if sdim:
                         summary = r.standard_normal((len(ok), sdim), dtype=np.float32)
                         w.add_array(array_key(t, p, "summary"), summary)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from radio_dist.config import StrictModel
 from radio_dist.ray_setup import RayConfig
 from radio_dist.sources import SourceConfig
 from radio_dist.store import StoreConfig
+from radio_dist.store.codecs import UnknownCodecError, get_codec
 from radio_dist.teacher import TeacherSpec, preset_spec
 
 DEFAULT_TEACHERS = ("efficientnet_lite0", "mobilenet_v2")
@@ -54,6 +55,44 @@ class CacheJobConfig(StrictModel):
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig, description="Views and batching.")
     phis: PhisConfig = Field(default_factory=PhisConfig, description="PHI-S fitting.")
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster connection.")
+    codecs: dict[str, str | dict[str, str]] = Field(
+        default_factory=lambda: dict[str, str | dict[str, str]](default="fp16"),
+        description="How dense targets are stored: `default` for every teacher, then per teacher a codec or "
+        "{partition: codec}; codecs fp16 | int8 (per-token scale) | nf4 (4-bit, a scale per 64 channels; "
+        "nf4-g32 / nf4-g128 for other groups). E.g. {default: int8, dinov3: {high: nf4}}.",
+    )
+
+    @model_validator(mode="after")
+    def _codecs_ok(self) -> CacheJobConfig:
+        names = {t.name for t in self.teachers}
+        for key, choice in self.codecs.items():
+            if key != "default" and key not in names:
+                raise ValueError(
+                    f"codecs: {key!r} is not a teacher of this job (teachers: {sorted(names)}; or default)"
+                )
+            if key == "default" and not isinstance(choice, str):
+                raise ValueError("codecs.default must be one codec name (e.g. fp16), not a mapping")
+            per_part = {"*": choice} if isinstance(choice, str) else choice
+            for part, name in per_part.items():
+                if part != "*" and part not in self.pipeline.partitions:
+                    raise ValueError(
+                        f"codecs.{key}: partition {part!r} is not one of the job's ({sorted(self.pipeline.partitions)})"
+                    )
+                try:
+                    get_codec(name)
+                except UnknownCodecError as e:
+                    raise ValueError(f"codecs.{key}: {e}") from None
+        return self
+
+    def codec_name(self, teacher: str, partition: str) -> str:
+        """The codec a teacher's dense targets at ``partition`` are stored with."""
+        choice = self.codecs.get(teacher)
+        if isinstance(choice, dict) and partition in choice:
+            return choice[partition]
+        if isinstance(choice, str):
+            return choice
+        default = self.codecs.get("default", "fp16")
+        return default if isinstance(default, str) else "fp16"
 
     @field_validator("teachers")
     @classmethod

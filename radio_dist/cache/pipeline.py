@@ -31,13 +31,14 @@ from radio_dist.cache.stages import (
     actor_threads,
     column,
     moments_stage,
+    teacher_partitions,
 )
 from radio_dist.config import ConfigError
 from radio_dist.phis import Moments, PhiS, angular_dispersion, fit_phis
 from radio_dist.ray_setup import configure_data, init_ray
 from radio_dist.sources import SourceError, SourceItem, list_items
 from radio_dist.store import FeatureStore, OutputShapes, TeacherRecord, WriterLock
-from radio_dist.teacher import TeacherSpec, fingerprint
+from radio_dist.teacher import fingerprint
 
 ProgressFn = Callable[[str, dict[str, Any]], None]
 
@@ -75,10 +76,23 @@ class CacheSummary:
         return {**asdict(self), "images_per_s": self.images_per_s}
 
 
-def teacher_records(specs: list[TeacherSpec]) -> dict[str, TeacherRecord]:
-    """name -> its record (fingerprint, family, spec): what the store records and later checks against."""
+def teacher_records(cfg: CacheJobConfig) -> dict[str, TeacherRecord]:
+    """name -> its record (fingerprint, family, spec, codec per partition): what the store records and later
+    checks against."""
+    codecs = job_codecs(cfg)
     return {
-        s.name: TeacherRecord(fingerprint=fingerprint(s), family=s.family, spec=s.identity()) for s in specs
+        s.name: TeacherRecord(
+            fingerprint=fingerprint(s), family=s.family, spec=s.identity(), codecs=codecs[s.name]
+        )
+        for s in cfg.teachers
+    }
+
+
+def job_codecs(cfg: CacheJobConfig) -> dict[str, dict[str, str]]:
+    """teacher -> partition it runs on -> codec name."""
+    return {
+        s.name: {p: cfg.codec_name(s.name, p) for p in teacher_partitions(s, cfg.pipeline.partitions)}
+        for s in cfg.teachers
     }
 
 
@@ -110,6 +124,7 @@ def _teacher_stages(ds: Any, cfg: CacheJobConfig, normalize: bool, images: int) 
                 "spec": spec,
                 "partitions": cfg.pipeline.partitions,
                 "store": cfg.store if normalize else None,
+                "codecs": job_codecs(cfg)[spec.name],
             },
             batch_size=rt.batch_size,
             batch_format="numpy",
@@ -143,7 +158,7 @@ def _write(ds: Any, cfg: CacheJobConfig, summary: CacheSummary, progress: Progre
     first: float | None = None
     names = [t.name for t in cfg.teachers]
     out = ds.map_batches(
-        WriteStage(cfg.store, names, list(cfg.pipeline.partitions)),
+        WriteStage(cfg.store, names, list(cfg.pipeline.partitions), job_codecs(cfg)),
         batch_size=cfg.store.shard_size,
         batch_format="numpy",
         compute=ray.data.TaskPoolStrategy(),
@@ -236,7 +251,7 @@ def _run_cache(cfg: CacheJobConfig, store: FeatureStore, progress: ProgressFn | 
     summary = CacheSummary()
     init_ray(cfg.ray)
     check_resources(cfg, progress)  # before the store is touched: a refused job leaves it as it was
-    store.init_or_check(cfg.pipeline.partitions, teacher_records(cfg.teachers), cfg.source.resample.value)
+    store.init_or_check(cfg.pipeline.partitions, teacher_records(cfg), cfg.source.resample.value)
 
     items: list[SourceItem] = list_items(cfg.source)
     summary.listed = len(items)
@@ -278,7 +293,10 @@ def _run_cache(cfg: CacheJobConfig, store: FeatureStore, progress: ProgressFn | 
         phis = _fit_phis(ds_fit, cfg, store, progress)
         summary.phis_fitted = True
         norm = ds_fit.map_batches(
-            NormalizeStage(phis), batch_size=64, batch_format="numpy", compute=ray.data.TaskPoolStrategy()
+            NormalizeStage(phis, job_codecs(cfg)),
+            batch_size=64,
+            batch_format="numpy",
+            compute=ray.data.TaskPoolStrategy(),
         )
         _write(norm, cfg, summary, progress)
     t2 = time.perf_counter()

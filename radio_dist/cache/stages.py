@@ -4,7 +4,8 @@
    error rows.
 2. ``DecodeStage`` (tasks): read + decode + one canonical square view per partition; bad input -> error row.
 3. ``TeacherStage`` (one actor pool per teacher): model loaded once per actor, inference mode; dense targets
-   PHI-S-normalized in the actor and cast to fp16, summaries kept raw.
+   PHI-S-normalized and encoded in the actor (the job's codec per partition: fp16, int8 or nf4 codes + scales),
+   with the fidelity of each image's codes to its float targets measured there; summaries kept raw.
 4. ``WriteStage`` (tasks): ``shard_size`` rows -> one immutable Zarr shard + its manifest part (the commit).
 
 ``NormalizeStage`` and ``moments_stage`` serve the one-time PHI-S fit sample. A teacher actor imports this
@@ -22,6 +23,8 @@ import torch
 from radio_dist.phis import Moments, PhiS
 from radio_dist.sources import ImageError, SourceConfig, canonical_view, decode_image, image_id, read_bytes
 from radio_dist.store import FeatureStore, ShardWriter, StoreConfig, array_key, image_key
+from radio_dist.store.codecs import NBINS, Fidelity, TargetCodec, get_codec
+from radio_dist.store.manifest import scale_key
 from radio_dist.teacher import TeacherSpec, create_teacher
 
 
@@ -131,16 +134,37 @@ class DecodeStage:
         return out
 
 
-def phis_targets(phis: PhiS, dense: torch.Tensor) -> torch.Tensor:
-    """Raw teacher features -> stored targets: PHI-S space, clamped to the fp16 range, fp16."""
-    return cast(torch.Tensor, phis.forward(dense)).clamp_(-65000, 65000).half()
+FIDELITY_WIDTH = 4 + NBINS  # Fidelity.to_vector()
+
+
+def encode_targets(
+    phis: PhiS, codec: TargetCodec, dense: torch.Tensor
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Raw teacher features [n, h, w, C] -> (codes, scales or None, fidelity [n, FIDELITY_WIDTH]): PHI-S space,
+    encoded by ``codec``, each image's decoded targets measured against its float PHI-S targets."""
+    y = cast(torch.Tensor, phis.forward(dense))
+    codes, scale = codec.encode(y)
+    decoded = codec.decode(codes, scale)
+    fid = (
+        np.stack([Fidelity.measure(y[i], decoded[i]).to_vector() for i in range(y.shape[0])])
+        if len(y)
+        else (np.zeros((0, FIDELITY_WIDTH)))
+    )
+    return codes.cpu().numpy(), None if scale is None else scale.cpu().numpy(), fid
 
 
 class TeacherStage:
     """Actor UDF: one teacher, loaded once; adds its dense (+ summary) columns for every partition."""
 
-    def __init__(self, spec: TeacherSpec, partitions: dict[str, int], store: StoreConfig | None) -> None:
-        """``store`` given: normalize with the store's PHI-S (read here, not shipped through Ray)."""
+    def __init__(
+        self,
+        spec: TeacherSpec,
+        partitions: dict[str, int],
+        store: StoreConfig | None,
+        codecs: dict[str, str] | None = None,
+    ) -> None:
+        """``store`` given: normalize with the store's PHI-S (read here, not shipped through Ray) and encode with
+        ``codecs`` (partition -> codec name, default fp16)."""
         self.threads = actor_threads(spec)
         torch.set_num_threads(self.threads)
         self.teacher = create_teacher(spec, teacher_device(spec))
@@ -148,6 +172,7 @@ class TeacherStage:
         self.partitions = teacher_partitions(spec, partitions)
         self.sizes = partitions
         self.phis = FeatureStore.from_config(store).phis(spec.name) if store is not None else None
+        self.codecs = {p: get_codec((codecs or {}).get(p, "fp16")) for p in self.partitions}
         # Output shapes per partition from one probe forward (not counted), so an all-error batch still
         # yields columns of the right shape and dtype.
         self.shapes: dict[str, tuple[tuple[int, ...], int | None]] = {}
@@ -160,6 +185,7 @@ class TeacherStage:
                 tuple(out.dense.shape[1:]),
                 None if out.summary is None else out.summary.shape[1],
             )
+            self.codecs[p].check_dim(int(out.dense.shape[-1]), f"teacher {spec.name!r}, partition {p!r}")
         self.teacher.forward_images = self.teacher.forward_calls = self.teacher.model_inputs = 0
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -170,22 +196,36 @@ class TeacherStage:
         n = len(ok)
         name = self.spec.name
         before_i, before_c = self.teacher.forward_images, self.teacher.forward_calls
-        dtype = np.float16 if self.phis is not None else np.float32
         for p in self.partitions:
             dshape, sdim = self.shapes[p]
-            dense_out = np.zeros((n, *dshape), dtype)
+            codec = self.codecs[p]
+            encoded = self.phis is not None
+            dense_out = np.zeros(
+                (n, *(codec.code_shape(dshape) if encoded else dshape)),
+                codec.code_dtype if encoded else np.float32,
+            )
+            scale_shape = codec.scale_shape(dshape) if encoded else None
+            scale_out = np.zeros((n, *scale_shape), np.float16) if scale_shape is not None else None
+            fid_out = np.zeros((n, FIDELITY_WIDTH)) if encoded else None
             summ_out = np.zeros((n, sdim), np.float32) if sdim is not None else None
             inputs_before = self.teacher.model_inputs
             if ok.any():
                 res = self.teacher.input_resolution(p, self.sizes[p])
                 out = self.teacher(np.asarray(batch[column("img", p)])[ok], resolution=res)
-                dense = out.dense
-                dense_out[ok] = (
-                    (phis_targets(self.phis, dense) if self.phis is not None else dense).cpu().numpy()
-                )
+                if self.phis is not None and fid_out is not None:
+                    codes, scale, fid = encode_targets(self.phis, codec, out.dense)
+                    dense_out[ok], fid_out[ok] = codes, fid
+                    if scale_out is not None:
+                        scale_out[ok] = scale
+                else:
+                    dense_out[ok] = out.dense.cpu().numpy()
                 if summ_out is not None and out.summary is not None:
                     summ_out[ok] = out.summary.cpu().numpy()
             batch[column("dense", name, p)] = dense_out
+            if scale_out is not None:
+                batch[column("dscale", name, p)] = scale_out
+            if fid_out is not None:
+                batch[column("fid", name, p)] = fid_out
             if summ_out is not None:
                 batch[column("summary", name, p)] = summ_out
             fw_inputs = np.zeros(n, np.int64)
@@ -201,17 +241,34 @@ class TeacherStage:
 
 
 class NormalizeStage:
-    """PHI-S-normalize raw dense columns (only used for the fit sample, which ran unnormalized)."""
+    """PHI-S-normalize and encode raw dense columns (only used for the fit sample, which ran unnormalized)."""
 
-    def __init__(self, phis: dict[str, PhiS]) -> None:
+    def __init__(self, phis: dict[str, PhiS], codecs: dict[str, dict[str, str]]) -> None:
+        """``codecs``: teacher -> partition -> codec name."""
         self.phis = phis
+        self.codecs = codecs
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        ok = np.asarray(batch["status"]) == "ok"
         for key in list(batch):
             if key.startswith("dense__"):
-                teacher = key.split("__")[1]
-                raw = torch.from_numpy(np.array(batch[key], np.float32))
-                batch[key] = phis_targets(self.phis[teacher], raw).numpy()
+                _, teacher, p = key.split("__")
+                codec = get_codec(self.codecs[teacher][p])
+                raw = np.asarray(batch[key], np.float32)
+                dshape = tuple(raw.shape[1:])
+                dense_out = np.zeros((len(ok), *codec.code_shape(dshape)), codec.code_dtype)
+                fid_out = np.zeros((len(ok), FIDELITY_WIDTH))
+                scale_shape = codec.scale_shape(dshape)
+                scale_out = np.zeros((len(ok), *scale_shape), np.float16) if scale_shape is not None else None
+                if ok.any():
+                    codes, scale, fid = encode_targets(self.phis[teacher], codec, torch.from_numpy(raw[ok]))
+                    dense_out[ok], fid_out[ok] = codes, fid
+                    if scale_out is not None:
+                        scale_out[ok] = scale
+                batch[key] = dense_out
+                batch[column("fid", teacher, p)] = fid_out
+                if scale_out is not None:
+                    batch[column("dscale", teacher, p)] = scale_out
         return batch
 
 
@@ -236,11 +293,19 @@ def moments_stage(batch: dict[str, Any]) -> dict[str, Any]:
 class WriteStage:
     """Task UDF: a batch of ``shard_size`` rows becomes one committed shard; returns one stats row."""
 
-    def __init__(self, store: StoreConfig, teachers: list[str], partitions: list[str]) -> None:
+    def __init__(
+        self,
+        store: StoreConfig,
+        teachers: list[str],
+        partitions: list[str],
+        codecs: dict[str, dict[str, str]],
+    ) -> None:
+        """``codecs``: teacher -> partition -> codec name (recorded with each shard's fidelity)."""
         self.store = FeatureStore.from_config(store)
         self.chunk_bytes = store.chunk_bytes
         self.teachers = teachers
         self.partitions = partitions
+        self.codecs = codecs
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         status = np.asarray(batch["status"])
@@ -269,6 +334,11 @@ class WriteStage:
                             col = column(kind, t, p)
                             if col in batch:
                                 w.add_array(array_key(t, p, kind), np.asarray(batch[col])[ok])
+                        if column("dscale", t, p) in batch:
+                            w.add_array(scale_key(t, p), np.asarray(batch[column("dscale", t, p)])[ok])
+                        if column("fid", t, p) in batch:
+                            vec = np.asarray(batch[column("fid", t, p)])[ok].sum(axis=0)
+                            w.add_fidelity(t, p, self.codecs[t][p], "float", Fidelity.from_vector(vec))
             w.add_rows(rows)
         res = w.result
         assert res is not None

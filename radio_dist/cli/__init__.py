@@ -7,6 +7,7 @@ radio-dist teachers list
 radio-dist store info ./store [--json]
 radio-dist store verify ./store
 radio-dist store gc ./store [--dry-run]
+radio-dist store recode ./store ./store-nf4 --codec nf4          # re-encode targets, no teacher runs again
 radio-dist bench cache --json
 radio-dist distill --store ./store --out ./runs/demo            # C-RADIO + 2 smaller students, local Ray Train
 radio-dist distill --config jobs/configs/distill_sample.yaml --set train.epochs=4
@@ -51,6 +52,7 @@ teachers_app.command("list")(cache.teachers_list)
 store_app.command("info")(store.store_info_cmd)
 store_app.command("verify")(store.store_verify_cmd)
 store_app.command("gc")(store.store_gc_cmd)
+store_app.command("recode")(store.store_recode_cmd)
 app.command("distill")(train.distill_cmd)
 app.command("eval")(train.eval_cmd)
 featsharp_app.command("train")(featsharp.featsharp_train_cmd)

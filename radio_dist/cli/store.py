@@ -51,6 +51,18 @@ def store_info_cmd(store: StoreArg, as_json: JsonOpt = False) -> None:
             f"{ti['family']} {ti['fingerprint'][:12]}  {shapes}  "
             f"PHI-S {ti['phis_rotation']}  disp {fmt(ti['summary_dispersion'])}",
         )
+        for p, tg in ti["targets"].items():
+            fid = tg["fidelity"]
+            measured = (
+                f"cos mean {fid['cos_mean']:.5f}, p1 {fid['cos_p1']:.5f}, rel MSE {fid['rel_mse']:.1e} "
+                f"(vs {fid['against']}, {fid['tokens']} tokens)"
+                if fid
+                else "fidelity not recorded"
+            )
+            t.add_row(
+                f"  {name} {p} targets",
+                f"{tg['codec']}: {tg['dense_bytes_per_image'] / 1e3:.1f} kB/image ({tg['vs_fp16']:.3f}x fp16); {measured}",
+            )
     t.add_row("bytes per image", f"{info['bytes_per_image'] / 1e3:.1f} kB")
     t.add_row("bytes total", f"{info['bytes_total'] / 1e6:.2f} MB")
     out.print(t)
@@ -103,4 +115,66 @@ def store_gc_cmd(
     n = len(report["orphan_shards"]) + len(report["temp_files"])
     out.print(
         f"{verb} {n} item(s), {report['bytes'] / 1e6:.1f} MB" if n else "nothing to remove", highlight=False
+    )
+
+
+def store_recode_cmd(
+    src: Annotated[str, typer.Argument(help="The store to read (local path or s3://).")],
+    dst: Annotated[str, typer.Argument(help="The store to write (new, or one an earlier recode started).")],
+    codec: Annotated[
+        list[str],
+        typer.Option(
+            "--codec",
+            help="CODEC for every target, TEACHER=CODEC, or TEACHER.PARTITION=CODEC (repeat; later ones win). "
+            "Codecs: fp16, int8, nf4, nf4-g32, nf4-g128.",
+        ),
+    ],
+    workers: Annotated[int, typer.Option(min=1, help="Shards recoded at once.")] = 2,
+    as_json: JsonOpt = False,
+) -> None:
+    """Re-encode a store's dense targets into a new store, without running the teachers; resumable."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from radio_dist.store import FeatureStore
+    from radio_dist.store.codecs import UnknownCodecError
+    from radio_dist.store.recode import parse_codec_choices, recode_store
+
+    source = open_store(src)
+    try:
+        choices = parse_codec_choices(codec, source.meta())
+    except UnknownCodecError as e:
+        fail(f"--codec: {e}")
+    bar = Progress(
+        TextColumn("[bold]recoding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err
+    )
+    task = None
+
+    def on_event(kind: str, ev: dict[str, Any]) -> None:
+        nonlocal task
+        if kind == "todo":
+            err.print(f"shards to recode: {ev['todo']} (already in {dst}: {ev['skipped']})", highlight=False)
+            if ev["todo"] and not as_json:
+                bar.start()
+                task = bar.add_task("recode", total=ev["todo"])
+        elif kind == "shard" and task is not None:
+            bar.update(task, completed=ev["written"])
+
+    try:
+        summary = recode_store(source, FeatureStore(dst), choices, workers=workers, progress=on_event)
+    except UnknownCodecError as e:  # a codec that cannot hold a teacher's channels
+        fail(f"--codec: {e}")
+    finally:
+        bar.stop()
+    if as_json:
+        print(json.dumps(summary.to_dict(), indent=1))
+        return
+    if not summary.written:
+        out.print(f"nothing to recode: all {summary.skipped} shard(s) are in {dst}", highlight=False)
+        return
+    ratio = summary.bytes_dst / summary.bytes_src if summary.bytes_src else 0.0
+    out.print(
+        f"recoded {summary.written} shard(s) ({summary.rows} rows), {summary.skipped} already in {dst}; "
+        f"dense targets {summary.bytes_src / 1e6:.2f} MB -> {summary.bytes_dst / 1e6:.2f} MB ({ratio:.3f}x) "
+        f"in {summary.seconds:.1f} s; `radio-dist store info {dst}` shows the fidelity",
+        highlight=False,
     )

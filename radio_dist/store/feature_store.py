@@ -46,8 +46,9 @@ from pydantic import Field, ValidationError, field_validator
 from radio_dist.config import StrictModel, format_validation_error
 from radio_dist.phis import PhiS
 from radio_dist.store.chunks import array_names, chunk_keys, member, plain_layout
+from radio_dist.store.codecs import Fidelity, TargetCodec, UnknownCodecError, get_codec, load_fidelity
 from radio_dist.store.errors import StoreError, StoreMismatchError
-from radio_dist.store.manifest import MANIFEST_SCHEMA, array_key, shard_of_part
+from radio_dist.store.manifest import FIDELITY_KEY, MANIFEST_SCHEMA, array_key, scale_key, shard_of_part
 from radio_dist.store.preflight import check_object_store
 from radio_dist.store.records import FORMAT, OutputShapes, PhisRecord, StoreMeta, TeacherRecord
 
@@ -236,6 +237,14 @@ class FeatureStore:
                     f"teacher {name!r}: fingerprint {a} in the store, {b} for the job "
                     "(its spec or weights changed)"
                 )
+            for p in sorted(set(meta.teachers[name].codecs) | set(teachers[name].codecs)):
+                c_have, c_want = meta.teachers[name].codec_name(p), teachers[name].codec_name(p)
+                if c_have != c_want:
+                    problems.append(
+                        f"teacher {name!r}, partition {p!r}: targets stored as {c_have}, the job asks for {c_want} "
+                        f"(set codecs to {c_have} to add to this store, or write a new store from this one: "
+                        f"`radio-dist store recode {self.url} NEW --codec {name}.{p}={c_want}`)"
+                    )
         if problems:
             raise StoreMismatchError(
                 f"store {self.url} was built with other settings than this job:\n  - "
@@ -278,6 +287,35 @@ class FeatureStore:
         if record is None or record.phis is None:
             raise StoreError(f"{self.url}: no PHI-S parameters for teacher {teacher!r} yet")
         return PhiS.from_arrays(load(self.get(record.phis.file)))
+
+    def codec(self, teacher: str, partition: str, meta: StoreMeta | None = None) -> TargetCodec:
+        """The codec of a teacher's stored dense targets at one partition; one this version does not know is a
+        ``StoreError`` naming it."""
+        meta = meta or self.meta()
+        record = meta.teachers.get(teacher)
+        if record is None:
+            raise StoreError(
+                f"{self.url}: no teacher {teacher!r} in this store (it has {sorted(meta.teachers)})"
+            )
+        try:
+            return get_codec(record.codec_name(partition))
+        except UnknownCodecError as e:
+            raise StoreError(
+                f"{self.path('store.json')}: teacher {teacher!r}, partition {partition!r}: {e} — the store was written "
+                "by a newer radio-dist; read it with that version"
+            ) from None
+
+    def fidelity(self) -> dict[str, tuple[str, str, Fidelity]]:
+        """``teacher/partition`` -> (codec, what it was measured against, Fidelity), merged over every commit."""
+        merged: dict[str, tuple[str, str, Fidelity]] = {}
+        parts = self.manifest_parts()
+        for blob in (self.fs.cat(parts) if parts else {}).values():
+            metadata = pq.read_schema(io.BytesIO(blob)).metadata or {}
+            for key, (codec, against, fid) in load_fidelity(metadata.get(FIDELITY_KEY)).items():
+                if key in merged and merged[key][:2] == (codec, against):
+                    fid = merged[key][2].merge(fid)
+                merged[key] = (codec, against, fid)
+        return merged
 
     def has_phis(self) -> bool:
         return self.exists() and all(t.phis is not None for t in self.meta().teachers.values())
@@ -345,6 +383,10 @@ class FeatureStore:
                 blob = blobs.get(p, FileNotFoundError(p))
                 if isinstance(blob, FileNotFoundError):
                     chunks.append(None)  # Zarr does not write a chunk that is all fill value
+                elif isinstance(
+                    blob, PermissionError
+                ):  # the machine's problem, not the store's: told as such
+                    raise blob
                 elif isinstance(blob, BaseException):
                     raise StoreError(f"{self.url}: shard {shard}: reading {p} failed: {blob!r}") from blob
                 else:
@@ -363,14 +405,28 @@ class FeatureStore:
         """(dense [N,h,w,C] float32, summary [N,C] float32 | None) of a shard, in PHI-S or teacher space."""
         if space not in {"phis", "teacher"}:
             raise ValueError(f"space must be 'phis' or 'teacher', got {space!r}")
+        meta = self.meta()
+        codec = self.codec(teacher, partition, meta)
+        outputs = meta.teachers[teacher].outputs.get(partition)
+        if outputs is None:
+            raise StoreError(f"{self.url}: teacher {teacher!r} has no outputs for partition {partition!r}")
+        dkey, skey = array_key(teacher, partition, "dense"), array_key(teacher, partition, "summary")
         group = self.open_shard(shard)
-        dense = np.asarray(member(group, array_key(teacher, partition, "dense"))[...], dtype=np.float32)
-        skey = array_key(teacher, partition, "summary")
-        summary = (
-            np.asarray(member(group, skey)[...], dtype=np.float32) if skey in array_names(group) else None
-        )
+        names = set(array_names(group))
+        wanted = [k for k in (dkey, scale_key(teacher, partition), skey) if k in names]
+        if dkey not in names:
+            raise StoreError(f"{self.url}: shard {shard} has no array {dkey}; run `radio-dist store verify`")
+        arrays = self.read_shard(shard, wanted)
+        scale = arrays.get(scale_key(teacher, partition))
+        problem = codec_problem(codec, arrays[dkey], scale, tuple(outputs.dense))
+        if problem:
+            raise StoreError(f"{self.url}: shard {shard}, {dkey}: {problem}; run `radio-dist store verify`")
+        dense = codec.decode_numpy(arrays[dkey], scale)
+        summary = np.asarray(arrays[skey], dtype=np.float32) if skey in arrays else None
         if space == "teacher":
             dense = np.asarray(self.phis(teacher).inverse(dense), dtype=np.float32)
+        else:
+            dense = np.asarray(dense, dtype=np.float32)
         return dense, summary
 
     def shard_dirs(self) -> list[str]:
@@ -386,3 +442,24 @@ class FeatureStore:
     def nbytes(self, rel: str = "") -> int:
         path = self.fresh(self.path(rel) if rel else self.root)
         return int(self.fs.du(path)) if self.fs.exists(path) else 0
+
+
+def codec_problem(
+    codec: TargetCodec, codes: np.ndarray, scale: np.ndarray | None, dense: tuple[int, ...]
+) -> str | None:
+    """What keeps stored codes and scales from decoding to targets of row shape ``dense`` (``[h, w, C]``):
+    a wrong dtype or shape, or scales that do not match the codes; None when they fit."""
+    if codes.dtype != codec.code_dtype:
+        return f"codes are {codes.dtype}, codec {codec.name} stores {codec.code_dtype}"
+    if tuple(codes.shape[1:]) != codec.code_shape(tuple(dense)):
+        return f"codes have row shape {tuple(codes.shape[1:])}, {codec.code_shape(tuple(dense))} expected"
+    if not codec.has_scale:
+        return None
+    if scale is None:
+        return f"codec {codec.name} needs a scale array and there is none"
+    if scale.dtype != np.float16:
+        return f"scales are {scale.dtype}, float16 expected"
+    want = (codes.shape[0], *(codec.scale_shape(tuple(dense)) or ()))
+    if tuple(scale.shape) != want:
+        return f"scale array has shape {tuple(scale.shape)}, the codes need {want} (codec {codec.name})"
+    return None

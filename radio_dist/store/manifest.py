@@ -37,6 +37,16 @@ def array_key(teacher: str, partition: str, kind: str) -> str:
     return f"{teacher}/{partition}/{kind}"
 
 
+def scale_key(teacher: str, partition: str) -> str:
+    """The scales of a quantized codec, beside ``T/P/dense`` (its codes)."""
+    return f"{teacher}/{partition}/dense_scale"
+
+
+FIDELITY_KEY = (
+    b"radio_dist.fidelity"  # manifest part metadata: the fidelity of the shard's targets as written
+)
+
+
 def image_key(partition: str) -> str:
     return f"images/{partition}"
 

@@ -52,6 +52,14 @@ class TeacherRecord(StrictModel):
     phis: PhisRecord | None = Field(None, description="PHI-S parameters; None until the fit sample ran.")
     summary_dispersion: float | None = Field(None, description="Angular dispersion of the summaries.")
     outputs: dict[str, OutputShapes] = Field(default_factory=dict, description="Partition -> shapes.")
+    codecs: dict[str, str] = Field(
+        default_factory=dict,
+        description="Partition -> codec of the stored dense targets (fp16 | int8 | nf4[-gG]); a partition not "
+        "named (every partition of a store written before codecs existed) is fp16.",
+    )
+
+    def codec_name(self, partition: str) -> str:
+        return self.codecs.get(partition, "fp16")
 
 
 class StoreMeta(StrictModel):
@@ -65,5 +73,8 @@ class StoreMeta(StrictModel):
         description="How canonical views were resampled (source.resample); stores from before the setting "
         "existed used PIL's bicubic.",
     )
-    dense_dtype: str = Field("float16", description="dtype of the stored dense targets.")
+    dense_dtype: str = Field(
+        "float16",
+        description="Kept for stores of earlier versions; the teachers' `codecs` say how targets are stored.",
+    )
     teachers: dict[str, TeacherRecord] = Field(description="Teacher name -> record.")

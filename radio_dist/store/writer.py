@@ -23,8 +23,9 @@ import pyarrow.parquet as pq
 import zarr
 
 from radio_dist.store.chunks import consolidate, fill_group
+from radio_dist.store.codecs import Fidelity, dump_fidelity, fidelity_key
 from radio_dist.store.feature_store import FeatureStore
-from radio_dist.store.manifest import MANIFEST_SCHEMA, ROW_FIELDS, row_checksum, shard_id_for
+from radio_dist.store.manifest import FIDELITY_KEY, MANIFEST_SCHEMA, ROW_FIELDS, row_checksum, shard_id_for
 
 
 @dataclass
@@ -44,6 +45,7 @@ class ShardWriter:
         with ShardWriter(store, ids) as w:
             w.add_array("images/low", imgs)           # ok rows only, in ok-row order
             w.add_rows(rows)                          # every row (ok and error), manifest fields
+            w.add_fidelity("t1", "low", "int8", "float", fid)  # how close the stored codes are (optional)
     On an exception nothing is committed; an orphaned directory may remain and is ignored by readers.
     """
 
@@ -53,6 +55,7 @@ class ShardWriter:
         self.chunk_bytes = chunk_bytes
         self.arrays: dict[str, np.ndarray] = {}
         self.rows: list[dict[str, Any]] = []
+        self.fidelity: dict[str, tuple[str, str, Fidelity]] = {}
         self.result: ShardResult | None = None
 
     def __enter__(self) -> ShardWriter:
@@ -65,6 +68,11 @@ class ShardWriter:
 
     def add_rows(self, rows: list[dict[str, Any]]) -> None:
         self.rows.extend(rows)
+
+    def add_fidelity(self, teacher: str, partition: str, codec: str, against: str, fid: Fidelity) -> None:
+        """Record how close this shard's stored targets of (teacher, partition) are to ``against`` (``float``:
+        the teacher's float output in PHI-S space); committed with the shard, in its manifest part's metadata."""
+        self.fidelity[fidelity_key(teacher, partition)] = (codec, against, fid)
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is None:
@@ -100,7 +108,10 @@ class ShardWriter:
                 }
             )
             ok_i += int(is_ok)
-        table = pa.Table.from_pylist(table_rows, schema=MANIFEST_SCHEMA)
+        schema = MANIFEST_SCHEMA
+        if self.fidelity:
+            schema = schema.with_metadata({FIDELITY_KEY: dump_fidelity(self.fidelity)})
+        table = pa.Table.from_pylist(table_rows, schema=schema)
         buf = io.BytesIO()
         pq.write_table(table, buf)
         try:

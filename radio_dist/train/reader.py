@@ -28,6 +28,9 @@ from pydantic import Field
 
 from radio_dist.config import StrictModel
 from radio_dist.store import FeatureStore, StoreError, array_key, image_key
+from radio_dist.store.codecs import TargetCodec
+from radio_dist.store.feature_store import codec_problem
+from radio_dist.store.manifest import scale_key
 
 
 class ReaderConfig(StrictModel):
@@ -177,11 +180,13 @@ class Batch:
     images: np.ndarray  # uint8 [n, P, P, 3] canonical views of the partition
     dense: dict[
         str, np.ndarray
-    ]  # teacher -> [n, h, w, C] in PHI-S space, as stored (fp16): convert on device
+    ]  # teacher -> codes of [n, h, w, C] PHI-S targets, as stored: decode on device
     summary: dict[str, np.ndarray | None]  # teacher -> float32 [n, C] (raw teacher space) or None
     partition: str
     read_wait_s: float = 0.0  # time the consumer waited for this batch's data
     extra: dict[str, Any] = field(default_factory=dict)
+    dense_scale: dict[str, np.ndarray] = field(default_factory=dict)  # teacher -> scales (quantized codecs)
+    codecs: dict[str, TargetCodec] = field(default_factory=dict)  # teacher -> codec (absent: fp16 values)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -215,6 +220,8 @@ class ShardStream:
         self.shapes: dict[str, tuple[int, ...]] = {}  # row shape of every array read (for empty batches)
         self.dtypes: dict[str, Any] = {}
         self.summary_keys: dict[tuple[str, str], bool] = {}
+        self.codecs: dict[tuple[str, str], TargetCodec] = {}
+        self.dense_shapes: dict[tuple[str, str], tuple[int, ...]] = {}
         for p in self.partitions:
             px = int(meta.partitions[p])
             self.shapes[image_key(p)] = (px, px, 3)
@@ -223,8 +230,15 @@ class ShardStream:
                 outputs = meta.teachers[t].outputs.get(p)
                 if outputs is None:
                     raise StoreError(f"{store.url}: teacher {t!r} has no outputs for partition {p!r}")
-                self.shapes[array_key(t, p, "dense")] = tuple(outputs.dense)
-                self.dtypes[array_key(t, p, "dense")] = np.dtype(meta.dense_dtype)
+                codec = store.codec(t, p, meta)
+                self.codecs[(t, p)] = codec
+                self.dense_shapes[(t, p)] = tuple(outputs.dense)
+                self.shapes[array_key(t, p, "dense")] = codec.code_shape(tuple(outputs.dense))
+                self.dtypes[array_key(t, p, "dense")] = codec.code_dtype
+                sshape = codec.scale_shape(tuple(outputs.dense))
+                if sshape is not None:
+                    self.shapes[scale_key(t, p)] = sshape
+                    self.dtypes[scale_key(t, p)] = np.dtype(np.float16)
                 self.summary_keys[(t, p)] = bool(outputs.summary)
                 if outputs.summary:
                     self.shapes[array_key(t, p, "summary")] = tuple(outputs.summary)
@@ -235,6 +249,8 @@ class ShardStream:
             names.append(image_key(p))
             for t in self.teachers:
                 names.append(array_key(t, p, "dense"))
+                if self.codecs[(t, p)].has_scale:
+                    names.append(scale_key(t, p))
                 if self.summary_keys[(t, p)]:
                     names.append(array_key(t, p, "summary"))
         return names
@@ -245,9 +261,29 @@ class ShardStream:
         names = self._names()
 
         def one(shard: str) -> tuple[str, dict[str, np.ndarray]]:
-            return shard, self.store.read_shard(shard, names)
+            arrays = self.store.read_shard(shard, names)
+            self._check(shard, arrays)
+            return shard, arrays
 
         return dict(pool.map(one, shards))
+
+    def _check(self, shard: str, arrays: dict[str, np.ndarray]) -> None:
+        """Refuse a shard whose arrays do not fit the store's records (before any of it reaches a step)."""
+        rows = {len(a) for a in arrays.values()}
+        if len(rows) > 1:
+            counts = {k: len(a) for k, a in arrays.items()}
+            raise StoreError(
+                f"{self.store.url}: shard {shard}: arrays of different lengths {counts}; run `store verify`"
+            )
+        for (t, p), codec in self.codecs.items():
+            key = array_key(t, p, "dense")
+            problem = codec_problem(
+                codec, arrays[key], arrays.get(scale_key(t, p)), self.dense_shapes[(t, p)]
+            )
+            if problem:
+                raise StoreError(
+                    f"{self.store.url}: shard {shard}, {key}: {problem}; run `radio-dist store verify`"
+                )
 
     def __iter__(self) -> Iterator[Batch]:
         plan = self.plan
@@ -337,8 +373,10 @@ class ShardStream:
 
         images = gather(image_key(p))
         dense = {t: gather(array_key(t, p, "dense")) for t in self.teachers}
+        scales = {t: gather(scale_key(t, p)) for t in self.teachers if self.codecs[(t, p)].has_scale}
         summary: dict[str, np.ndarray | None] = {
             t: gather(array_key(t, p, "summary")) if self.summary_keys[(t, p)] else None
             for t in self.teachers
         }
-        return Batch(self.plan.epoch, step, ids, images, dense, summary, p, wait)
+        codecs = {t: self.codecs[(t, p)] for t in self.teachers}
+        return Batch(self.plan.epoch, step, ids, images, dense, summary, p, wait, {}, scales, codecs)

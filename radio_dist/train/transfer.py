@@ -1,10 +1,12 @@
-"""Batches onto the training device: as stored (uint8 views, fp16 targets), pinned, one step ahead on CUDA.
+"""Batches onto the training device: as stored (uint8 views, target codes), pinned, one step ahead on CUDA.
 
 The reader hands out host arrays (``radio_dist.train.reader.Batch``). ``device_batches`` turns them into
 ``DeviceBatch``es: on CUDA each batch is copied from pinned memory on a side stream while the previous step
 trains, and the training stream waits for the copy only when it uses the batch; elsewhere the copy is a
-plain conversion. Images cross as uint8 and targets in their stored dtype (a quarter / half of float32's
-bytes); converting, resizing and cropping happen on the device (``radio_dist.train.step``).
+plain conversion. Images cross as uint8 and targets as the store holds them (fp16 values, or int8 / 4-bit
+codes and their scales: a half, a quarter or an eighth of float32's bytes); the codes are decoded on the
+device, once per batch for every student, and converting, resizing and cropping happen there too
+(``radio_dist.train.step``).
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ class DeviceBatch:
 
     host: Batch
     images: torch.Tensor  # uint8 [n, P, P, 3]
-    dense: dict[str, torch.Tensor]  # teacher -> [n, h, w, C] as stored (fp16)
+    dense: dict[
+        str, torch.Tensor
+    ]  # teacher -> [n, h, w, C] decoded on the device (fp16 as stored, or float32)
     summary: dict[str, torch.Tensor | None]  # teacher -> float32 [n, C] or None
     h2d_s: float  # host time spent issuing the copies (on CUDA they complete asynchronously)
 
@@ -40,11 +44,19 @@ def _copy(a: np.ndarray, device: torch.device) -> torch.Tensor:
     return t.to(device)
 
 
+def decode(batch: Batch, teacher: str, codes: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A teacher's targets from their codes (already on ``device``): the codec's decode, on the device."""
+    codec = batch.codecs.get(teacher)
+    if codec is None or not codec.has_scale:
+        return codes
+    return codec.decode(codes, _copy(batch.dense_scale[teacher], device))
+
+
 def to_device(batch: Batch, device: torch.device) -> DeviceBatch:
     """Copy one batch's arrays to ``device`` (non-blocking from pinned memory on CUDA)."""
     t0 = time.perf_counter()
     images = _copy(batch.images, device)
-    dense = {t: _copy(a, device) for t, a in batch.dense.items()}
+    dense = {t: decode(batch, t, _copy(a, device), device) for t, a in batch.dense.items()}
     summary = {t: (_copy(a, device) if a is not None else None) for t, a in batch.summary.items()}
     return DeviceBatch(batch, images, dense, summary, time.perf_counter() - t0)
 

@@ -70,7 +70,8 @@ def cached(tmp_path_factory, ray_local):
     expected["missing.jpg"] = "error"
     (folder / "list.csv").write_text("uri\n" + "\n".join([*names, "missing.jpg"]) + "\n")
     url = str(tmp_path_factory.mktemp("stores") / "store")
-    cfg = job({"kind": "list", "path": str(folder / "list.csv"), "max_pixels": FIXTURE_MAX_PIXELS}, url)
+    source = {"kind": "list", "path": str(folder / "list.csv"), "max_pixels": FIXTURE_MAX_PIXELS}
+    cfg = job(source, url, codecs={"default": "fp16", "mobilenet_v2": "int8"})  # both paths of the store
     summary = run_cache(cfg)
     return cfg, summary, expected, folder
 
@@ -111,11 +112,13 @@ def test_targets_are_phis_normalized_and_invert_to_the_teacher(cached):
     data = store.read_shard(shard)
     for spec in (preset_spec(n) for n in TEACHERS):
         dense, summary = store.read_targets(shard, spec.name, "low")
-        assert data[f"{spec.name}/low/dense"].dtype == np.float16
+        assert data[f"{spec.name}/low/dense"].dtype == (
+            np.int8 if spec.name == "mobilenet_v2" else np.float16
+        )
         teacher_space, _ = store.read_targets(shard, spec.name, "low", space="teacher")
         ref = create_teacher(spec)(data["images/low"], resolution=96)
         cos = torch.nn.functional.cosine_similarity(torch.from_numpy(teacher_space), ref.dense, dim=-1)
-        assert cos.min() > 0.999, cos.min()  # fp16 PHI-S storage round-trips to the teacher's features
+        assert cos.min() > 0.999, cos.min()  # fp16 / int8 PHI-S storage round-trips to the teacher's features
         torch.testing.assert_close(torch.from_numpy(summary), ref.summary, rtol=1e-4, atol=1e-4)
     # over every stored row, PHI-S space has mean ~0 and per-dimension variance ~1 on average; the fit saw
     # 12 images x 9 tokens of 1280-d features, so the other rows carry that small sample's error (the mean
@@ -140,6 +143,53 @@ def test_store_refuses_a_job_with_other_teachers(cached):
     other.teachers[0].mean = (0.4, 0.4, 0.4)
     with pytest.raises(StoreMismatchError, match="teacher 'effnet_lite0': fingerprint"):
         run_cache(other)
+
+
+@pytest.mark.slow  # ~35 s: a caching job of its own (the module's shared job stores int8 and fp16)
+def test_targets_are_stored_through_each_teachers_codec_with_their_fidelity(tmp_path, ray_local):
+    """int8 for one teacher, nf4 for the other: codes and scales in the shards, the fidelity of every image (the
+    PHI-S fit sample's and the rest's) recorded, the targets decoding to the teacher's features; a rerun that asks
+    for another codec is refused before it writes, pointing at `store recode`."""
+    url = str(tmp_path / "store")
+    cfg = job({"kind": "sample-photos", "views": 16}, url, codecs={"default": "int8", "mobilenet_v2": "nf4"})
+    summary = run_cache(cfg)
+    assert summary.ok == 16 and summary.phis_fitted
+    store = FeatureStore(url)
+    info = store_info(store)["teachers"]
+    int8, nf4 = info["effnet_lite0"]["targets"]["low"], info["mobilenet_v2"]["targets"]["low"]
+    assert (int8["codec"], nf4["codec"]) == ("int8", "nf4")
+    assert int8["vs_fp16"] <= 0.51 and nf4["vs_fp16"] <= 0.28
+    assert int8["fidelity"]["tokens"] == nf4["fidelity"]["tokens"] == 16 * 9  # 12 fit-sample images + 4 more
+    assert int8["fidelity"]["cos_mean"] >= 0.9999 and nf4["fidelity"]["cos_mean"] >= 0.995
+    assert int8["fidelity"]["against"] == "float" and nf4["fidelity"]["cos_p1"] >= 0.99
+    assert verify_store(store)["ok"]
+    man = [r for r in store.manifest().to_pylist() if r["status"] == "ok"]
+    for shard in sorted({r["shard"] for r in man}):
+        data = store.read_shard(shard)
+        assert (
+            data["effnet_lite0/low/dense"].dtype == np.int8
+            and data["mobilenet_v2/low/dense"].dtype == np.uint8
+        )
+        assert data["mobilenet_v2/low/dense"].shape[1:] == (3, 3, 640)
+        assert data["mobilenet_v2/low/dense_scale"].shape[1:] == (3, 3, 20)
+        for spec, floor in (
+            (preset_spec("efficientnet_lite0"), 0.9999),
+            (preset_spec("mobilenet_v2"), 0.995),
+        ):
+            # in PHI-S space, where the codecs work and the losses compare (in teacher space a token near the
+            # features' mean has a small norm, so the same error is a larger angle there)
+            decoded, _ = store.read_targets(shard, spec.name, "low")
+            ref = store.phis(spec.name).forward(create_teacher(spec)(data["images/low"], resolution=96).dense)
+            cos = torch.nn.functional.cosine_similarity(torch.from_numpy(decoded), ref, dim=-1)
+            assert cos.mean() > floor, (spec.name, cos.mean())
+    before = sorted(p.name for p in (tmp_path / "store" / "manifest").iterdir())
+    other = cfg.model_copy(update={"codecs": {"default": "fp16"}})
+    with pytest.raises(
+        StoreMismatchError,
+        match=r"partition 'low': targets stored as int8, the job asks for fp16.*store recode",
+    ):
+        run_cache(other)
+    assert sorted(p.name for p in (tmp_path / "store" / "manifest").iterdir()) == before
 
 
 def _pools(cfg: CacheJobConfig, pool_size: int, num_cpus: float, num_gpus: float = 0.0) -> CacheJobConfig:
