@@ -137,20 +137,34 @@ class DecodeStage:
 FIDELITY_WIDTH = 4 + NBINS  # Fidelity.to_vector()
 
 
-def encode_targets(
-    phis: PhiS, codec: TargetCodec, dense: torch.Tensor
+def encoded_columns(
+    phis: PhiS, codec: TargetCodec, dense: torch.Tensor, ok: np.ndarray, row_shape: tuple[int, ...]
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """Raw teacher features [n, h, w, C] -> (codes, scales or None, fidelity [n, FIDELITY_WIDTH]): PHI-S space,
-    encoded by ``codec``, each image's decoded targets measured against its float PHI-S targets."""
-    y = cast(torch.Tensor, phis.forward(dense))
-    codes, scale = codec.encode(y)
-    decoded = codec.decode(codes, scale)
-    fid = (
-        np.stack([Fidelity.measure(y[i], decoded[i]).to_vector() for i in range(y.shape[0])])
-        if len(y)
-        else (np.zeros((0, FIDELITY_WIDTH)))
-    )
-    return codes.cpu().numpy(), None if scale is None else scale.cpu().numpy(), fid
+    """The stored columns of one teacher and partition for a batch of ``len(ok)`` rows: (codes, scales or None,
+    fidelity [n, FIDELITY_WIDTH]). ``dense`` holds the raw features of the ok rows; they are taken to PHI-S space,
+    encoded by ``codec``, and each image's decoded targets measured against its float PHI-S targets. Error rows
+    get zeros of the same shapes (Ray Data columns have one shape)."""
+    n = len(ok)
+    codes_out = np.zeros((n, *codec.code_shape(row_shape)), codec.code_dtype)
+    sshape = codec.scale_shape(row_shape)
+    scale_out = np.zeros((n, *sshape), np.float16) if sshape is not None else None
+    fid_out = np.zeros((n, FIDELITY_WIDTH))
+    if ok.any():
+        y = cast(torch.Tensor, phis.forward(dense))
+        codes, scale = codec.encode(y)
+        fid_out[ok] = Fidelity.per_image(y, codec.decode(codes, scale))
+        codes_out[ok] = codes.cpu().numpy()
+        if scale_out is not None and scale is not None:
+            scale_out[ok] = scale.cpu().numpy()
+    return codes_out, scale_out, fid_out
+
+
+def put_encoded(batch: dict[str, Any], teacher: str, partition: str, cols: tuple[Any, ...]) -> None:
+    codes, scale, fid = cols
+    batch[column("dense", teacher, partition)] = codes
+    batch[column("fid", teacher, partition)] = fid
+    if scale is not None:
+        batch[column("dscale", teacher, partition)] = scale
 
 
 class TeacherStage:
@@ -198,34 +212,21 @@ class TeacherStage:
         before_i, before_c = self.teacher.forward_images, self.teacher.forward_calls
         for p in self.partitions:
             dshape, sdim = self.shapes[p]
-            codec = self.codecs[p]
-            encoded = self.phis is not None
-            dense_out = np.zeros(
-                (n, *(codec.code_shape(dshape) if encoded else dshape)),
-                codec.code_dtype if encoded else np.float32,
-            )
-            scale_shape = codec.scale_shape(dshape) if encoded else None
-            scale_out = np.zeros((n, *scale_shape), np.float16) if scale_shape is not None else None
-            fid_out = np.zeros((n, FIDELITY_WIDTH)) if encoded else None
             summ_out = np.zeros((n, sdim), np.float32) if sdim is not None else None
             inputs_before = self.teacher.model_inputs
+            dense = torch.zeros((0, *dshape))
             if ok.any():
                 res = self.teacher.input_resolution(p, self.sizes[p])
                 out = self.teacher(np.asarray(batch[column("img", p)])[ok], resolution=res)
-                if self.phis is not None and fid_out is not None:
-                    codes, scale, fid = encode_targets(self.phis, codec, out.dense)
-                    dense_out[ok], fid_out[ok] = codes, fid
-                    if scale_out is not None:
-                        scale_out[ok] = scale
-                else:
-                    dense_out[ok] = out.dense.cpu().numpy()
+                dense = out.dense
                 if summ_out is not None and out.summary is not None:
                     summ_out[ok] = out.summary.cpu().numpy()
-            batch[column("dense", name, p)] = dense_out
-            if scale_out is not None:
-                batch[column("dscale", name, p)] = scale_out
-            if fid_out is not None:
-                batch[column("fid", name, p)] = fid_out
+            if self.phis is not None:  # stored targets
+                put_encoded(batch, name, p, encoded_columns(self.phis, self.codecs[p], dense, ok, dshape))
+            else:  # the PHI-S fit sample: raw features, normalized and encoded once PHI-S is fitted
+                raw = np.zeros((n, *dshape), np.float32)
+                raw[ok] = dense.cpu().numpy()
+                batch[column("dense", name, p)] = raw
             if summ_out is not None:
                 batch[column("summary", name, p)] = summ_out
             fw_inputs = np.zeros(n, np.int64)
@@ -253,22 +254,12 @@ class NormalizeStage:
         for key in list(batch):
             if key.startswith("dense__"):
                 _, teacher, p = key.split("__")
-                codec = get_codec(self.codecs[teacher][p])
                 raw = np.asarray(batch[key], np.float32)
-                dshape = tuple(raw.shape[1:])
-                dense_out = np.zeros((len(ok), *codec.code_shape(dshape)), codec.code_dtype)
-                fid_out = np.zeros((len(ok), FIDELITY_WIDTH))
-                scale_shape = codec.scale_shape(dshape)
-                scale_out = np.zeros((len(ok), *scale_shape), np.float16) if scale_shape is not None else None
-                if ok.any():
-                    codes, scale, fid = encode_targets(self.phis[teacher], codec, torch.from_numpy(raw[ok]))
-                    dense_out[ok], fid_out[ok] = codes, fid
-                    if scale_out is not None:
-                        scale_out[ok] = scale
-                batch[key] = dense_out
-                batch[column("fid", teacher, p)] = fid_out
-                if scale_out is not None:
-                    batch[column("dscale", teacher, p)] = scale_out
+                codec = get_codec(self.codecs[teacher][p])
+                cols = encoded_columns(
+                    self.phis[teacher], codec, torch.from_numpy(raw[ok]), ok, raw.shape[1:]
+                )
+                put_encoded(batch, teacher, p, cols)
         return batch
 
 

@@ -295,24 +295,35 @@ class Fidelity:
     @classmethod
     def measure(cls, ref: torch.Tensor, decoded: torch.Tensor) -> Fidelity:
         """Fidelity of ``decoded`` against ``ref`` (both ``[..., C]``), computed on their device."""
-        r = ref.detach().reshape(-1, ref.shape[-1]).double()
-        d = decoded.detach().reshape(-1, ref.shape[-1]).double()
-        if r.shape[0] == 0:
-            return cls()
+        return cls.from_vector(
+            cls.per_image(ref.reshape(1, -1, ref.shape[-1]), decoded.reshape(1, -1, ref.shape[-1]))[0]
+        )
+
+    @staticmethod
+    def per_image(ref: torch.Tensor, decoded: torch.Tensor) -> np.ndarray:
+        """One ``to_vector()`` per image of ``[n, ..., C]`` batches, computed batched on their device (one
+        bincount for the whole batch, not a loop over images)."""
+        n, c = ref.shape[0], ref.shape[-1]
+        r = ref.detach().reshape(n, -1, c).double()
+        d = decoded.detach().reshape(n, -1, c).double()
         dot = (r * d).sum(-1)
         nr, nd = r.norm(dim=-1), d.norm(dim=-1)
         both_zero = (nr == 0) & (nd == 0)
         cos = torch.where(both_zero, torch.ones_like(dot), dot / (nr * nd).clamp_min(1e-300)).clamp(-1, 1)
         dist = -torch.log10((1 - cos).clamp_min(1e-12))
         bins = (dist / BIN).floor().clamp(0, NBINS - 1).long()
-        hist = torch.bincount(bins, minlength=NBINS).cpu().numpy().astype(np.int64)
-        return cls(
-            tokens=int(r.shape[0]),
-            sq_err=float(((d - r) ** 2).sum()),
-            sq_ref=float((r**2).sum()),
-            cos_sum=float(cos.sum()),
-            hist=hist,
+        offset = torch.arange(n, device=bins.device)[:, None] * NBINS
+        hist = torch.bincount((bins + offset).reshape(-1), minlength=n * NBINS).reshape(n, NBINS)
+        sums = torch.stack(
+            [
+                torch.full((n,), float(r.shape[1]), dtype=torch.float64, device=r.device),
+                ((d - r) ** 2).sum(dim=(1, 2)),
+                (r**2).sum(dim=(1, 2)),
+                cos.sum(-1),
+            ],
+            dim=1,
         )
+        return torch.cat([sums, hist.double()], dim=1).cpu().numpy()
 
     def merge(self, other: Fidelity) -> Fidelity:
         return Fidelity(

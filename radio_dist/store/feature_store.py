@@ -383,10 +383,8 @@ class FeatureStore:
                 blob = blobs.get(p, FileNotFoundError(p))
                 if isinstance(blob, FileNotFoundError):
                     chunks.append(None)  # Zarr does not write a chunk that is all fill value
-                elif isinstance(
-                    blob, PermissionError
-                ):  # the machine's problem, not the store's: told as such
-                    raise blob
+                elif isinstance(blob, PermissionError):
+                    raise blob  # the machine's problem, not the store's: told as such
                 elif isinstance(blob, BaseException):
                     raise StoreError(f"{self.url}: shard {shard}: reading {p} failed: {blob!r}") from blob
                 else:
