@@ -143,3 +143,12 @@ def tmpfs(mnt: Path, options: str) -> Iterator[Path]:
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def compacting(url: str, fanout: int, started: Any) -> None:
+    """`radio-dist store compact` in a process (to be killed); sets ``started`` (an Event) as it begins."""
+    from radio_dist.store.compact import compact_store
+
+    store = FeatureStore(url)
+    started.set()
+    compact_store(store, fanout=fanout)

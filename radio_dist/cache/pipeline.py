@@ -38,6 +38,7 @@ from radio_dist.phis import Moments, PhiS, angular_dispersion, fit_phis
 from radio_dist.ray_setup import configure_data, init_ray
 from radio_dist.sources import SourceError, SourceItem, list_items
 from radio_dist.store import FeatureStore, OutputShapes, TeacherRecord, WriterLock
+from radio_dist.store.compact import Compactor
 from radio_dist.teacher import fingerprint
 
 ProgressFn = Callable[[str, dict[str, Any]], None]
@@ -151,8 +152,15 @@ def _decoded(items: list[dict[str, str]], cfg: CacheJobConfig) -> Any:
     )
 
 
-def _write(ds: Any, cfg: CacheJobConfig, summary: CacheSummary, progress: ProgressFn | None) -> float | None:
-    """Run the pipeline ending in the shard writer; returns when the first shard committed (perf_counter)."""
+def _write(
+    ds: Any,
+    cfg: CacheJobConfig,
+    summary: CacheSummary,
+    progress: ProgressFn | None,
+    compactor: Compactor | None,
+) -> float | None:
+    """Run the pipeline ending in the shard writer; returns when the first shard committed (perf_counter).
+    Every ``compact_fanout`` commits the driver compacts the manifest (deleting what it merged at the end)."""
     import ray.data
 
     first: float | None = None
@@ -184,6 +192,8 @@ def _write(ds: Any, cfg: CacheJobConfig, summary: CacheSummary, progress: Progre
             summary.errors.extend({"source": s, "error": e} for s, e in json.loads(row["errors"]))
         if progress:
             progress("shard", {"ok": summary.ok, "error": summary.error, "bytes": summary.bytes_written})
+        if compactor is not None and summary.shards % compactor.fanout == 0:
+            compactor.step()
     return first
 
 
@@ -270,6 +280,8 @@ def _run_cache(cfg: CacheJobConfig, store: FeatureStore, progress: ProgressFn | 
     )
     hashed = sorted(ids_ds.take_all(), key=lambda r: (r["uri"], r["view"]))
     committed = store.committed_ids()
+    fanout = cfg.store.compact_fanout
+    compactor = Compactor(store, fanout, defer_delete=True) if fanout >= 2 else None
     todo: list[dict[str, str]] = []
     seen: set[str] = set()
     for r in hashed:
@@ -298,7 +310,7 @@ def _run_cache(cfg: CacheJobConfig, store: FeatureStore, progress: ProgressFn | 
             batch_format="numpy",
             compute=ray.data.TaskPoolStrategy(),
         )
-        _write(norm, cfg, summary, progress)
+        _write(norm, cfg, summary, progress, compactor)
     t2 = time.perf_counter()
     summary.fit_seconds = t2 - t1
     if todo:
@@ -307,9 +319,13 @@ def _run_cache(cfg: CacheJobConfig, store: FeatureStore, progress: ProgressFn | 
             cfg,
             summary,
             progress,
+            compactor,
         )
         summary.pipeline_images = len(todo)
         summary.first_shard_seconds = (first or t2) - t2
     summary.pipeline_seconds = time.perf_counter() - t2
+    if compactor is not None:  # every task has ended: what the steps merged can go
+        compactor.step()
+        compactor.finish()
     summary.seconds = time.perf_counter() - t0
     return summary

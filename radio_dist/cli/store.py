@@ -33,10 +33,17 @@ def store_info_cmd(store: StoreArg, as_json: JsonOpt = False) -> None:
     t = Table(title=f"store {info['url']}", show_header=False)
     t.add_row("rows ok / error", f"{info['rows_ok']} / {info['rows_error']}")
     t.add_row("shards (orphans)", f"{info['shards']} ({info['orphan_shards']})")
-    if info["orphan_shards"] or info["temp_files"]:
+    m = info["manifest"]
+    t.add_row(
+        "manifest",
+        f"{m['snapshots']} snapshot(s) + {m['parts']} part(s)"
+        + (f", {m['redundant']} redundant" if m["redundant"] else ""),
+    )
+    if info["orphan_shards"] or info["temp_files"] or info["manifest"]["redundant"]:
         t.add_row(
             "left by interrupted writes",
             f"{info['orphan_shards']} shard dir(s), {info['temp_files']} temporary file(s), "
+            f"{info['manifest']['redundant']} redundant manifest object(s), "
             f"{info['garbage_bytes'] / 1e6:.1f} MB — `radio-dist store gc {info['url']}` removes them",
         )
     t.add_row("partitions", ", ".join(f"{k}={v}px" for k, v in info["partitions"].items()))
@@ -112,7 +119,9 @@ def store_gc_cmd(
         out.print(f"{verb} uncommitted shard dir shards/{shard}", highlight=False)
     for rel in report["temp_files"]:
         out.print(f"{verb} temporary file {rel}", highlight=False)
-    n = len(report["orphan_shards"]) + len(report["temp_files"])
+    for rel in report["redundant_manifest"]:
+        out.print(f"{verb} manifest object {rel} (a snapshot holds its rows)", highlight=False)
+    n = len(report["orphan_shards"]) + len(report["temp_files"]) + len(report["redundant_manifest"])
     out.print(
         f"{verb} {n} item(s), {report['bytes'] / 1e6:.1f} MB" if n else "nothing to remove", highlight=False
     )
@@ -176,5 +185,32 @@ def store_recode_cmd(
         f"recoded {summary.written} shard(s) ({summary.rows} rows), {summary.skipped} already in {dst}; "
         f"dense targets {summary.bytes_src / 1e6:.2f} MB -> {summary.bytes_dst / 1e6:.2f} MB ({ratio:.3f}x) "
         f"in {summary.seconds:.1f} s; `radio-dist store info {dst}` shows the fidelity",
+        highlight=False,
+    )
+
+
+def store_compact_cmd(
+    store: StoreArg,
+    fanout: Annotated[
+        int,
+        typer.Option(min=2, help="Objects of one level merged into one snapshot (the store's default: 32)."),
+    ] = 32,
+    full: Annotated[
+        bool, typer.Option("--full", help="Merge every manifest object into one snapshot.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Merge committed manifest parts into snapshots, so the store opens with few reads; crash-safe, and
+    refused while a job writes the store."""
+    from radio_dist.store.compact import compact_store
+
+    summary = compact_store(open_store(store), fanout=fanout, full=full)
+    if as_json:
+        print(json.dumps(summary.to_dict(), indent=1))
+        return
+    out.print(
+        f"manifest objects {summary.objects_before} -> {summary.objects_after}: {summary.snapshots_written} "
+        f"snapshot(s) written from {summary.objects_merged} object(s) ({summary.rows_rewritten} rows), "
+        f"{summary.deleted} removed, in {summary.seconds:.1f} s",
         highlight=False,
     )

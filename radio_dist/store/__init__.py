@@ -3,7 +3,8 @@
 ``feature_store`` (the root, reads), ``records`` (``store.json`` as typed records), ``manifest`` (names,
 ids, the commit schema), ``writer`` (a shard written whole, then committed), ``lock`` (one writer at a
 time), ``chunks`` (the Zarr layout, read straight from chunk files), ``verify`` (info and verify), ``gc``
-(what interrupted writes left), ``preflight`` (an object store checked before first use).
+(what interrupted writes left), ``compact`` (manifest parts merged into snapshots), ``preflight`` (an object
+store checked before first use).
 """
 
 from radio_dist.store.errors import StoreError, StoreLockedError, StoreMismatchError

@@ -405,6 +405,18 @@ def load_fidelity(blob: bytes | None) -> dict[str, tuple[str, str, Fidelity]]:
     return {k: (d["codec"], d["against"], Fidelity.from_json(d)) for k, d in json.loads(blob).items()}
 
 
+def merge_fidelity(blobs: list[bytes]) -> dict[str, tuple[str, str, Fidelity]]:
+    """The fidelity of many commits (their metadata ``blobs``) as one: per ``teacher/partition``, summed over
+    the commits measured with the same (codec, against); a later (codec, against) replaces an earlier one."""
+    merged: dict[str, tuple[str, str, Fidelity]] = {}
+    for blob in blobs:
+        for key, (codec, against, fid) in load_fidelity(blob).items():
+            if key in merged and merged[key][:2] == (codec, against):
+                fid = merged[key][2].merge(fid)
+            merged[key] = (codec, against, fid)
+    return merged
+
+
 def expected_cosine(rel_mse: float) -> float:
     """The cosine a relative MSE implies for errors independent of the targets: 1/sqrt(1 + relMSE)."""
     return 1.0 / math.sqrt(1.0 + rel_mse)

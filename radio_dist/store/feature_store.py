@@ -6,6 +6,7 @@ Layout::
     ROOT/phis/<teacher>.safetensors PHI-S parameters (see radio_dist.phis)
     ROOT/shards/<shard>/            one immutable Zarr v3 group per shard, written whole by one writer
     ROOT/manifest/<shard>.parquet   the commit: written only after the shard's data is durable
+    ROOT/manifest/snapshots/        committed parts compacted into larger objects (``radio_dist.store.compact``)
 
 ``FeatureStore`` is the root: paths, whole-object writes, ``store.json`` (``radio_dist.store.records``), the
 manifest, and the shards' arrays read straight from their chunk files (``radio_dist.store.chunks``).
@@ -39,6 +40,7 @@ from typing import Any
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import zarr
 from pydantic import Field, ValidationError, field_validator
@@ -46,9 +48,17 @@ from pydantic import Field, ValidationError, field_validator
 from radio_dist.config import StrictModel, format_validation_error
 from radio_dist.phis import PhiS
 from radio_dist.store.chunks import array_names, chunk_keys, member, plain_layout
-from radio_dist.store.codecs import Fidelity, TargetCodec, UnknownCodecError, get_codec, load_fidelity
+from radio_dist.store.codecs import Fidelity, TargetCodec, UnknownCodecError, get_codec, merge_fidelity
 from radio_dist.store.errors import StoreError, StoreMismatchError
-from radio_dist.store.manifest import FIDELITY_KEY, MANIFEST_SCHEMA, array_key, scale_key, shard_of_part
+from radio_dist.store.manifest import (
+    FIDELITY_KEY,
+    REPLACES_KEY,
+    SNAPSHOTS,
+    ManifestView,
+    array_key,
+    scale_key,
+    shard_of_part,
+)
 from radio_dist.store.preflight import check_object_store
 from radio_dist.store.records import FORMAT, OutputShapes, PhisRecord, StoreMeta, TeacherRecord
 
@@ -71,6 +81,12 @@ class StoreConfig(StrictModel):
         256, ge=1, description="Images per shard (aim for shards of ~100s of MB at scale)."
     )
     chunk_bytes: int = Field(1 << 20, ge=1, description="Target uncompressed bytes per Zarr chunk (>= 1 MB).")
+    compact_fanout: int = Field(
+        32,
+        ge=0,
+        description="Manifest objects a writer merges into one snapshot as it commits (radio_dist.store.compact: "
+        "a store of N shards keeps about (F-1)·log_F N of them); 0 leaves compaction to `radio-dist store compact`.",
+    )
 
     @field_validator("url")
     @classmethod
@@ -87,6 +103,7 @@ class FeatureStore:
         self.url = url.rstrip("/") or "/"
         self.storage_options = dict(storage_options or {})
         self._fs: fsspec.AbstractFileSystem | None = None
+        self._covered: tuple[tuple[str, ...], set[str]] | None = None  # committed shards, by snapshot names
 
     @classmethod
     def from_config(cls, cfg: StoreConfig) -> FeatureStore:
@@ -307,39 +324,106 @@ class FeatureStore:
 
     def fidelity(self) -> dict[str, tuple[str, str, Fidelity]]:
         """``teacher/partition`` -> (codec, what it was measured against, Fidelity), merged over every commit."""
-        merged: dict[str, tuple[str, str, Fidelity]] = {}
-        parts = self.manifest_parts()
-        for blob in (self.fs.cat(parts) if parts else {}).values():
-            metadata = pq.read_schema(io.BytesIO(blob)).metadata or {}
-            for key, (codec, against, fid) in load_fidelity(metadata.get(FIDELITY_KEY)).items():
-                if key in merged and merged[key][:2] == (codec, against):
-                    fid = merged[key][2].merge(fid)
-                merged[key] = (codec, against, fid)
-        return merged
+        return merge_fidelity(self.manifest_view(columns=["shard"]).metadata(FIDELITY_KEY))
 
     def has_phis(self) -> bool:
         return self.exists() and all(t.phis is not None for t in self.meta().teachers.values())
 
     # -- manifest --------------------------------------------------------------------------------------------
     def manifest_parts(self) -> list[str]:
+        """Every manifest part (one per shard commit), also those a snapshot already holds."""
         self.fresh(self.path("manifest"))
         pattern = self.path("manifest", "*.parquet")
         return sorted(p for p in self.fs.glob(pattern) if ".tmp-" not in p)
 
-    def manifest(self, columns: list[str] | None = None) -> pa.Table:
-        """All committed rows (concatenation of manifest parts)."""
+    def snapshot_paths(self) -> list[str]:
+        """Every manifest snapshot (``radio_dist.store.compact``), also those another one replaced."""
+        self.fresh(self.path(SNAPSHOTS))
+        pattern = self.path(SNAPSHOTS, "*.parquet")
+        return sorted(p for p in self.fs.glob(pattern) if ".tmp-" not in p)
+
+    def read_manifest_object(self, path: str, columns: list[str] | None = None) -> pa.Table:
+        """One snapshot or part, with its Parquet metadata; only ``columns`` are read (ranged reads remotely)."""
+        try:
+            if self.is_local:
+                return pq.read_table(path, columns=columns)
+            return pq.read_table(path, columns=columns, filesystem=self.fs)
+        except FileNotFoundError:
+            raise
+        except (OSError, pa.ArrowException) as e:
+            if isinstance(e, PermissionError):
+                raise
+            raise StoreError(
+                f"{path}: manifest object unreadable ({e}); run `radio-dist store verify`"
+            ) from e
+
+    def manifest_view(self, columns: list[str] | None = None, strict: bool = True) -> ManifestView:
+        """The committed rows by the object holding them (see ``ManifestView``); ``strict=False`` records an
+        unreadable object in ``problems`` instead of raising."""
+        for attempt in range(5):
+            try:
+                return self._manifest_view(columns, strict)
+            except FileNotFoundError:  # a compaction deleted what it merged after we listed: list again
+                if attempt == 4:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _manifest_view(self, columns: list[str] | None, strict: bool) -> ManifestView:
+        cols = None if columns is None else list(dict.fromkeys([*columns, "shard"]))
+        view = ManifestView(columns=columns)
+
+        def read(path: str, blob: bytes | None = None) -> pa.Table | None:
+            try:
+                if blob is None:
+                    return self.read_manifest_object(path, cols)
+                try:
+                    return pq.read_table(io.BytesIO(blob), columns=cols)
+                except (OSError, pa.ArrowException) as e:
+                    raise StoreError(
+                        f"{path}: manifest object unreadable ({e}); run `radio-dist store verify`"
+                    ) from e
+            except StoreError as e:
+                if strict:
+                    raise
+                view.problems.append(str(e))
+                return None
+
+        snaps = self.snapshot_paths()
+        tables = {p: t for p in snaps if (t := read(p)) is not None}
+        replaced: set[str] = set()
+        for t in tables.values():
+            replaced.update(json.loads((t.schema.metadata or {}).get(REPLACES_KEY, b"[]")))
+        for p in sorted(tables, reverse=True):  # the largest snapshot first
+            if p.rsplit("/", 1)[-1] in replaced:
+                view.redundant.append(p)
+            else:
+                view.objects.append((p, tables[p]))
         parts = self.manifest_parts()
-        if not parts:
-            return (
-                MANIFEST_SCHEMA.empty_table()
-                if columns is None
-                else MANIFEST_SCHEMA.empty_table().select(columns)
+        held_list = [False] * len(parts)
+        if (
+            view.objects and parts
+        ):  # which parts' shards a snapshot holds (hashing the few parts, not the rows)
+            names = pa.array([shard_of_part(p) for p in parts], pa.string())
+            column = pa.chunked_array(
+                [c for _, t in view.objects for c in t.column("shard").chunks], pa.string()
             )
-        tables = [pq.read_table(io.BytesIO(b), columns=columns) for b in self.fs.cat(parts).values()]
-        return pa.concat_tables(tables)
+            found = pc.unique(column.filter(pc.is_in(column, value_set=names)))
+            held_list = pc.is_in(names, value_set=found).to_pylist()
+        live = [p for p, h in zip(parts, held_list, strict=True) if not h]
+        view.redundant.extend(p for p, h in zip(parts, held_list, strict=True) if h)
+        blobs = self.fs.cat(live) if live else {}
+        for p in live:
+            if (t := read(p, blobs[p])) is not None:
+                view.objects.append((p, t))
+                view.part_shards.append(shard_of_part(p))
+        return view
+
+    def manifest(self, columns: list[str] | None = None) -> pa.Table:
+        """All committed rows (of every live snapshot and part)."""
+        return self.manifest_view(columns).table
 
     def committed_ids(self) -> set[str]:
-        return set(self.manifest(columns=["id"]).column("id").to_pylist())
+        return set(self.manifest(columns=["id"]).column("id").to_numpy().tolist())
 
     # -- shards ----------------------------------------------------------------------------------------------
     def zarr_store(self, shard: str) -> Any:
@@ -349,8 +433,21 @@ class FeatureStore:
             f"{self.url}/shards/{shard}", storage_options=self.fs_options()
         )
 
-    def is_committed(self, shard: str) -> bool:
-        return bool(self.fs.exists(self.fresh(self.path("manifest", f"{shard}.parquet"))))
+    def is_committed(self, shard: str, snapshots: bool = True) -> bool:
+        """Whether ``shard`` is committed: its part exists, or (``snapshots``) a snapshot holds it. The writer
+        asks for its part only: a caching job never writes a shard whose images were committed before it
+        started (it skips them), and the parts of shards it commits stay until it ends, when they are compacted
+        — so a retried write still finds its first attempt's commit."""
+        if self.fs.exists(self.fresh(self.path("manifest", f"{shard}.parquet"))):
+            return True
+        if not snapshots:
+            return False
+        names = tuple(self.snapshot_paths())
+        if not names:
+            return False
+        if self._covered is None or self._covered[0] != names:  # snapshots are immutable: cached by name
+            self._covered = (names, self.manifest_view(columns=["shard"]).shards)
+        return shard in self._covered[1]
 
     def open_shard(self, shard: str) -> zarr.Group:
         # consolidated metadata (when the shard has it): one GET instead of a listing + one GET per node
@@ -435,7 +532,7 @@ class FeatureStore:
 
     def orphan_shards(self) -> list[str]:
         """Shard directories without a commit (left by interrupted writes; invisible to readers)."""
-        return sorted(set(self.shard_dirs()) - {shard_of_part(p) for p in self.manifest_parts()})
+        return sorted(set(self.shard_dirs()) - self.manifest_view(columns=["shard"]).shards)
 
     def nbytes(self, rel: str = "") -> int:
         path = self.fresh(self.path(rel) if rel else self.root)

@@ -9,7 +9,6 @@ only the shards not yet in DST, and one with other codecs than DST was started w
 
 from __future__ import annotations
 
-import io
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -17,14 +16,14 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 from radio_dist.store.codecs import Fidelity, get_codec, load_fidelity
+from radio_dist.store.compact import DEFAULT_FANOUT, Compactor
 from radio_dist.store.errors import StoreError, StoreMismatchError
 from radio_dist.store.feature_store import FeatureStore, codec_problem
 from radio_dist.store.lock import WriterLock
-from radio_dist.store.manifest import FIDELITY_KEY, ROW_FIELDS, array_key, scale_key, shard_of_part
+from radio_dist.store.manifest import FIDELITY_KEY, ROW_FIELDS, array_key, scale_key
 from radio_dist.store.records import StoreMeta
 from radio_dist.store.writer import ShardWriter
 
@@ -86,17 +85,18 @@ def recode_store(
         get_codec(name).check_dim(dim, f"teacher {t!r}, partition {p!r}")
     with WriterLock(dst, job="store recode"):
         _init_dst(src, dst, meta, codecs)
-        parts = src.manifest_parts()
-        done = {shard_of_part(p) for p in dst.manifest_parts()}
-        summary = RecodeSummary(shards=len(parts))
-        todo = [p for p in parts if shard_of_part(p) not in done]
-        summary.skipped = len(parts) - len(todo)
+        shards = _source_shards(src)
+        done = dst.manifest_view(columns=["shard"]).shards
+        summary = RecodeSummary(shards=len(shards))
+        todo = [s for s in shards if s.shard not in done]
+        summary.skipped = len(shards) - len(todo)
         if progress:
-            progress("todo", {"shards": len(parts), "todo": len(todo), "skipped": summary.skipped})
+            progress("todo", {"shards": len(shards), "todo": len(todo), "skipped": summary.skipped})
 
-        def one(part: str) -> tuple[int, int, int]:
-            return _recode_shard(src, dst, meta, codecs, part)
+        def one(shard: _SourceShard) -> tuple[int, int, int]:
+            return _recode_shard(src, dst, meta, codecs, shard)
 
+        compactor = Compactor(dst, defer_delete=True)  # dst's parts stay until the end, as in a caching job
         with ThreadPoolExecutor(max(1, workers)) as pool:
             for rows, b_src, b_dst in pool.map(one, todo):
                 summary.written += 1
@@ -105,6 +105,10 @@ def recode_store(
                 summary.bytes_dst += b_dst
                 if progress:
                     progress("shard", {"written": summary.written, "todo": len(todo), "rows": summary.rows})
+                if summary.written % DEFAULT_FANOUT == 0:
+                    compactor.step()
+        compactor.step()
+        compactor.finish()
     summary.seconds = time.perf_counter() - t0
     return summary
 
@@ -142,14 +146,36 @@ def _init_dst(
     dst.write_meta(want)
 
 
+@dataclass(frozen=True)
+class _SourceShard:
+    shard: str
+    rows: tuple[dict[str, Any], ...]  # its manifest rows
+    fidelity: bytes | None  # the fidelity metadata its rows came with: of its part, or (first shard of a
+    # snapshot) of the whole snapshot, so that the recorded fidelity sums over DST as over SRC
+
+
+def _source_shards(src: FeatureStore) -> list[_SourceShard]:
+    out = []
+    for _, table in src.manifest_view().objects:
+        fid = (table.schema.metadata or {}).get(FIDELITY_KEY)
+        by_shard: dict[str, list[dict[str, Any]]] = {}
+        for r in table.to_pylist():
+            by_shard.setdefault(r["shard"], []).append(r)
+        for k, shard in enumerate(sorted(by_shard)):
+            out.append(_SourceShard(shard, tuple(by_shard[shard]), fid if k == 0 else None))
+    return sorted(out, key=lambda s: s.shard)
+
+
 def _recode_shard(
-    src: FeatureStore, dst: FeatureStore, meta: StoreMeta, codecs: dict[tuple[str, str], str], part: str
+    src: FeatureStore,
+    dst: FeatureStore,
+    meta: StoreMeta,
+    codecs: dict[tuple[str, str], str],
+    source: _SourceShard,
 ) -> tuple[int, int, int]:
-    shard = shard_of_part(part)
-    blob = src.fs.cat_file(part)
-    table = pq.read_table(io.BytesIO(blob))
-    old_fid = load_fidelity((table.schema.metadata or {}).get(FIDELITY_KEY))
-    rows = table.to_pylist()
+    shard = source.shard
+    old_fid = load_fidelity(source.fidelity)
+    rows = list(source.rows)
     ok = [r for r in rows if r["status"] == "ok"]
     if [r["index"] for r in ok] != list(range(len(ok))):
         raise StoreError(

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-import io
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from radio_dist.store.chunks import array_names, member
 from radio_dist.store.codecs import TargetCodec
@@ -16,6 +14,7 @@ from radio_dist.store.feature_store import FeatureStore, codec_problem
 from radio_dist.store.gc import find_garbage
 from radio_dist.store.manifest import (
     MANIFEST_SCHEMA,
+    SNAPSHOTS,
     array_key,
     image_key,
     row_checksum,
@@ -33,7 +32,8 @@ def shape_only(array: object) -> np.ndarray:
 def store_info(store: FeatureStore) -> dict[str, Any]:
     """Summary for `radio-dist store info`: rows, teachers, shapes, bytes per image."""
     meta = store.meta()
-    man = store.manifest(columns=["id", "status", "shard"])
+    view = store.manifest_view(columns=["id", "status", "shard"])
+    man = view.table
     status = man.column("status").to_pylist()
     n_ok = sum(s == "ok" for s in status)
     shard_bytes = store.nbytes("shards")
@@ -73,7 +73,12 @@ def store_info(store: FeatureStore) -> dict[str, Any]:
         "rows": len(status),
         "rows_ok": n_ok,
         "rows_error": len(status) - n_ok,
-        "shards": len(set(man.column("shard").to_pylist())),
+        "shards": len(view.shards),
+        "manifest": {
+            "snapshots": len(view.snapshots),
+            "parts": len(view.parts),
+            "redundant": len(view.redundant),
+        },
         "orphan_shards": len(garbage.orphan_shards),
         "temp_files": len(garbage.temp_files),
         "garbage_bytes": garbage.bytes,  # what `radio-dist store gc` would remove
@@ -124,25 +129,26 @@ def verify_store(store: FeatureStore, check_data: bool = True) -> dict[str, Any]
                 expected[array_key(name, p, "summary")] = tuple(shapes.summary)
     seen: dict[str, str] = {}
     n_rows = checked = 0
-    parts = store.manifest_parts()
-    for part in parts:
-        shard = shard_of_part(part)
-        try:
-            table = pq.read_table(io.BytesIO(store.fs.cat_file(part)))
-        except Exception as e:  # a corrupt commit record is itself the finding
-            problems.append(f"manifest part {part}: unreadable ({e})")
-            continue
+    view = store.manifest_view(strict=False)
+    problems.extend(view.problems)
+    by_shard: dict[str, list[dict[str, Any]]] = {}
+    for path, table in view.objects:
         if not MANIFEST_SCHEMA.equals(table.schema, check_metadata=False):
-            problems.append(f"manifest part {part}: unexpected schema")
+            problems.append(f"manifest object {path}: unexpected schema")
             continue
         rows = table.to_pylist()
         n_rows += len(rows)
+        part_shard = None if f"/{SNAPSHOTS}/" in path else shard_of_part(path)
         for r in rows:
-            if r["shard"] != shard:
-                problems.append(f"row {r['id']}: shard {r['shard']} recorded in part of shard {shard}")
+            if part_shard is not None and r["shard"] != part_shard:
+                problems.append(f"row {r['id']}: shard {r['shard']} recorded in part of shard {part_shard}")
             if r["id"] in seen:
-                problems.append(f"image id {r['id']} committed twice (shards {seen[r['id']]} and {shard})")
-            seen[r["id"]] = shard
+                problems.append(
+                    f"image id {r['id']} committed twice (shards {seen[r['id']]} and {r['shard']})"
+                )
+            seen[r["id"]] = r["shard"]
+            by_shard.setdefault(r["shard"] if part_shard is None else part_shard, []).append(r)
+    for shard, rows in sorted(by_shard.items()):
         ok_rows = [r for r in rows if r["status"] == "ok"]
         if not ok_rows:
             continue
@@ -194,8 +200,9 @@ def verify_store(store: FeatureStore, check_data: bool = True) -> dict[str, Any]
     garbage = find_garbage(store)
     if not garbage.empty:
         notes.append(
-            f"{len(garbage.orphan_shards)} uncommitted shard dir(s) and {len(garbage.temp_files)} temporary "
-            f"file(s) from interrupted writes ({garbage.bytes / 1e6:.1f} MB, invisible to readers): "
+            f"{len(garbage.orphan_shards)} uncommitted shard dir(s), {len(garbage.temp_files)} temporary "
+            f"file(s) and {len(garbage.redundant_manifest)} redundant manifest object(s) from interrupted writes "
+            f"({garbage.bytes / 1e6:.1f} MB, invisible to readers): "
             f"`radio-dist store gc {store.url}` removes them"
         )
     return {
@@ -204,6 +211,6 @@ def verify_store(store: FeatureStore, check_data: bool = True) -> dict[str, Any]
         "notes": notes,
         "rows": n_rows,
         "unique_ids": len(seen),
-        "shards": len(parts),
+        "shards": len(by_shard),
         "rows_checksummed": checked,
     }

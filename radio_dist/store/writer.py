@@ -89,7 +89,8 @@ class ShardWriter:
         ids = [r["id"] for r in self.rows]
         if len(set(ids)) != len(ids):
             raise ValueError(f"shard {self.shard}: duplicate image ids in one shard")
-        if self.store.is_committed(self.shard):  # a retried task: the first attempt already committed
+        # a retried task: the first attempt already committed (its part stays until the job ends: compact.py)
+        if self.store.is_committed(self.shard, snapshots=False):
             return ShardResult(self.shard, len(ok), n_err, 0, skipped=True)
         nbytes = write_shard_data(self.store, self.shard, self.arrays, self.chunk_bytes) if ok else 0
         now = time.time()

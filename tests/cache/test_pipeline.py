@@ -46,7 +46,8 @@ def job(source: dict, store: str, **kw) -> CacheJobConfig:
         {
             "source": source,
             "teachers": [s.model_dump(mode="json") for s in specs],
-            "store": {"url": store, "shard_size": 5},
+            # compaction at every second commit: every test of this module reads a compacted manifest
+            "store": {"url": store, "shard_size": 5, "compact_fanout": 2},
             # small decode blocks (the default is 32): the kill tests need a run that commits shard by shard
             "pipeline": {"partitions": {"low": 96}, "decode_batch_size": 4},
             "phis": {"fit_images": 12},
