@@ -56,6 +56,7 @@ from radio_dist.store.manifest import (
     SNAPSHOTS,
     ManifestView,
     array_key,
+    gc_paused,
     scale_key,
     shard_of_part,
 )
@@ -423,7 +424,9 @@ class FeatureStore:
         return self.manifest_view(columns).table
 
     def committed_ids(self) -> set[str]:
-        return set(self.manifest(columns=["id"]).column("id").to_numpy().tolist())
+        ids = self.manifest(columns=["id"]).column("id")
+        with gc_paused():  # millions of strings: the cyclic collector would rescan them as they are made
+            return set(ids.to_numpy().tolist())
 
     # -- shards ----------------------------------------------------------------------------------------------
     def zarr_store(self, shard: str) -> Any:

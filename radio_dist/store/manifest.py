@@ -13,9 +13,11 @@ merged — and readers skip them.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -147,3 +149,15 @@ class ManifestView:
     def metadata(self, key: bytes) -> list[bytes]:
         """``key``'s value in each live object's Parquet metadata that has it."""
         return [v for _, t in self.objects if (v := (t.schema.metadata or {}).get(key)) is not None]
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection while millions of acyclic objects (ids, tuples of them) are made."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()

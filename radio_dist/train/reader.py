@@ -14,8 +14,6 @@ every worker; a worker whose shards ran out yields empty batches so collective o
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import hashlib
 import heapq
 import queue
@@ -35,7 +33,7 @@ from radio_dist.config import StrictModel
 from radio_dist.store import FeatureStore, StoreError, array_key, image_key
 from radio_dist.store.codecs import TargetCodec
 from radio_dist.store.feature_store import codec_problem
-from radio_dist.store.manifest import scale_key
+from radio_dist.store.manifest import gc_paused, scale_key
 
 
 class ReaderConfig(StrictModel):
@@ -99,18 +97,6 @@ def committed_shards(store: FeatureStore) -> list[ShardRows]:
         ]
 
 
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """No cyclic garbage collection while millions of acyclic objects (tuples of strings) are made."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
 def shards_digest(shards: Sequence[ShardRows]) -> str:
     """Identity of a training run's data: changes if any shard or row is added or removed."""
     h = hashlib.sha256()
@@ -144,18 +130,61 @@ class _Rows:
 
 
 class SampleSeq(Sequence[Sample]):
-    """A worker's samples in order, held as positions into ``_Rows`` (a Sample is made when asked for)."""
+    """A worker's samples in order, held as positions into ``_Rows`` (a Sample is made when asked for).
 
-    def __init__(self, rows: _Rows, positions: np.ndarray) -> None:
-        self._rows, self.positions = rows, positions
+    The samples come window by window (``bounds[k]:bounds[k + 1]`` is shuffle window k); each window's rows are
+    permuted by the generator of ``keys + (k, 0x5EED)`` the first time any of them is asked for, so planning an
+    epoch of a million shards makes no generator per window up front (a worker reads its windows in order)."""
+
+    def __init__(
+        self,
+        rows: _Rows,
+        positions: np.ndarray,
+        bounds: np.ndarray | None = None,
+        keys: tuple[int, ...] | None = None,
+    ) -> None:
+        self._rows, self._pos, self._keys = rows, positions, keys
+        self.bounds = np.array([0, len(positions)], np.int64) if bounds is None else bounds
+        self._out = positions if keys is None else np.empty_like(positions)
+        self._done = np.full(len(self.bounds) - 1, keys is None)
+        self._lock = threading.Lock()
+
+    def window_of(self, i: int) -> int:
+        """The window that sample ``i`` is in (``len(self)``: past the last window)."""
+        return int(np.searchsorted(self.bounds, i, side="right")) - 1
+
+    def _ensure(self, a: int, b: int) -> None:
+        if b <= a or self._keys is None:
+            return
+        with self._lock:
+            for k in range(self.window_of(a), self.window_of(b - 1) + 1):
+                if not self._done[k]:
+                    lo, hi = int(self.bounds[k]), int(self.bounds[k + 1])
+                    perm = _rng(*self._keys, k, 0x5EED).permutation(hi - lo)
+                    self._out[lo:hi] = self._pos[lo:hi][perm]
+                    self._done[k] = True
+
+    @property
+    def positions(self) -> np.ndarray:
+        self._ensure(0, len(self))
+        return self._out
 
     def __len__(self) -> int:
-        return len(self.positions)
+        return len(self._pos)
 
     def __getitem__(self, i: Any) -> Any:
         if isinstance(i, slice):
+            start, stop, step = i.indices(len(self))
+            if step == 1:
+                self._ensure(start, stop)
+                return SampleSeq(self._rows, self._out[start:stop])
             return SampleSeq(self._rows, self.positions[i])
-        return self._rows.sample(int(self.positions[i]))
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        self._ensure(i, i + 1)
+        return self._rows.sample(int(self._out[i]))
 
     def __iter__(self) -> Iterator[Sample]:
         sample = self._rows.sample
@@ -182,7 +211,7 @@ class WorkerPlan:
     batch_size: int
     steps: int
     windows: tuple[tuple[str, ...], ...]  # shard ids, in read order, grouped into shuffle windows
-    samples: Sequence[Sample]
+    samples: SampleSeq  # window by window: samples.bounds[k]:samples.bounds[k + 1] are windows[k]'s
 
     def batch(self, step: int) -> tuple[Sample, ...]:
         return tuple(self.samples[step * self.batch_size : (step + 1) * self.batch_size])
@@ -253,11 +282,7 @@ def epoch_plan(
             window_of = window_of[keep[pos]]
             pos = pos[keep[pos]]
         n_windows = -(-len(mine) // shuffle_shards)
-        bounds = np.searchsorted(window_of, np.arange(n_windows + 1))
-        out = np.empty_like(pos)
-        for k in range(n_windows):
-            a, b = int(bounds[k]), int(bounds[k + 1])
-            out[a:b] = pos[a:b][_rng(seed, epoch, *seg, w, k, 0x5EED).permutation(b - a)]
+        bounds = np.searchsorted(window_of, np.arange(n_windows + 1)).astype(np.int64)
         plans.append(
             WorkerPlan(
                 epoch=epoch,
@@ -267,7 +292,7 @@ def epoch_plan(
                 windows=tuple(
                     tuple(names[i : i + shuffle_shards]) for i in range(0, len(names), shuffle_shards)
                 ),
-                samples=SampleSeq(rows, out),
+                samples=SampleSeq(rows, pos, bounds, (seed, epoch, *seg, w)),
             )
         )
     steps = max(-(-len(p.samples) // batch_size) for p in plans) if plans else 0
@@ -392,25 +417,23 @@ class ShardStream:
     def __iter__(self) -> Iterator[Batch]:
         plan = self.plan
         first = self.start_step * plan.batch_size
-        # windows still needed from start_step on, in order
-        needed: list[tuple[str, ...]] = []
-        seen: set[str] = set()
-        for s in plan.samples[first:]:
-            if s.shard not in seen:
-                seen.add(s.shard)
-                win = next(w for w in plan.windows if s.shard in w)
-                if not needed or needed[-1] != win:
-                    needed.append(win)
+        # windows still needed from start_step on, in order (a window whose rows all lie before is skipped)
+        bounds = plan.samples.bounds.tolist()
+        needed = [
+            k
+            for k in range(plan.samples.window_of(first), len(plan.windows))
+            if bounds[k + 1] > max(bounds[k], first)
+        ]
         q: queue.Queue[Any] = queue.Queue(maxsize=max(1, self.cfg.prefetch_windows))
         stop = threading.Event()
 
         def producer() -> None:
             with ThreadPoolExecutor(self.cfg.read_threads) as pool:
-                for win in needed:
+                for k in needed:
                     if stop.is_set():
                         return
                     try:
-                        q.put((win, self._load_window(win, pool)))
+                        q.put((k, self._load_window(plan.windows[k], pool)))
                     except BaseException as e:  # surface read errors in the consumer
                         q.put(e)
                         return
@@ -419,6 +442,7 @@ class ShardStream:
         thread = threading.Thread(target=producer, name="radio-dist-reader", daemon=True)
         thread.start()
         loaded: dict[str, dict[str, np.ndarray]] = {}
+        window_of_shard: dict[str, int] = {}
         try:
             for step in range(self.start_step, plan.steps):
                 batch_samples = plan.batch(step)
@@ -432,11 +456,14 @@ class ShardStream:
                         raise item
                     if item is None:
                         raise StoreError(f"{self.store.url}: reader ran out of shards before the plan's end")
-                    win, arrays = item
-                    # a new window replaces the previous one once nothing of it is needed any more
-                    rest = {s.shard for s in plan.samples[step * plan.batch_size :]}
-                    loaded = {k: v for k, v in loaded.items() if k in rest}
+                    k, arrays = item
+                    # a window's shards are dropped once every sample of it lies before this step
+                    first_now = step * plan.batch_size
+                    loaded = {
+                        sh: v for sh, v in loaded.items() if bounds[window_of_shard[sh] + 1] > first_now
+                    }
                     loaded.update(arrays)
+                    window_of_shard.update(dict.fromkeys(arrays, k))
                     missing = [s for s in batch_samples if s.shard not in loaded]
                 yield self._assemble(step, batch_samples, loaded, wait)
         finally:

@@ -47,6 +47,23 @@ def test_plan_is_deterministic_shuffled_and_balanced():
     assert len(set(first)) == 2
 
 
+def test_plan_windows_are_shuffled_when_read_whatever_the_order_of_access():
+    """Each window's permutation is made on first access: reading batches backwards, or one sample deep in the
+    epoch first, gives the very order a front-to-back read gives, and sample ranges match ``windows``."""
+    shards = fake_shards([10, 3, 25, 8, 8, 1, 17, 12, 5])
+    args = dict(epoch=2, seed=4, num_workers=2, batch_size=3, shuffle_shards=2)
+    front = [list(p.samples) for p in epoch_plan(shards, **args)]
+    for p, want in zip(epoch_plan(shards, **args), front, strict=True):
+        assert p.samples[len(p.samples) - 2] == want[-2]  # deep first
+        got = [p.batch(step) for step in reversed(range(p.steps))][::-1]
+        assert [s for b in got for s in b] == want
+        b = p.samples.bounds
+        for k, window in enumerate(p.windows):
+            assert {s.shard for s in want[b[k] : b[k + 1]]} == set(window)
+            assert p.samples.window_of(int(b[k])) == k
+    assert front != [list(p.samples) for p in epoch_plan(shards, **{**args, "epoch": 3})]
+
+
 def test_plan_rejects_bad_arguments():
     with pytest.raises(ValueError, match="batch_size"):
         epoch_plan(fake_shards([3]), 0, 0, num_workers=1, batch_size=0, shuffle_shards=1)
