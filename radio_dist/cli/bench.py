@@ -1,4 +1,4 @@
-"""`radio-dist bench cache`, `bench ingest` and `bench train` (figures in the README and docs/benchmarks.md)."""
+"""`radio-dist bench cache`, `bench ingest`, `bench train` and `bench manifest` (figures in the README and docs/benchmarks.md)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from radio_dist.cli.common import JsonOpt, err, fail, json_only_stdout, print_result
+from radio_dist.cli.common import JsonOpt, err, fail, json_only_stdout, print_json, print_result
 from radio_dist.config import ConfigError
 
 
@@ -156,3 +156,47 @@ def bench_train_cmd(
     except (ConfigError, ValueError) as e:
         fail(str(e))
     print_result("bench train", res, as_json)
+
+
+def bench_manifest_cmd(
+    shards: Annotated[
+        str, typer.Option(help="Comma-separated store sizes in shards (each is simulated afresh).")
+    ] = "10000,100000,1000000",
+    rows_per_shard: Annotated[int, typer.Option(min=1, help="Manifest rows (images) per shard.")] = 4,
+    fanout: Annotated[int, typer.Option(min=2, help="Compaction fanout F (store.compact_fanout).")] = 32,
+    loose_up_to: Annotated[
+        int,
+        typer.Option(
+            help="Also time the uncompacted layout (one part per shard) and its compaction up to this size."
+        ),
+    ] = 10_000,
+    s3: Annotated[
+        bool, typer.Option("--s3", help="On moto's S3 server on loopback (dev extra) instead of local disk.")
+    ] = False,
+    workdir: Annotated[
+        Path | None, typer.Option(help="Where the local stores go (default: a temp dir).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Opening a store of 10 k … 1 M shards: manifest read, committed ids, epoch plan (simulated rows)."""
+    from radio_dist.bench.manifest import format_table, run_manifest_bench
+
+    try:
+        sizes = [int(s) for s in shards.split(",") if s.strip()]
+    except ValueError:
+        fail(f"--shards {shards!r}: give comma-separated whole numbers, e.g. 10000,100000")
+    if not sizes or min(sizes) < 1:
+        fail(f"--shards {shards!r}: give at least one size of 1 shard or more")
+    if as_json:
+        json_only_stdout()
+    try:
+        report = run_manifest_bench(
+            sizes, rows_per_shard=rows_per_shard, fanout=fanout, loose_up_to=loose_up_to, s3=s3,
+            workdir=workdir, progress=lambda m: err.print(m, highlight=False),
+        )  # fmt: skip
+    except RuntimeError as e:
+        fail(str(e))
+    if as_json:
+        print_json(report)
+    else:
+        print(format_table(report), end="")

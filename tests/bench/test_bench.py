@@ -290,3 +290,27 @@ def test_bench_train_small(ray_local, tmp_path):
     assert res["cached_vs_online_of_theory"] == pytest.approx(
         res["cached_vs_online"] / res["cached_vs_online_theory"]
     )
+
+
+def test_bench_manifest_simulates_the_compacted_layout_and_the_uncompacted_one(tmp_path):
+    from radio_dist.bench.manifest import tiered_sizes
+
+    assert tiered_sizes(3 * 16 + 2 * 4 + 3, fanout=4) == [16] * 3 + [4] * 2 + [1] * 3
+    assert tiered_sizes(64, fanout=4) == [64]  # four objects of 16 are one of 64
+    r = runner.invoke(
+        app,
+        ["bench", "manifest", "--shards", "59,9", "--fanout", "4", "--loose-up-to", "10", "--json",
+         "--workdir", str(tmp_path)],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    rows = {(x["shards"], x["layout"]): x for x in json.loads(r.stdout)["results"]}
+    assert set(rows) == {(59, "compacted"), (9, "compacted"), (9, "one part per shard")}
+    assert rows[59, "compacted"]["objects"] == 3 + 2 + 3  # what the reader opened
+    assert rows[9, "compacted"]["objects"] == 2 + 1
+    assert rows[9, "one part per shard"]["objects"] == 9
+    assert rows[9, "one part per shard"]["objects_after_compact"] == 1  # its 9 level-0 parts merge at once
+    for x in rows.values():
+        assert x["rows"] == x["planned_samples"] == x["shards"] * 4
+    assert list(tmp_path.iterdir()) == []  # its stores are removed
+    bad = runner.invoke(app, ["bench", "manifest", "--shards", "ten"])
+    assert bad.exit_code != 0 and "--shards 'ten'" in bad.output
