@@ -214,10 +214,13 @@ def resolve_weights_path(weights: WeightsSpec) -> Path | None:
     return None
 
 
-def fingerprint(spec: TeacherSpec, extra: dict[str, Any] | None = None) -> str:
+def fingerprint(
+    spec: TeacherSpec, extra: dict[str, Any] | None = None, weights_file: str | os.PathLike[str] | None = None
+) -> str:
     """Hash of the spec's identity plus a checksum of its weights (an adaptation's own state, such as a learned
-    file, through its ``identity``), and ``extra``."""
-    wpath = resolve_weights_path(spec.weights)
+    file, through its ``identity``), and ``extra``. ``weights_file``: the spec's weights file, now at another
+    path (the fingerprint is the spec's as written, with that file's checksum)."""
+    wpath = Path(weights_file) if weights_file is not None else resolve_weights_path(spec.weights)
     if wpath is not None:  # a bad file is named here, in the driver, not inside the actors that load it
         check_weights_file(wpath, deep=True)
     weights_sum = (
@@ -302,6 +305,18 @@ class Teacher(torch.nn.Module):
     @torch.inference_mode()
     def forward(self, images: np.ndarray | torch.Tensor, resolution: int | None = None) -> TeacherOutput:  # type: ignore[override]
         return self.features(self.normalize(images, resolution))
+
+    def run_views(self, images: np.ndarray | torch.Tensor, partition: str, view_size: int) -> TeacherOutput:
+        """The teacher on canonical views of ``partition`` (uint8 NHWC, ``view_size`` px) as a caching job runs
+        it: at its input resolution for that partition, in batches of its ``runtime.batch_size``."""
+        res = self.input_resolution(partition, view_size)
+        bs = self.spec.runtime.batch_size
+        outs = [self(images[i : i + bs], resolution=res) for i in range(0, len(images), bs)]
+        summaries = [o.summary for o in outs if o.summary is not None]
+        return TeacherOutput(
+            summary=torch.cat(summaries) if summaries else None,
+            dense=torch.cat([o.dense for o in outs]) if outs else torch.zeros(0),
+        )
 
 
 TeacherFactory = Callable[[TeacherSpec], Teacher]

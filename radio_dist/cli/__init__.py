@@ -14,6 +14,7 @@ radio-dist distill --config jobs/configs/distill_sample.yaml --set train.epochs=
 radio-dist eval ./runs/demo --store ./store
 radio-dist featsharp train --config jobs/configs/featsharp_sample.yaml --out ./runs/featsharp
 radio-dist bench ingest --json
+radio-dist bench manifest --shards 10000,100000,1000000   # opening a store of a million shards
 radio-dist submit distill --config jobs/configs/distill_sample.yaml --address http://HEAD:8265 --set out=s3://b/run
 """
 
@@ -54,6 +55,7 @@ store_app.command("verify")(store.store_verify_cmd)
 store_app.command("gc")(store.store_gc_cmd)
 store_app.command("recode")(store.store_recode_cmd)
 store_app.command("compact")(store.store_compact_cmd)
+store_app.command("audit")(store.store_audit_cmd)
 app.command("distill")(train.distill_cmd)
 app.command("eval")(train.eval_cmd)
 featsharp_app.command("train")(featsharp.featsharp_train_cmd)
@@ -61,6 +63,7 @@ featsharp_app.command("eval")(featsharp.featsharp_eval_cmd)
 bench_app.command("cache")(bench.bench_cache_cmd)
 bench_app.command("ingest")(bench.bench_ingest_cmd)
 bench_app.command("train")(bench.bench_train_cmd)
+bench_app.command("manifest")(bench.bench_manifest_cmd)
 app.command("submit")(submit.submit_cmd)
 
 

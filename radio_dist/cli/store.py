@@ -1,4 +1,4 @@
-"""`radio-dist store info` and `store verify`."""
+"""`radio-dist store info`, `verify`, `gc`, `recode`, `compact` and `audit`."""
 
 from __future__ import annotations
 
@@ -214,3 +214,64 @@ def store_compact_cmd(
         f"{summary.deleted} removed, in {summary.seconds:.1f} s",
         highlight=False,
     )
+
+
+def store_audit_cmd(
+    store: StoreArg,
+    teacher: Annotated[str, typer.Option("--teacher", "-t", help="The cached teacher to re-run live.")],
+    rows: Annotated[int, typer.Option(min=1, help="Rows sampled (without replacement) from the store.")] = 16,
+    partition: Annotated[
+        str | None, typer.Option(help="Comma-separated partitions (default: every one the teacher has).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the row sample.")] = 0,
+    weights: Annotated[
+        str | None,
+        typer.Option(
+            help="The teacher's weights file, where it is no longer at the path the store recorded."
+        ),
+    ] = None,
+    tolerance: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=0.5,
+            help="Cosine allowed below the fidelity recorded when the targets were written (another device or "
+            "library build drifts a little).",
+        ),
+    ] = 0.003,
+    device: Annotated[str | None, typer.Option(help="cpu | cuda (default: cuda where there is one).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Re-run a cached teacher live on sampled rows and compare with the stored targets; exits 1 below the
+    threshold the recorded fidelity implies (wrong weights, preprocessing drift, targets written wrong)."""
+    from radio_dist.cache.audit import audit_teacher
+
+    parts = [p.strip() for p in partition.split(",") if p.strip()] if partition else None
+    report = audit_teacher(
+        open_store(store), teacher, rows=rows, partitions=parts, seed=seed, weights=weights,
+        tolerance=tolerance, device=device, progress=lambda m: err.print(m, highlight=False),
+    )  # fmt: skip
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=1))
+    else:
+        for n in report.notes:
+            err.print(f"note: {n}", highlight=False)
+        out.print(
+            f"audit of {report.teacher} on {report.device}, tolerance {report.tolerance}:", highlight=False
+        )
+        for p in report.partitions:
+            r = p.recorded
+            out.print(
+                f"  {p.partition} {p.codec}: {p.rows} rows, cos mean {p.cos_mean:.6f} p1 {p.cos_p1:.6f}, "
+                f"rel mse {p.rel_mse:.2e}; recorded "
+                + ("-" if r is None else f"{r['cos_mean']:.6f} / {r['cos_p1']:.6f}")
+                + ("" if p.summary_cos_min is None else f"; summary cos min {p.summary_cos_min:.6f}")
+                + (" [green]ok[/]" if p.passed else " [red]FAILED[/]"),
+                highlight=False,
+                soft_wrap=True,
+            )
+        for p in report.partitions:
+            for f in p.failures:
+                err.print(f"[red]problem:[/] {p.partition}: {f}", highlight=False)
+    if not report.passed:
+        raise typer.Exit(1)

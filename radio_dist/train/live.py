@@ -128,17 +128,9 @@ def fit_images(
 def run_teacher(
     teacher: Teacher, images: torch.Tensor | np.ndarray, partition: str, sizes: dict[str, int]
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """(summary, dense) in the teacher's raw space for uint8 NHWC views of ``partition``, in batches of the
-    teacher's ``runtime.batch_size``, at the input resolution the caching job gives it."""
-    res = teacher.input_resolution(partition, sizes[partition])
-    bs = teacher.spec.runtime.batch_size
-    summaries, denses = [], []
-    for i in range(0, len(images), bs):
-        out = teacher(images[i : i + bs], resolution=res)
-        denses.append(out.dense)
-        if out.summary is not None:
-            summaries.append(out.summary)
-    return (torch.cat(summaries) if summaries else None), torch.cat(denses)
+    """(summary, dense) in the teacher's raw space for uint8 NHWC views of ``partition``."""
+    out = teacher.run_views(images, partition, sizes[partition])
+    return out.summary, out.dense
 
 
 class LiveTeacher:
