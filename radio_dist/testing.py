@@ -7,6 +7,8 @@ with random targets; ``write_synthetic_store`` is the small-store shorthand the 
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -29,18 +31,20 @@ def write_random_store(
     errors_per_shard: int = 0,
     seed: int = 7,
     codec: str = "fp16",
+    storage_options: dict[str, Any] | None = None,
 ) -> dict[str, list[str]]:
     """A real Zarr/Parquet store with random targets (no teacher runs) — same layout and bytes as a cached one.
 
     ``teachers`` maps name -> (grid, dense_dim, summary_dim | None), the grid at the smallest partition;
     ``px`` is the view size of one partition ``low`` or a mapping partition -> px (each partition's grid
     scales with its size, as a teacher's does); ``codec`` stores every teacher's targets (with their fidelity,
-    as a caching job records it). Returns {shard: ok ids in array order}.
+    as a caching job records it); ``storage_options``: fsspec's, for a store on S3. Returns {shard: ok ids in
+    array order}.
     """
     partitions = {"low": px} if isinstance(px, int) else dict(px)
     smallest = min(partitions.values())
     grids = {t: {p: g * s // smallest for p, s in partitions.items()} for t, (g, _, _) in teachers.items()}
-    store = FeatureStore(url)
+    store = FeatureStore(url, storage_options)
     store.init_or_check(
         partitions,
         {

@@ -4,18 +4,19 @@ together on one read per step against each trained alone (figures in the README)
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import numpy as np
 import torch
 
 from radio_dist.bench.fresh_process import in_fresh_process
+from radio_dist.bench.loopback import loopback_s3
 from radio_dist.ray_setup import ALLOCATOR_ENV
 from radio_dist.store import FeatureStore, StoreConfig
 from radio_dist.testing import DEMO_TEACHERS, write_random_store
@@ -35,18 +36,85 @@ def bench_ingest(
     students: list[Any] | None = None,
     workdir: Path | None = None,
     log: Callable[[str], None] = print,
+    codecs: Sequence[str] = ("fp16",),
+    s3: bool = False,
+    s3_images: int = 256,
+    repeats: int = 2,
+    train: bool = True,
 ) -> dict[str, Any]:
     """``_bench_ingest`` in a fresh process with the allocator settings every Ray worker of a local instance
     gets (``ALLOCATOR_ENV``): the reader and the students run in Ray Train workers, and without them every
-    batch-sized allocation page-faults (the raw read ran at ~3.5k samples/s instead of ~13k, the reader's
+    batch-sized allocation page-faulted (the raw read ran at ~3.5k samples/s instead of ~13k, the reader's
     figures moved by 2x between passes). Progress lines go to stderr from there."""
     log("measuring in a fresh process with the training workers' allocator settings ...")
-    args = (store_url, images, shard_size, batch_size, steps, students, workdir)
-    return dict(in_fresh_process(dict(ALLOCATOR_ENV), _bench_ingest, *args))
+    args = (store_url, images, shard_size, batch_size, steps, students, workdir, tuple(codecs), s3, s3_images)
+    return dict(in_fresh_process(dict(ALLOCATOR_ENV), _bench_ingest, *args, repeats, train))
 
 
 def _log_stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def reader_vs_raw(
+    store: FeatureStore, batch_size: int, repeats: int, read_threads: int = 4
+) -> dict[str, Any]:
+    """One epoch through ``ShardStream`` (batches handed over as torch tensors) against a raw read of the same
+    objects — the chunk files of the arrays the reader reads, fetched whole: ``fs.cat`` + ``np.frombuffer``
+    on local disk, concurrent ranged GETs (``fs.cat_ranges``) on an object store. Both warm (one pass each
+    first); ``repeats`` passes of each, alternating, the fastest of each kept (``*_each`` lists all)."""
+    meta = store.meta()
+    teachers = sorted(meta.teachers)
+    partition = sorted(meta.partitions)[0]
+    shards = committed_shards(store)
+    rows = sum(len(s.ids) for s in shards)
+    plan = epoch_plan(shards, 0, 0, 1, batch_size, 4)[0]
+    cfg = ReaderConfig(read_threads=read_threads)
+    names = ShardStream(store, plan, teachers, [partition], lambda s: partition, cfg).array_names([partition])
+    paths: list[str] = []
+    sizes: list[int] = []
+    for sh in shards:
+        with store.open_rows(sh.shard, names) as r:
+            for a in r.arrays.values():
+                paths.extend(a.paths)
+                sizes.extend([a.chunk_bytes] * len(a.paths))
+    fs = store.fs
+
+    def raw_pass() -> tuple[float, int]:
+        t0 = time.perf_counter()
+        if store.is_local:
+            blobs = list(fs.cat(paths).values())
+        else:
+            blobs = fs.cat_ranges(paths, [0] * len(paths), sizes)
+        nbytes = sum(np.frombuffer(b, dtype=np.uint8).size for b in blobs)
+        return time.perf_counter() - t0, nbytes
+
+    def reader_pass() -> float:
+        t0 = time.perf_counter()
+        n = 0
+        for b in ShardStream(store, plan, teachers, [partition], lambda s: partition, cfg):
+            _ = torch.from_numpy(b.images), {t: torch.from_numpy(v) for t, v in b.dense.items()}
+            n += len(b)
+        assert n == rows
+        return time.perf_counter() - t0
+
+    raw_pass(), reader_pass()  # warm: the page cache (local), connections and the server (S3)
+    raw_each, reader_each, nbytes = [], [], 0
+    for _ in range(repeats):
+        t, nbytes = raw_pass()
+        raw_each.append(t)
+        reader_each.append(reader_pass())
+    raw_s, reader_s = min(raw_each), min(reader_each)
+    read_bytes = sum(sizes)  # what the reader reads: the same chunk files (every row of them once)
+    return {
+        "rows": rows,
+        "bytes_per_sample": read_bytes / rows,
+        "raw_samples_per_s": rows / raw_s,
+        "raw_mb_per_s": nbytes / raw_s / 1e6,
+        "reader_samples_per_s": rows / reader_s,
+        "reader_mb_per_s": read_bytes / reader_s / 1e6,
+        "ratio": raw_s / reader_s,
+        "ratio_each": [r / d for r, d in zip(raw_each, reader_each, strict=True)],
+    }
 
 
 def _bench_ingest(
@@ -57,74 +125,78 @@ def _bench_ingest(
     steps: int,
     students: list[Any] | None,
     workdir: Path | None,
+    codecs: tuple[str, ...] = ("fp16",),
+    s3: bool = False,
+    s3_images: int = 256,
+    repeats: int = 2,
+    train: bool = True,
 ) -> dict[str, Any]:
-    """Store reader vs raw reads of the same bytes, and S students trained together vs one by one
-    (``bench_ingest``'s arguments; progress lines to stderr).
+    """Store reader vs raw reads of the same bytes (per codec, on local disk and on a loopback S3 server), and
+    S students trained together vs one by one (``bench_ingest``'s arguments; progress lines to stderr).
 
     - ``ratio``: samples/s that ``ShardStream`` delivers to a consumer (as torch tensors) over a whole epoch,
-      divided by samples/s of reading the same shard files raw (fsspec ``cat`` + ``np.frombuffer``). Both read
-      warm (a first pass fills the page cache), so this isolates the reader's own overhead.
+      divided by samples/s of reading the same objects raw (``reader_vs_raw``); ``by_codec`` holds it for each
+      store written with one codec (``codecs``), and with ``s3`` the same on the loopback S3 server.
     - ``multi_student_ratio``: wall time of ``steps`` steps training every student on each batch (one read per
       step), divided by the sum over students of ``steps`` steps training that student alone (its own read per
       step). ``multi_student_overhead``: the together time over the students' pure compute (no reading).
     """
     log = _log_stderr
     torch.set_num_threads(os.cpu_count() or 1)
-    tmp = tempfile.TemporaryDirectory(dir=workdir) if store_url is None else None
-    if store_url is None:
-        assert tmp is not None
-        store_url = str(Path(tmp.name) / "store")
-        n_shards = -(-images // shard_size)
-        log(f"writing a {images}-image store with random targets shaped like the demo teachers' ...")
-        write_random_store(
-            store_url, [min(shard_size, images - i * shard_size) for i in range(n_shards)], DEMO_TEACHERS, 224
+    tmp = tempfile.TemporaryDirectory(dir=workdir)
+
+    def shard_rows(n: int) -> list[int]:
+        return [min(shard_size, n - i * shard_size) for i in range(-(-n // shard_size))]
+
+    by_codec: dict[str, Any] = {}
+    first_url = store_url
+    for codec in codecs if store_url is None else ():
+        url = str(Path(tmp.name) / f"store-{codec}")
+        log(f"writing a {images}-image store with random {codec} targets shaped like the demo teachers' ...")
+        write_random_store(url, shard_rows(images), DEMO_TEACHERS, 224, codec=codec)
+        first_url = first_url or url
+        by_codec[codec] = {"local": reader_vs_raw(FeatureStore(url), batch_size, repeats)}
+        x = by_codec[codec]["local"]
+        log(
+            f"{codec} local: reader {x['reader_samples_per_s']:.0f} vs raw {x['raw_samples_per_s']:.0f} samples/s "
+            f"({x['ratio']:.2f}), {x['bytes_per_sample'] / 1e3:.0f} kB/sample"
         )
-    store = FeatureStore(store_url)
+        if codec != codecs[0] or not train:
+            shutil.rmtree(url, ignore_errors=True)
+    if s3 and store_url is None:
+        with loopback_s3("bench ingest --s3") as (base, options):
+            for codec in codecs:
+                url = f"{base}/store-{codec}"
+                log(f"writing a {s3_images}-image {codec} store to the loopback S3 server ...")
+                write_random_store(
+                    url, shard_rows(s3_images), DEMO_TEACHERS, 224, codec=codec, storage_options=options
+                )
+                x = reader_vs_raw(FeatureStore(url, options), batch_size, repeats, read_threads=16)
+                by_codec[codec]["s3"] = x
+                log(
+                    f"{codec} s3: reader {x['reader_samples_per_s']:.0f} vs ranged GETs {x['raw_samples_per_s']:.0f} "
+                    f"samples/s ({x['ratio']:.2f})"
+                )
+    assert first_url is not None
+    store = FeatureStore(first_url)
+    res: dict[str, Any] = (
+        dict(by_codec[codecs[0]]["local"]) if by_codec else reader_vs_raw(store, batch_size, repeats)
+    )
+    res["by_codec"] = by_codec
+    if not train:
+        tmp.cleanup()
+        return res
     meta = store.meta()
     teachers = sorted(meta.teachers)
     partition = sorted(meta.partitions)[0]
     shards = committed_shards(store)
-    fs, root = fsspec.core.url_to_fs(store_url)
-    files = [
-        f for s in shards for f in fs.find(f"{root.rstrip('/')}/shards/{s.shard}") if "/c/" in f
-    ]  # chunks
     rows = sum(len(s.ids) for s in shards)
-
-    def raw_pass() -> tuple[float, int]:
-        t0 = time.perf_counter()
-        nbytes = 0
-        for blob in fs.cat(files).values():
-            nbytes += np.frombuffer(blob, dtype=np.uint8).size
-        return time.perf_counter() - t0, nbytes
-
-    def reader_pass() -> float:
-        plan = epoch_plan(shards, 0, 0, 1, batch_size, 4)[0]
-        t0 = time.perf_counter()
-        n = 0
-        for b in ShardStream(store, plan, teachers, [partition], lambda s: partition, ReaderConfig()):
-            _ = torch.from_numpy(b.images), {t: torch.from_numpy(v) for t, v in b.dense.items()}
-            n += len(b)
-        assert n == rows
-        return time.perf_counter() - t0
-
-    raw_pass()  # warm the page cache for both
-    raw_s, nbytes = min(raw_pass() for _ in range(2))
-    reader_s = min(reader_pass() for _ in range(2))
-    res: dict[str, Any] = {
-        "rows": rows,
-        "bytes_per_sample": nbytes / rows,
-        "raw_samples_per_s": rows / raw_s,
-        "raw_mb_per_s": nbytes / raw_s / 1e6,
-        "reader_samples_per_s": rows / reader_s,
-        "ratio": raw_s / reader_s,
-    }
-    log(f"reader {res['reader_samples_per_s']:.0f} samples/s vs raw {res['raw_samples_per_s']:.0f} samples/s")
 
     # -- S students together vs separately --------------------------------------------------------------------
     specs = students or default_students()
     train = TrainConfig(batch_size=batch_size)
     job = DistillConfig(  # the plan a distillation job of these students would train on (out is not written)
-        store=StoreConfig(url=store_url),
+        store=StoreConfig(url=first_url),
         out="unused-by-bench",
         students=specs,
         train=train,
@@ -179,6 +251,5 @@ def _bench_ingest(
         f"{len(names)} students together {together / steps:.2f} s/step vs separately "
         f"{sum(separate.values()) / steps:.2f} s/step (pure compute {sum(compute_only.values()) / steps:.2f})"
     )
-    if tmp is not None:
-        tmp.cleanup()
+    tmp.cleanup()
     return res

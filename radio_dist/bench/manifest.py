@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from radio_dist.bench.loopback import loopback_s3
 from radio_dist.store import FeatureStore, TeacherRecord
 from radio_dist.store.compact import DEFAULT_FANOUT, compact_store
 from radio_dist.store.manifest import MANIFEST_SCHEMA, REPLACES_KEY, SNAPSHOTS, snapshot_name
@@ -126,40 +127,6 @@ def time_open(url: str, storage_options: dict[str, Any] | None, workers: int = 8
     return out
 
 
-@contextmanager
-def _loopback_s3() -> Iterator[tuple[str, dict[str, Any]]]:
-    try:
-        import boto3
-        from moto.server import ThreadedMotoServer
-    except ImportError as e:
-        raise RuntimeError(
-            f"bench manifest --s3 runs moto's S3 server on loopback, which is not installed ({e}): "
-            "pip install -e '.[dev]'"
-        ) from None
-    import logging
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    try:
-        boto3.client(
-            "s3", endpoint_url=endpoint, aws_access_key_id="bench", aws_secret_access_key="bench",
-            region_name="us-east-1",
-        ).create_bucket(Bucket="bench")  # fmt: skip
-        yield (
-            "s3://bench",
-            {
-                "key": "bench",
-                "secret": "bench",
-                "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
-            },
-        )
-    finally:
-        server.stop()
-
-
 def run_manifest_bench(
     shards: list[int],
     rows_per_shard: int = 4,
@@ -172,7 +139,7 @@ def run_manifest_bench(
     tmp = Path(tempfile.mkdtemp(prefix="bench-manifest-", dir=workdir))
     results: list[dict[str, Any]] = []
     try:
-        with _loopback_s3() if s3 else _local(tmp) as (base, options):
+        with loopback_s3("bench manifest --s3") if s3 else _local(tmp) as (base, options):
             for n in shards:
                 layouts = [("compacted", True)] + (
                     [("one part per shard", False)] if n <= loose_up_to else []

@@ -90,25 +90,60 @@ def bench_cache_cmd(
 def bench_ingest_cmd(
     store: Annotated[
         str | None,
-        typer.Option(help="Bench this store (default: a fresh one with random demo-shaped targets)."),
+        typer.Option(help="Bench this store (default: fresh ones with random demo-shaped targets)."),
     ] = None,
-    images: Annotated[int, typer.Option(help="Images in the generated store.")] = 1024,
-    batch_size: Annotated[int, typer.Option(help="Samples per step.")] = 32,
-    steps: Annotated[int, typer.Option(help="Timed training steps per measurement.")] = 6,
+    images: Annotated[int, typer.Option(min=1, help="Images in each generated local store.")] = 1024,
+    batch_size: Annotated[int, typer.Option(min=1, help="Samples per step.")] = 32,
+    steps: Annotated[int, typer.Option(min=1, help="Timed training steps per measurement.")] = 6,
+    codec: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated target codecs: a generated store for each (fp16, int8, nf4, ...)."
+        ),
+    ] = "fp16,int8,nf4",
+    s3: Annotated[
+        bool,
+        typer.Option("--s3", help="Also on moto's S3 server on loopback (dev extra): reader vs ranged GETs."),
+    ] = False,
+    s3_images: Annotated[int, typer.Option(min=1, help="Images in each store on the S3 server.")] = 256,
+    repeats: Annotated[
+        int, typer.Option(min=1, help="Timed passes of reader and raw read, alternating.")
+    ] = 2,
+    students: Annotated[
+        bool, typer.Option("--students/--no-students", help="Also time students together vs alone.")
+    ] = True,
     as_json: JsonOpt = False,
 ) -> None:
-    """Store reader vs raw reads of the same bytes; S students trained together vs one by one."""
+    """Store reader vs raw reads of the same bytes (per codec; local, and S3 with --s3); S students trained
+    together vs one by one."""
     from radio_dist.bench.ingest import bench_ingest
+    from radio_dist.store.codecs import get_codec
 
+    codecs = [c.strip() for c in codec.split(",") if c.strip()]
+    try:
+        for c in codecs:
+            get_codec(c)
+    except (KeyError, ValueError) as e:
+        fail(f"--codec {codec!r}: {e}")
+    if not codecs:
+        fail("--codec: name at least one codec, e.g. fp16")
     if as_json:
         json_only_stdout()
-    res = bench_ingest(
-        store_url=store,
-        images=images,
-        batch_size=batch_size,
-        steps=steps,
-        log=lambda m: err.print(m, highlight=False),
-    )
+    try:
+        res = bench_ingest(
+            store_url=store,
+            images=images,
+            batch_size=batch_size,
+            steps=steps,
+            log=lambda m: err.print(m, highlight=False),
+            codecs=codecs,
+            s3=s3,
+            s3_images=s3_images,
+            repeats=repeats,
+            train=students,
+        )
+    except RuntimeError as e:
+        fail(str(e))
     print_result("bench ingest", res, as_json)
 
 

@@ -47,7 +47,7 @@ from pydantic import Field, ValidationError, field_validator
 
 from radio_dist.config import StrictModel, format_validation_error
 from radio_dist.phis import PhiS
-from radio_dist.store.chunks import array_names, chunk_keys, member, plain_layout
+from radio_dist.store.chunks import array_names
 from radio_dist.store.codecs import Fidelity, TargetCodec, UnknownCodecError, get_codec, merge_fidelity
 from radio_dist.store.errors import StoreError, StoreMismatchError
 from radio_dist.store.manifest import (
@@ -62,6 +62,8 @@ from radio_dist.store.manifest import (
 )
 from radio_dist.store.preflight import check_object_store
 from radio_dist.store.records import FORMAT, OutputShapes, PhisRecord, StoreMeta, TeacherRecord
+from radio_dist.store.rows import ShardRowReader, open_rows
+from radio_dist.store.views import ViewCodec, get_view_codec
 
 # botocore retries for s3:// stores whose storage_options name none. "standard" retries throttling (503
 # SlowDown), 5xx and connection errors with exponential backoff and jitter; botocore's default ("legacy", 4
@@ -221,17 +223,20 @@ class FeatureStore:
         partitions: dict[str, int],
         teachers: dict[str, TeacherRecord],
         view_resample: str = "bilinear",
+        view_codec: str = "raw",
     ) -> StoreMeta:
         """Create the store's metadata, or check an existing store matches this job (refuse otherwise).
 
         ``teachers`` maps name -> its record (fingerprint, family, spec); ``view_resample`` is how the job
-        resamples canonical views (``source.resample``): one store never mixes two.
+        resamples canonical views (``source.resample``) and ``view_codec`` how it stores them
+        (``pipeline.view_codec``): one store never mixes two.
         """
         if not self.exists():
             self.write_meta(
                 StoreMeta(
                     partitions=partitions,
                     view_resample=view_resample,
+                    view_codec=get_view_codec(view_codec).name,
                     teachers={k: v.model_copy() for k, v in teachers.items()},
                 )
             )
@@ -244,6 +249,11 @@ class FeatureStore:
             problems.append(
                 f"source.resample: the store's views were resampled {meta.view_resample}, the job asks for "
                 f"{view_resample} (set source.resample: {meta.view_resample} to add to this store)"
+            )
+        if meta.view_codec != get_view_codec(view_codec).name:
+            problems.append(
+                f"pipeline.view_codec: the store's views are stored {meta.view_codec}, the job asks for "
+                f"{get_view_codec(view_codec).name} (set pipeline.view_codec: {meta.view_codec} to add to this store)"
             )
         have, want = set(meta.teachers), set(teachers)
         if have != want:
@@ -305,6 +315,14 @@ class FeatureStore:
         if record is None or record.phis is None:
             raise StoreError(f"{self.url}: no PHI-S parameters for teacher {teacher!r} yet")
         return PhiS.from_arrays(load(self.get(record.phis.file)))
+
+    def view_codec(self, meta: StoreMeta | None = None) -> ViewCodec:
+        """How the store's canonical views are stored (raw pixels, or encoded: ``radio_dist.store.views``)."""
+        name = (meta or self.meta()).view_codec
+        try:
+            return get_view_codec(name)
+        except ValueError as e:
+            raise StoreError(f"{self.url}/store.json: {e} — written by a newer radio-dist?") from None
 
     def codec(self, teacher: str, partition: str, meta: StoreMeta | None = None) -> TargetCodec:
         """The codec of a teacher's stored dense targets at one partition; one this version does not know is a
@@ -456,46 +474,28 @@ class FeatureStore:
         # consolidated metadata (when the shard has it): one GET instead of a listing + one GET per node
         return zarr.open_group(self.zarr_store(shard), mode="r", zarr_format=3, use_consolidated=None)
 
+    def open_rows(
+        self, shard: str, names: list[str] | None = None, requests: int | None = None
+    ) -> ShardRowReader:
+        """A reader of rows of ``names`` (default: every array) of a shard, into the caller's buffers: direct
+        reads from the chunk files on a local file system, the chunk files fetched whole (concurrently) on an
+        object store, ``requests`` at a time (``radio_dist.store.rows``). Close it when done (a context manager)."""
+        where = f"{self.url}: shard {shard}"
+        try:
+            group = self.open_shard(shard)
+        except FileNotFoundError as e:
+            raise StoreError(f"{where} cannot be opened ({e}); run `radio-dist store verify`") from e
+        return open_rows(group, where, self.path("shards", shard), self.fs, self.is_local, names, requests)
+
     def read_shard(self, shard: str, names: list[str] | None = None) -> dict[str, np.ndarray]:
-        """Arrays of one committed shard, as stored (uint8 images, float16 dense, float32 summary)."""
+        """Arrays of one committed shard, as stored (uint8 images, float16 dense, float32 summary).
+
+        Each array is read once into an array of its own (``open_rows``): with Zarr's own read path the bytes
+        were copied and re-assembled at ~1/4 of their read rate."""
         if not self.is_committed(shard):
             raise StoreError(f"{self.url}: shard {shard} is not committed")
-        group = self.open_shard(shard)
-        keys = names if names is not None else list(array_names(group))
-        arrays = {k: member(group, k) for k in keys}
-        # The arrays this store writes (raw little-endian bytes, chunked along rows) are read as their chunk
-        # files, all in one fsspec `cat` (concurrent on object stores), and used in place: Zarr's own read
-        # path copied and re-assembled them at ~1/4 of the bytes' read rate (3.0k vs 12k samples/s of the
-        # ingest benchmark's store, one thread, page cache warm). Any other layout is read through Zarr.
-        layouts = {k: layout for k, a in arrays.items() if (layout := plain_layout(a)) is not None}
-        paths = {
-            k: [self.path("shards", shard, k, *chunk) for chunk in chunk_keys(arrays[k].shape, lay.rows)]
-            for k, lay in layouts.items()
-        }
-        blobs = self.fs.cat([p for ps in paths.values() for p in ps], on_error="return") if paths else {}
-        out: dict[str, np.ndarray] = {}
-        for k, a in arrays.items():
-            if k not in layouts:
-                out[k] = np.asarray(a[...])
-                continue
-            chunks: list[bytes | None] = []
-            for p in paths[k]:
-                blob = blobs.get(p, FileNotFoundError(p))
-                if isinstance(blob, FileNotFoundError):
-                    chunks.append(None)  # Zarr does not write a chunk that is all fill value
-                elif isinstance(blob, PermissionError):
-                    raise blob  # the machine's problem, not the store's: told as such
-                elif isinstance(blob, BaseException):
-                    raise StoreError(f"{self.url}: shard {shard}: reading {p} failed: {blob!r}") from blob
-                else:
-                    chunks.append(blob)
-            try:
-                out[k] = layouts[k].assemble(a.shape, chunks)
-            except ValueError as e:
-                raise StoreError(
-                    f"{self.url}: shard {shard}, array {k}: {e}; run `radio-dist store verify`"
-                ) from e
-        return out
+        with self.open_rows(shard, names) as rows:
+            return {k: rows.read(k) for k in rows.arrays}
 
     def read_targets(
         self, shard: str, teacher: str, partition: str, space: str = "phis"

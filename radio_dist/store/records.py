@@ -73,6 +73,11 @@ class StoreMeta(StrictModel):
         description="How canonical views were resampled (source.resample); stores from before the setting "
         "existed used PIL's bicubic.",
     )
+    view_codec: str = Field(
+        "raw",
+        description="How canonical views are stored (pipeline.view_codec): raw uint8 pixels, png, jpeg-Q or "
+        "webp-Q; the teachers saw the decoded pixels.",
+    )
     dense_dtype: str = Field(
         "float16",
         description="Kept for stores of earlier versions; the teachers' `codecs` say how targets are stored.",

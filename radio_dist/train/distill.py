@@ -58,7 +58,7 @@ from radio_dist.train.resume import (
 from radio_dist.train.rundir import RunDir, read_metrics
 from radio_dist.train.step import StudentState, lr_at, student_step, to_images
 from radio_dist.train.students import StudentModel, build_student, export_student
-from radio_dist.train.transfer import DeviceBatch, device_batches
+from radio_dist.train.transfer import DeviceBatch, device_batches, host_alloc
 from radio_dist.train.worker import TrainWorker
 from radio_dist.weights import check_weights_file
 
@@ -220,6 +220,7 @@ class Distiller:
             lambda s: step_choice(self.plan, train, epoch, s, segment)[0],
             self.cfg.reader,
             start_step=pos.next_step,
+            alloc=host_alloc(self.worker.device),
         )
         for batch in device_batches(stream, self.worker.device):
             t0 = time.perf_counter()

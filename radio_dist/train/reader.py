@@ -7,8 +7,9 @@ own shards), and shuffles samples inside windows of ``shuffle_shards`` consecuti
 the plan and starting at ``s``: every sample of the epoch is seen exactly once, whatever was killed.
 (Ray Data's iterators cannot be resumed after a failure, which is why the plan lives here.)
 
-``ShardStream`` reads a worker's plan with a background thread that loads the next window of shards while
-the current one is consumed (prefetch), and yields one ``Batch`` per step. Every step of an epoch exists on
+``ShardStream`` reads a worker's plan a few batches ahead on background threads, each row straight from its
+chunk file into the batch's buffer (a window's shards opened — on an object store, fetched — ahead of use), and
+yields one ``Batch`` per step. Every step of an epoch exists on
 every worker; a worker whose shards ran out yields empty batches so collective ops stay in lockstep.
 """
 
@@ -16,11 +17,11 @@ from __future__ import annotations
 
 import hashlib
 import heapq
-import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -32,8 +33,8 @@ from pydantic import Field
 from radio_dist.config import StrictModel
 from radio_dist.store import FeatureStore, StoreError, array_key, image_key
 from radio_dist.store.codecs import TargetCodec
-from radio_dist.store.feature_store import codec_problem
 from radio_dist.store.manifest import gc_paused, scale_key
+from radio_dist.store.rows import ShardRowReader
 
 
 class ReaderConfig(StrictModel):
@@ -42,9 +43,24 @@ class ReaderConfig(StrictModel):
     shuffle_shards: int = Field(
         4, ge=1, description="Shards whose samples are shuffled together (the shuffle buffer, in shards)."
     )
-    prefetch_windows: int = Field(1, ge=0, description="Windows of shards loaded ahead of the one in use.")
+    prefetch_windows: int = Field(
+        1,
+        ge=0,
+        description="Windows of shards opened ahead of the one in use (on an object store: fetched ahead).",
+    )
+    prefetch_batches: int = Field(
+        4, ge=1, description="Batches read into their buffers ahead of the step that trains on them."
+    )
     read_threads: int = Field(
-        4, ge=1, description="Parallel array reads per window (object stores like many)."
+        4,
+        ge=1,
+        description="Threads reading batches into their buffers, and shards opened (fetched) at once.",
+    )
+    requests: int = Field(
+        16,
+        ge=1,
+        description="Chunk requests in flight per shard fetched from an object store (each chunk file is one "
+        "request: the store's chunk_bytes sets its size).",
     )
 
 
@@ -321,11 +337,71 @@ class Batch:
         return len(self.ids)
 
 
+Alloc = Callable[[tuple[int, ...], np.dtype], np.ndarray]
+
+
+def _empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    return np.empty(shape, dtype)
+
+
+class _Windows:
+    """The shards of a plan's windows, open (row readers) while batches use them: window ``k`` is opened on the
+    first request (its shards concurrently), windows ahead of it start opening then, and a window is closed when
+    the stream is past it."""
+
+    def __init__(self, stream: ShardStream, pool: ThreadPoolExecutor) -> None:
+        self.stream, self.pool = stream, pool
+        self.open: dict[int, dict[str, Future[ShardRowReader]]] = {}
+        self.lock = threading.Lock()
+        self.closed = False
+
+    def start(self, k: int) -> dict[str, Future[ShardRowReader]]:
+        with self.lock:
+            if self.closed:
+                raise RuntimeError("the stream is closed")
+            if k not in self.open:
+                self.open[k] = {
+                    sh: self.pool.submit(self.stream.open_shard, sh) for sh in self.stream.plan.windows[k]
+                }
+            return self.open[k]
+
+    def rows(self, k: int, shard: str) -> ShardRowReader:
+        n = len(self.stream.plan.windows)
+        for ahead in range(k + 1, min(n, k + 1 + self.stream.cfg.prefetch_windows)):
+            self.start(ahead)
+        return self.start(k)[shard].result()
+
+    def release_before(self, k: int) -> None:
+        with self.lock:
+            gone = [w for w in self.open if w < k]
+            futures = [f for w in gone for f in self.open.pop(w).values()]
+        _close(futures)
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+            futures = [f for w in self.open.values() for f in w.values()]
+            self.open.clear()
+        _close(futures)
+
+
+def _close(futures: list[Future[ShardRowReader]]) -> None:
+    for f in futures:
+        if not f.cancel():
+            try:
+                f.result().close()
+            except BaseException:  # noqa: S110 - an open that failed has nothing to close (its error was raised)
+                pass
+
+
 class ShardStream:
-    """Iterate one worker's plan from ``start_step`` on, reading windows of shards in the background.
+    """Iterate one worker's plan from ``start_step`` on, each batch read straight into its buffers ahead of use.
 
     ``partition_of_step(step) -> partition`` picks which cached partition each step trains on (all workers
-    must agree; the training loop derives it from the seed). Only that partition's arrays are materialized.
+    must agree; the training loop derives it from the seed). Only that partition's arrays are read: every row
+    of a batch goes from its chunk file into its place in the batch once (``FeatureStore.open_rows``; on an
+    object store a window's shards are fetched whole, concurrently, ahead of use). ``alloc(shape, dtype)``
+    makes the batch buffers (pinned host memory on CUDA, so the copy to the device is the next and last).
     """
 
     def __init__(
@@ -337,6 +413,7 @@ class ShardStream:
         partition_of_step: Any,
         cfg: ReaderConfig | None = None,
         start_step: int = 0,
+        alloc: Alloc | None = None,
     ) -> None:
         self.store = store
         self.plan = plan
@@ -345,6 +422,7 @@ class ShardStream:
         self.partition_of_step = partition_of_step
         self.cfg = cfg or ReaderConfig()
         self.start_step = start_step
+        self.alloc = alloc or _empty
         meta = store.meta()
         self.shapes: dict[str, tuple[int, ...]] = {}  # row shape of every array read (for empty batches)
         self.dtypes: dict[str, Any] = {}
@@ -354,7 +432,7 @@ class ShardStream:
         for p in self.partitions:
             px = int(meta.partitions[p])
             self.shapes[image_key(p)] = (px, px, 3)
-            self.dtypes[image_key(p)] = np.uint8
+            self.dtypes[image_key(p)] = np.dtype(np.uint8)
             for t in self.teachers:
                 outputs = meta.teachers[t].outputs.get(p)
                 if outputs is None:
@@ -363,7 +441,7 @@ class ShardStream:
                 self.codecs[(t, p)] = codec
                 self.dense_shapes[(t, p)] = tuple(outputs.dense)
                 self.shapes[array_key(t, p, "dense")] = codec.code_shape(tuple(outputs.dense))
-                self.dtypes[array_key(t, p, "dense")] = codec.code_dtype
+                self.dtypes[array_key(t, p, "dense")] = np.dtype(codec.code_dtype)
                 sshape = codec.scale_shape(tuple(outputs.dense))
                 if sshape is not None:
                     self.shapes[scale_key(t, p)] = sshape
@@ -371,10 +449,12 @@ class ShardStream:
                 self.summary_keys[(t, p)] = bool(outputs.summary)
                 if outputs.summary:
                     self.shapes[array_key(t, p, "summary")] = tuple(outputs.summary)
+                    self.dtypes[array_key(t, p, "summary")] = np.dtype(np.float32)
 
-    def _names(self) -> list[str]:
+    def array_names(self, partitions: Sequence[str]) -> list[str]:
+        """The arrays a batch of ``partitions`` reads: views, codes, scales, summaries."""
         names = []
-        for p in self.partitions:
+        for p in partitions:
             names.append(image_key(p))
             for t in self.teachers:
                 names.append(array_key(t, p, "dense"))
@@ -384,130 +464,90 @@ class ShardStream:
                     names.append(array_key(t, p, "summary"))
         return names
 
-    def _load_window(
-        self, shards: tuple[str, ...], pool: ThreadPoolExecutor
-    ) -> dict[str, dict[str, np.ndarray]]:
-        names = self._names()
-
-        def one(shard: str) -> tuple[str, dict[str, np.ndarray]]:
-            arrays = self.store.read_shard(shard, names)
-            self._check(shard, arrays)
-            return shard, arrays
-
-        return dict(pool.map(one, shards))
-
-    def _check(self, shard: str, arrays: dict[str, np.ndarray]) -> None:
-        """Refuse a shard whose arrays do not fit the store's records (before any of it reaches a step)."""
-        rows = {len(a) for a in arrays.values()}
-        if len(rows) > 1:
-            counts = {k: len(a) for k, a in arrays.items()}
-            raise StoreError(
-                f"{self.store.url}: shard {shard}: arrays of different lengths {counts}; run `store verify`"
-            )
-        for (t, p), codec in self.codecs.items():
-            key = array_key(t, p, "dense")
-            problem = codec_problem(
-                codec, arrays[key], arrays.get(scale_key(t, p)), self.dense_shapes[(t, p)]
-            )
-            if problem:
+    def open_shard(self, shard: str) -> ShardRowReader:
+        """A row reader of the shard's arrays of every partition read, checked against the store's records
+        before any of its rows reaches a step."""
+        rows = self.store.open_rows(shard, self.array_names(self.partitions), self.cfg.requests)
+        for name, a in rows.arrays.items():
+            if a.dtype != self.dtypes[name] or tuple(a.shape[1:]) != self.shapes[name]:
+                rows.close()
                 raise StoreError(
-                    f"{self.store.url}: shard {shard}, {key}: {problem}; run `radio-dist store verify`"
+                    f"{self.store.url}: shard {shard}, {name}: {a.dtype} rows of shape {tuple(a.shape[1:])}, "
+                    f"the store's records (codecs, teacher outputs) need {self.dtypes[name]} rows of "
+                    f"{self.shapes[name]}; run `radio-dist store verify`"
                 )
+        return rows
 
     def __iter__(self) -> Iterator[Batch]:
         plan = self.plan
-        first = self.start_step * plan.batch_size
-        # windows still needed from start_step on, in order (a window whose rows all lie before is skipped)
-        bounds = plan.samples.bounds.tolist()
-        needed = [
-            k
-            for k in range(plan.samples.window_of(first), len(plan.windows))
-            if bounds[k + 1] > max(bounds[k], first)
-        ]
-        q: queue.Queue[Any] = queue.Queue(maxsize=max(1, self.cfg.prefetch_windows))
-        stop = threading.Event()
+        steps = range(self.start_step, plan.steps)
+        bounds = plan.samples.bounds
+        pool = ThreadPoolExecutor(self.cfg.read_threads, thread_name_prefix="radio-dist-reader")
+        opener = ThreadPoolExecutor(self.cfg.read_threads, thread_name_prefix="radio-dist-open")
+        windows = _Windows(self, opener)
+        pending: deque[Future[Batch]] = deque()
+        it = iter(steps)
 
-        def producer() -> None:
-            with ThreadPoolExecutor(self.cfg.read_threads) as pool:
-                for k in needed:
-                    if stop.is_set():
-                        return
-                    try:
-                        q.put((k, self._load_window(plan.windows[k], pool)))
-                    except BaseException as e:  # surface read errors in the consumer
-                        q.put(e)
-                        return
-            q.put(None)
+        def fill() -> None:
+            while len(pending) < self.cfg.prefetch_batches:
+                step = next(it, None)
+                if step is None:
+                    return
+                pending.append(pool.submit(self._read_batch, step, windows))
 
-        thread = threading.Thread(target=producer, name="radio-dist-reader", daemon=True)
-        thread.start()
-        loaded: dict[str, dict[str, np.ndarray]] = {}
-        window_of_shard: dict[str, int] = {}
         try:
-            for step in range(self.start_step, plan.steps):
-                batch_samples = plan.batch(step)
-                wait = 0.0
-                missing = [s for s in batch_samples if s.shard not in loaded]
-                while missing:
-                    t0 = time.perf_counter()
-                    item = q.get()
-                    wait += time.perf_counter() - t0
-                    if isinstance(item, BaseException):
-                        raise item
-                    if item is None:
-                        raise StoreError(f"{self.store.url}: reader ran out of shards before the plan's end")
-                    k, arrays = item
-                    # a window's shards are dropped once every sample of it lies before this step
-                    first_now = step * plan.batch_size
-                    loaded = {
-                        sh: v for sh, v in loaded.items() if bounds[window_of_shard[sh] + 1] > first_now
-                    }
-                    loaded.update(arrays)
-                    window_of_shard.update(dict.fromkeys(arrays, k))
-                    missing = [s for s in batch_samples if s.shard not in loaded]
-                yield self._assemble(step, batch_samples, loaded, wait)
+            fill()
+            while pending:
+                t0 = time.perf_counter()
+                batch = pending.popleft().result()
+                batch.read_wait_s = time.perf_counter() - t0
+                fill()
+                # windows wholly before the oldest batch still being read are done with
+                nxt = (batch.step + 1) * plan.batch_size
+                windows.release_before(plan.samples.window_of(nxt) if nxt < bounds[-1] else len(plan.windows))
+                yield batch
         finally:
-            stop.set()
-            while thread.is_alive():  # unblock a producer waiting on a full queue
-                try:
-                    q.get_nowait()
-                except queue.Empty:
-                    pass
-                thread.join(timeout=0.05)
+            for f in pending:
+                f.cancel()
+            pool.shutdown(wait=True)
+            windows.close()
+            opener.shutdown(wait=True)
 
-    def _assemble(
-        self, step: int, samples: Sequence[Sample], loaded: dict[str, dict[str, np.ndarray]], wait: float
-    ) -> Batch:
+    def _read_batch(self, step: int, windows: _Windows) -> Batch:
+        plan = self.plan
         p = self.partition_of_step(step)
         if p not in self.partitions:
             raise ValueError(f"step {step}: partition {p!r} is not read by this stream ({self.partitions})")
+        samples = plan.batch(step)
+        first = step * plan.batch_size
         # Rows are grouped by shard inside the batch (the batch's membership is the plan's; order within a
-        # batch does not matter to a mean loss), so each (shard, array) is one np.take straight into place.
+        # batch does not matter to a mean loss), so each (shard, array) is one read of its runs into place.
         by_shard: dict[str, list[Sample]] = {}
         for s in samples:
             by_shard.setdefault(s.shard, []).append(s)
-        grouped = [s for group in by_shard.values() for s in group]
-        ids = [s.id for s in grouped]
+        window_of: dict[str, int] = {}
+        for i, s in enumerate(samples):
+            if s.shard not in window_of:
+                window_of[s.shard] = plan.samples.window_of(first + i)
+        ids: list[str] = []
         spans = []
-        start = 0
         for sh, group in by_shard.items():
             spans.append(
-                (sh, np.asarray([s.index for s in group], dtype=np.int64), start, start + len(group))
+                (windows.rows(window_of[sh], sh), np.asarray([s.index for s in group], np.int64), len(ids))
             )
-            start += len(group)
+            ids.extend(s.id for s in group)
 
-        def gather(name: str) -> np.ndarray:
-            out = np.empty((len(grouped), *self.shapes[name]), dtype=self.dtypes.get(name, np.float32))
-            for sh, idx, a, b in spans:
-                np.take(loaded[sh][name], idx, axis=0, out=out[a:b])
+        def read(name: str) -> np.ndarray:
+            out = self.alloc((len(ids), *self.shapes[name]), self.dtypes[name])
+            for rows, idx, a in spans:
+                rows.read_into(name, idx, out[a : a + len(idx)])
             return out
 
-        images = gather(image_key(p))
-        dense = {t: gather(array_key(t, p, "dense")) for t in self.teachers}
-        scales = {t: gather(scale_key(t, p)) for t in self.teachers if self.codecs[(t, p)].has_scale}
+        images = read(image_key(p))
+        dense = {t: read(array_key(t, p, "dense")) for t in self.teachers}
+        scales = {t: read(scale_key(t, p)) for t in self.teachers if self.codecs[(t, p)].has_scale}
         summary: dict[str, np.ndarray | None] = {
-            t: gather(array_key(t, p, "summary")) if self.summary_keys[(t, p)] else None
-            for t in self.teachers
+            t: read(array_key(t, p, "summary")) if self.summary_keys[(t, p)] else None for t in self.teachers
         }
         codecs = {t: self.codecs[(t, p)] for t in self.teachers}
-        return Batch(self.plan.epoch, step, ids, images, dense, summary, p, wait, {}, scales, codecs)
+        return Batch(self.plan.epoch, step, ids, images, dense, summary, p, 0.0, {}, scales, codecs)

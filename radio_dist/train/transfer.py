@@ -12,7 +12,7 @@ device, once per batch for every student, and converting, resizing and cropping 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,8 +40,30 @@ class DeviceBatch:
 def _copy(a: np.ndarray, device: torch.device) -> torch.Tensor:
     t = torch.from_numpy(np.ascontiguousarray(a))
     if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
+        if not t.is_pinned():  # the reader's buffers already are (host_alloc): no second host copy
+            t = t.pin_memory()
+        return t.to(device, non_blocking=True)
     return t.to(device)
+
+
+def host_alloc(device: torch.device) -> Callable[[tuple[int, ...], np.dtype], np.ndarray] | None:
+    """The reader's batch buffers for ``device``: page-locked host memory on CUDA (rows are read straight into
+    it and copied to the device from there), None (plain numpy arrays) elsewhere."""
+    if device.type != "cuda":
+        return None
+
+    def pinned(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        return torch.empty(shape, dtype=_TORCH_DTYPES[np.dtype(dtype)], pin_memory=True).numpy()
+
+    return pinned
+
+
+_TORCH_DTYPES = {
+    np.dtype(np.uint8): torch.uint8,
+    np.dtype(np.int8): torch.int8,
+    np.dtype(np.float16): torch.float16,
+    np.dtype(np.float32): torch.float32,
+}
 
 
 def decode(batch: Batch, teacher: str, codes: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -60,12 +60,21 @@ TINY = [
 
 def test_bench_ingest_small(tmp_path):
     res = bench_ingest(
-        images=96, shard_size=32, batch_size=8, steps=2, students=TINY, workdir=tmp_path, log=print
-    )
+        images=96, shard_size=32, batch_size=8, steps=2, students=TINY, workdir=tmp_path, log=print,
+        codecs=("fp16", "nf4"), s3=True, s3_images=48, repeats=1,
+    )  # fmt: skip
     assert res["rows"] == 96 and res["students"] == ["a", "b"] and res["steps"] == 2
     # the ratios are what their definitions say, from the rates and step times the result reports
-    assert res["ratio"] == pytest.approx(res["reader_samples_per_s"] / res["raw_samples_per_s"])
-    assert res["raw_mb_per_s"] == pytest.approx(res["raw_samples_per_s"] * res["bytes_per_sample"] / 1e6)
+    for x in [res, *(v for c in res["by_codec"].values() for v in c.values())]:
+        assert x["ratio"] == pytest.approx(x["reader_samples_per_s"] / x["raw_samples_per_s"])
+        assert x["raw_mb_per_s"] == pytest.approx(x["raw_samples_per_s"] * x["bytes_per_sample"] / 1e6)
+        assert x["ratio"] == max(x["ratio_each"]) and len(x["ratio_each"]) == 1
+    assert set(res["by_codec"]) == {"fp16", "nf4"}
+    assert {k: set(v) for k, v in res["by_codec"].items()} == {
+        "fp16": {"local", "s3"},
+        "nf4": {"local", "s3"},
+    }
+    assert res["by_codec"]["fp16"]["s3"]["rows"] == res["by_codec"]["nf4"]["s3"]["rows"] == 48
     assert set(res["separate_step_s"]) == set(res["compute_step_s"]) == {"a", "b"}
     together = res["together_step_s"]
     assert res["multi_student_ratio"] == pytest.approx(together / sum(res["separate_step_s"].values()))
@@ -74,6 +83,10 @@ def test_bench_ingest_small(tmp_path):
     # of each shard's last (partial) Zarr chunk, a few rows per array at 32-row shards
     expected = 224 * 224 * 3 + 2 * (7 * 7 * 1280 * 2 + 1280 * 4)
     assert expected <= res["bytes_per_sample"] < 1.15 * expected
+    # nf4: half a byte per channel and one fp16 scale per 64 channels instead of two bytes per channel
+    nf4 = 224 * 224 * 3 + 2 * (7 * 7 * (1280 // 2 + 1280 // 64 * 2) + 1280 * 4)
+    assert nf4 <= res["by_codec"]["nf4"]["local"]["bytes_per_sample"] < 1.15 * nf4
+    assert list(tmp_path.iterdir()) == []  # its stores are removed
 
 
 # -- bench cache -------------------------------------------------------------------------------------------------

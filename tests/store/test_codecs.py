@@ -256,9 +256,8 @@ def test_a_scale_array_of_the_wrong_length_is_named_before_training_sees_it(tmp_
         StoreError, match=rf"shard {bad}.*arrays of different lengths.*'t2/low/dense_scale': 2"
     ):
         list(_stream(store))
-    with pytest.raises(
-        StoreError,
-        match=rf"shard {bad}, t2/low/dense: scale array has shape \(2, 2, 2\), the codes need \(3, 2, 2\)",
+    with pytest.raises(  # the row reader compares the arrays' lengths before it reads a row
+        StoreError, match=rf"shard {bad}.*arrays of different lengths.*'t2/low/dense_scale': 2"
     ):
         store.read_targets(bad, "t2", "low")
     report = verify_store(store)

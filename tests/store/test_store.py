@@ -137,6 +137,44 @@ class StoreConformance:
         with pytest.raises(StoreError, match=f"array {dense_key}: chunk 0 holds 126 bytes, 128 expected"):
             store.read_shard(shard)
 
+    def test_rows_are_read_into_the_callers_buffer(self, store, expected_reader):
+        """open_rows: any rows of any array into a caller's buffer — runs of consecutive rows, rows across chunk
+        boundaries, the partial last chunk, a chunk Zarr never wrote — equal to the arrays as written. Local
+        stores read each run with one preadv into place; object stores fetch the chunk files."""
+        prepared(store)
+        ids = [f"r{i}" for i in range(7)]
+        arrays = make_arrays(7, seed=5)
+        dense_key = array_key("t1", "low", "dense")
+        arrays[dense_key][2:4] = 0  # chunk 1 (of 2 rows) is all fill value: never written
+        with ShardWriter(store, ids, chunk_bytes=100) as w:
+            for k, v in arrays.items():
+                w.add_array(k, v)
+            w.add_rows(make_rows(ids))
+        assert w.result is not None
+        shard = w.result.shard
+        order = np.array([6, 0, 1, 2, 3, 4, 5, 5, 3, 1])  # runs, chunk edges, repeats, the last row
+        with store.open_rows(shard) as rows:
+            assert type(rows).__name__ == expected_reader and rows.length == 7
+            assert set(rows.arrays) == set(arrays)
+            for k, v in arrays.items():
+                out = np.full((len(order), *v.shape[1:]), 77, v.dtype)
+                rows.read_into(k, order, out)
+                np.testing.assert_array_equal(out, v[order])
+                half = np.empty((2, *v.shape[1:]), v.dtype)
+                rows.read_into(k, [4, 1], half)
+                np.testing.assert_array_equal(half, v[[4, 1]])
+            with pytest.raises(ValueError, match="does not fit"):
+                rows.read_into(dense_key, [0], np.empty((2, 1), np.float16))
+            with pytest.raises(IndexError, match="rows 0..7 of 7"):
+                rows.read_into(dense_key, [0, 7], np.empty((2, *arrays[dense_key].shape[1:]), np.float16))
+        with pytest.raises(StoreError, match=f"shard {shard} has no array"):
+            store.open_rows(shard, ["t9/low/dense"])
+        # a chunk cut short is named when the shard is opened, before a row is read
+        chunk = store.path("shards", shard, dense_key, "c", "2", "0", "0", "0")
+        store.fs.pipe(chunk, store.fs.cat(chunk)[:-3])
+        with pytest.raises(StoreError, match=f"shard {shard}, array {dense_key}: chunk 2 holds 125 bytes"):
+            store.open_rows(shard)
+
     def test_exception_leaves_nothing_visible(self, store):
         prepared(store)
         with pytest.raises(RuntimeError):
@@ -250,6 +288,10 @@ class TestLocalStore(StoreConformance):
     def store(self, tmp_path):
         return FeatureStore(str(tmp_path / "store"))
 
+    @pytest.fixture
+    def expected_reader(self):
+        return "LocalRows"
+
 
 class TestS3Store(StoreConformance):
     """The same contract on S3: endpoint from storage_options, credentials from the AWS_* variables."""
@@ -257,6 +299,10 @@ class TestS3Store(StoreConformance):
     @pytest.fixture
     def store(self, s3_server):
         return FeatureStore(s3_server.url("store"), s3_server.storage_options())
+
+    @pytest.fixture
+    def expected_reader(self):
+        return "FetchedRows"
 
 
 def test_a_job_that_stops_before_creating_its_store_leaves_no_folder_it_made(tmp_path):
