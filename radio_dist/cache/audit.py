@@ -33,6 +33,7 @@ from radio_dist.store.chunks import array_names
 from radio_dist.store.codecs import Fidelity, fidelity_key
 from radio_dist.store.feature_store import codec_problem
 from radio_dist.store.manifest import scale_key
+from radio_dist.store.views import views_of
 from radio_dist.teacher import TeacherSpec, WeightsKind, create_teacher, fingerprint
 
 DEFAULT_ROWS = 16
@@ -261,7 +262,13 @@ def audit_teacher(
                     f"{store.url}: shard {shard}, {dkey}: {problem}; run `radio-dist store verify`"
                 )
             stored = torch.from_numpy(np.asarray(codec.decode_numpy(arrays[dkey], scale), np.float32))
-            live = model.run_views(arrays[image_key(p)], p, meta.partitions[p])
+            views = views_of(
+                store.view_codec(meta),
+                arrays[image_key(p)],
+                meta.partitions[p],
+                f"{store.url}: shard {shard}",
+            )
+            live = model.run_views(views, p, meta.partitions[p])
             dense = phis.forward(live.dense.float().cpu())
             assert isinstance(dense, torch.Tensor)
             if tuple(dense.shape) != tuple(stored.shape):

@@ -9,6 +9,7 @@ from radio_dist.ray_setup import RayConfig
 from radio_dist.sources import SourceConfig
 from radio_dist.store import StoreConfig
 from radio_dist.store.codecs import UnknownCodecError, get_codec
+from radio_dist.store.views import get_view_codec
 from radio_dist.teacher import TeacherSpec, preset_spec
 
 DEFAULT_TEACHERS = ("efficientnet_lite0", "mobilenet_v2")
@@ -24,6 +25,16 @@ class PipelineConfig(StrictModel):
     decode_num_cpus: float = Field(0.5, gt=0, description="Ray CPUs per decode task.")
     decode_tasks: int = Field(2, ge=1, description="Most decode tasks in flight at once.")
     write_num_cpus: float = Field(0.25, gt=0, description="Ray CPUs per shard-write task.")
+    view_codec: str = Field(
+        "raw",
+        description="How canonical views are stored: raw (uint8 pixels), png (lossless), jpeg-Q or webp-Q "
+        "(quality Q, e.g. jpeg-90). Teachers see the decoded pixels, the same ones students decode later.",
+    )
+
+    @field_validator("view_codec")
+    @classmethod
+    def _view_codec_ok(cls, v: str) -> str:
+        return get_view_codec(v).name
 
     @field_validator("partitions")
     @classmethod

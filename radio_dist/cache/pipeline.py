@@ -144,7 +144,7 @@ def _decoded(items: list[dict[str, str]], cfg: CacheJobConfig) -> Any:
         items, override_num_blocks=max(1, -(-len(items) // cfg.pipeline.decode_batch_size))
     )
     return ds.map_batches(
-        DecodeStage(cfg.source, cfg.pipeline.partitions),
+        DecodeStage(cfg.source, cfg.pipeline.partitions, cfg.pipeline.view_codec),
         batch_size=cfg.pipeline.decode_batch_size,
         batch_format="numpy",
         compute=ray.data.TaskPoolStrategy(size=cfg.pipeline.decode_tasks),
@@ -166,7 +166,7 @@ def _write(
     first: float | None = None
     names = [t.name for t in cfg.teachers]
     out = ds.map_batches(
-        WriteStage(cfg.store, names, list(cfg.pipeline.partitions), job_codecs(cfg)),
+        WriteStage(cfg.store, names, list(cfg.pipeline.partitions), job_codecs(cfg), cfg.pipeline.view_codec),
         batch_size=cfg.store.shard_size,
         batch_format="numpy",
         compute=ray.data.TaskPoolStrategy(),
@@ -261,7 +261,9 @@ def _run_cache(cfg: CacheJobConfig, store: FeatureStore, progress: ProgressFn | 
     summary = CacheSummary()
     init_ray(cfg.ray)
     check_resources(cfg, progress)  # before the store is touched: a refused job leaves it as it was
-    store.init_or_check(cfg.pipeline.partitions, teacher_records(cfg), cfg.source.resample.value)
+    store.init_or_check(
+        cfg.pipeline.partitions, teacher_records(cfg), cfg.source.resample.value, cfg.pipeline.view_codec
+    )
 
     items: list[SourceItem] = list_items(cfg.source)
     summary.listed = len(items)

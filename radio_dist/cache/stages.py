@@ -25,6 +25,7 @@ from radio_dist.sources import ImageError, SourceConfig, canonical_view, decode_
 from radio_dist.store import FeatureStore, ShardWriter, StoreConfig, array_key, image_key
 from radio_dist.store.codecs import NBINS, Fidelity, TargetCodec, get_codec
 from radio_dist.store.manifest import scale_key
+from radio_dist.store.views import get_view_codec, pack_rows
 from radio_dist.teacher import TeacherSpec, create_teacher
 
 
@@ -73,15 +74,20 @@ class IdStage:
 
 
 class DecodeStage:
-    def __init__(self, source: SourceConfig, partitions: dict[str, int]) -> None:
+    """Task UDF: ids -> decoded images -> canonical views per partition. With an encoded ``view_codec`` each
+    view is encoded and decoded again: the teachers get the decoded pixels, the writer the bytes."""
+
+    def __init__(self, source: SourceConfig, partitions: dict[str, int], view_codec: str = "raw") -> None:
         self.source = source
         self.partitions = partitions
+        self.view_codec = get_view_codec(view_codec)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         n = len(batch["id"])
         out: dict[str, Any] = {k: batch[k] for k in ("id", "uri", "view")}
         status, error, width, height, mode, geometry = [], [], [], [], [], []
         images = {p: np.zeros((n, s, s, 3), np.uint8) for p, s in self.partitions.items()}
+        encoded: dict[str, list[bytes]] = {p: [b""] * n for p in self.partitions}
         for i in range(n):
             uri, view, iid, err = (
                 str(batch["uri"][i]),
@@ -111,6 +117,8 @@ class DecodeStage:
                         images[p][i], geo[p] = canonical_view(
                             img.image, size, view, self.source.resample, img.original_size
                         )
+                        if self.view_codec.encoded:
+                            images[p][i], encoded[p][i] = self.view_codec.roundtrip(images[p][i])
                 except ImageError as e:
                     err = str(e)
                 except Exception as e:  # a decoder bug must not kill the run: record it on the row
@@ -131,6 +139,8 @@ class DecodeStage:
         )
         for p in self.partitions:
             out[column("img", p)] = images[p]
+            if self.view_codec.encoded:
+                out[column("imgenc", p)] = np.array(encoded[p], dtype=object)
         return out
 
 
@@ -290,9 +300,12 @@ class WriteStage:
         teachers: list[str],
         partitions: list[str],
         codecs: dict[str, dict[str, str]],
+        view_codec: str = "raw",
     ) -> None:
-        """``codecs``: teacher -> partition -> codec name (recorded with each shard's fidelity)."""
+        """``codecs``: teacher -> partition -> codec name (recorded with each shard's fidelity);
+        ``view_codec``: encoded views are written as their bytes (``radio_dist.store.views``)."""
         self.store = FeatureStore.from_config(store)
+        self.view_codec = get_view_codec(view_codec)
         self.chunk_bytes = store.chunk_bytes
         self.teachers = teachers
         self.partitions = partitions
@@ -318,7 +331,11 @@ class WriteStage:
         with ShardWriter(self.store, [str(r["id"]) for r in rows], self.chunk_bytes) as w:
             if ok.any():
                 for p in self.partitions:
-                    w.add_array(image_key(p), np.asarray(batch[column("img", p)])[ok])
+                    if self.view_codec.encoded:
+                        blobs = [bytes(b) for b, k in zip(batch[column("imgenc", p)], ok, strict=True) if k]
+                        w.add_array(image_key(p), pack_rows(blobs))
+                    else:
+                        w.add_array(image_key(p), np.asarray(batch[column("img", p)])[ok])
                 for t in self.teachers:
                     for p in self.partitions:
                         for kind in ("dense", "summary"):

@@ -64,6 +64,7 @@ bench_app.command("cache")(bench.bench_cache_cmd)
 bench_app.command("ingest")(bench.bench_ingest_cmd)
 bench_app.command("train")(bench.bench_train_cmd)
 bench_app.command("manifest")(bench.bench_manifest_cmd)
+bench_app.command("views")(bench.bench_views_cmd)
 app.command("submit")(submit.submit_cmd)
 
 

@@ -1,4 +1,4 @@
-"""`radio-dist bench cache`, `bench ingest`, `bench train` and `bench manifest` (figures in the README and docs/benchmarks.md)."""
+"""`radio-dist bench cache`, `bench ingest`, `bench train`, `bench manifest` and `bench views` (figures in the README and docs/benchmarks.md)."""
 
 from __future__ import annotations
 
@@ -231,6 +231,32 @@ def bench_manifest_cmd(
         )  # fmt: skip
     except RuntimeError as e:
         fail(str(e))
+    if as_json:
+        print_json(report)
+    else:
+        print(format_table(report), end="")
+
+
+def bench_views_cmd(
+    sizes: Annotated[str, typer.Option(help="Comma-separated view sizes (px).")] = "224,1152",
+    codec: Annotated[
+        str, typer.Option(help="Comma-separated view codecs (raw, png, jpeg-Q, webp-Q).")
+    ] = "raw,png,jpeg-95,jpeg-90,jpeg-75,webp-90",
+    repeats: Annotated[int, typer.Option(min=1, help="Decode passes; the fastest is kept.")] = 3,
+    as_json: JsonOpt = False,
+) -> None:
+    """Bytes per stored view, decode time per view and PSNR for each view codec, on the bundled photos."""
+    from radio_dist.bench.views import bench_views, format_table
+    from radio_dist.store.views import get_view_codec
+
+    try:
+        px = [int(s) for s in sizes.split(",") if s.strip()]
+        codecs = [get_view_codec(c.strip()).name for c in codec.split(",") if c.strip()]
+    except ValueError as e:
+        fail(f"--sizes {sizes!r} / --codec {codec!r}: {e}")
+    if not px or min(px) < 16 or not codecs:
+        fail("--sizes: sizes of 16 px or more; --codec: at least one codec")
+    report = bench_views(px, codecs, repeats)
     if as_json:
         print_json(report)
     else:

@@ -48,6 +48,20 @@ def store_info_cmd(store: StoreArg, as_json: JsonOpt = False) -> None:
         )
     t.add_row("partitions", ", ".join(f"{k}={v}px" for k, v in info["partitions"].items()))
     t.add_row("view resampling", str(info["view_resample"]))
+    v = info["views"]
+    t.add_row(
+        "views",
+        f"{v['codec']}: "
+        + "; ".join(
+            f"{p} {e['stored_bytes'] / 1e3:.1f} kB/view stored"
+            + (
+                f" ({e['encoded_bytes'] / 1e3:.1f} kB encoded, raw {e['raw_bytes'] / 1e3:.1f})"
+                if v["codec"] != "raw"
+                else ""
+            )
+            for p, e in v["partitions"].items()
+        ),
+    )
     for name, ti in info["teachers"].items():
         shapes = "; ".join(
             f"{p}: dense {tuple(o['dense'])}, summary {tuple(o['summary']) if o['summary'] else '-'}"

@@ -21,12 +21,34 @@ from radio_dist.store.manifest import (
     scale_key,
     shard_of_part,
 )
+from radio_dist.store.views import LENGTH_BYTES, get_view_codec, packed_views_problem
 
 
 def shape_only(array: object) -> np.ndarray:
     """An array with a Zarr array's shape and dtype that holds no data (checks of metadata only)."""
     a = array  # typed loosely: zarr's stubs
     return np.broadcast_to(np.zeros((), np.dtype(a.dtype)), tuple(a.shape))  # type: ignore[attr-defined]
+
+
+def view_bytes(store: FeatureStore, meta: Any, shards: list[str]) -> dict[str, Any]:
+    """How views are stored and their bytes per view per partition (encoded: as stored with the padding to
+    each shard's longest view, and the bytes themselves, over ``shards``)."""
+    codec = store.view_codec(meta)
+    out: dict[str, Any] = {"codec": codec.name, "partitions": {}}
+    for p, size in meta.partitions.items():
+        raw = size * size * 3
+        entry: dict[str, Any] = {"raw_bytes": raw, "stored_bytes": float(raw), "encoded_bytes": float(raw)}
+        if codec.encoded and shards:
+            stored = encoded = n = 0
+            for sh in shards:
+                with store.open_rows(sh, [image_key(p)]) as rows:
+                    packed = rows.read(image_key(p))
+                stored += packed.size
+                encoded += int(np.ascontiguousarray(packed[:, :LENGTH_BYTES]).view("<u4").sum())
+                n += len(packed)
+            entry.update(stored_bytes=stored / max(n, 1), encoded_bytes=encoded / max(n, 1))
+        out["partitions"][p] = entry
+    return out
 
 
 def store_info(store: FeatureStore) -> dict[str, Any]:
@@ -70,6 +92,7 @@ def store_info(store: FeatureStore) -> dict[str, Any]:
         "format": meta.format,
         "partitions": meta.partitions,
         "view_resample": meta.view_resample,
+        "views": view_bytes(store, meta, sorted(view.shards)[:8]),
         "rows": len(status),
         "rows_ok": n_ok,
         "rows_error": len(status) - n_ok,
@@ -110,8 +133,15 @@ def verify_store(store: FeatureStore, check_data: bool = True) -> dict[str, Any]
     codecs: dict[
         str, tuple[TargetCodec, tuple[int, ...], str]
     ] = {}  # dense key -> codec, target shape, scales
+    try:
+        view_codec = store.view_codec(meta)
+    except StoreError as e:
+        problems.append(str(e))
+        view_codec = get_view_codec("raw")
+    encoded_views = {image_key(p): size for p, size in meta.partitions.items()} if view_codec.encoded else {}
     for p, size in meta.partitions.items():
-        expected[image_key(p)] = (size, size, 3)
+        if not view_codec.encoded:
+            expected[image_key(p)] = (size, size, 3)
     for name, t in meta.teachers.items():
         for p, shapes in t.outputs.items():
             try:
@@ -170,6 +200,13 @@ def verify_store(store: FeatureStore, check_data: bool = True) -> dict[str, Any]
                 )
             if k in expected and tuple(arr.shape[1:]) != expected[k]:
                 problems.append(f"shard {shard}: {k} shape {arr.shape[1:]} != {expected[k]} in store.json")
+            if k in encoded_views and (
+                arr.dtype != np.uint8 or len(arr.shape) != 2 or arr.shape[1] < LENGTH_BYTES
+            ):
+                problems.append(
+                    f"shard {shard}: {k} is {arr.dtype} {arr.shape}, {view_codec.name} views are uint8 [N, 4 + W]"
+                )
+                encoded_views = {}
         arrays: dict[str, np.ndarray] = {}
         if check_data:
             try:  # the reader's own path: a truncated or missing chunk is named with its array
@@ -180,6 +217,10 @@ def verify_store(store: FeatureStore, check_data: bool = True) -> dict[str, Any]
             ) as e:  # not OSError: a file this user may not read is told as that
                 problems.append(f"shard {shard}: {e}")
                 continue
+        for key, size in encoded_views.items() if check_data else ():  # lengths fit; the first view decodes
+            problem = packed_views_problem(view_codec, arrays[key], size)
+            if problem:
+                problems.append(f"shard {shard}: {key}: {problem}")
         for key, (codec, dense, skey) in codecs.items():  # codes and scales fit the codec
             codes = arrays[key] if check_data else shape_only(member(group, key))
             scale = None

@@ -74,7 +74,10 @@ def get_view_codec(name: str) -> ViewCodec:
     """``raw``, ``png``, ``jpeg[-Q]`` or ``webp[-Q]`` (Q in 1..100, default 90); anything else raises."""
     m = _NAME.match(str(name))
     quality = int(m.group(2)) if m and m.group(2) else None
-    if m is None or (m.group(1) in ("raw", "png") and quality is not None) or not 1 <= (quality or 90) <= 100:
+    bad_quality = quality is not None and (
+        m is None or m.group(1) in ("raw", "png") or not 1 <= quality <= 100
+    )
+    if m is None or bad_quality:
         raise ValueError(
             f"unknown view codec {name!r}: use raw, png (lossless), jpeg-Q or webp-Q with a quality Q in 1..100 "
             "(e.g. jpeg-90)"
@@ -107,16 +110,38 @@ def row_bytes(row: np.ndarray, where: str = "view") -> memoryview:
 
 
 def decode_rows(
-    codec: ViewCodec, rows: np.ndarray, size: int, out: np.ndarray | None = None, where: str = "views"
+    codec: ViewCodec,
+    rows: np.ndarray,
+    size: int,
+    out: np.ndarray | None = None,
+    where: str | Sequence[str] = "views",
 ) -> np.ndarray:
-    """Packed rows ``[n, 4 + W]`` decoded into uint8 ``[n, size, size, 3]`` (into ``out`` when given)."""
+    """Packed rows ``[n, 4 + W]`` decoded into uint8 ``[n, size, size, 3]`` (into ``out`` when given);
+    ``where`` names the rows in an error (one name for all, ``row i`` added, or one per row)."""
     if out is None:
         out = np.empty((len(rows), size, size, 3), np.uint8)
     for i, row in enumerate(rows):
-        out[i] = codec.decode(row_bytes(row, f"{where} row {i}"), size, f"{where} row {i}")
+        name = f"{where} row {i}" if isinstance(where, str) else where[i]
+        out[i] = codec.decode(row_bytes(row, name), size, name)
     return out
 
 
 def views_of(codec: ViewCodec, stored: np.ndarray, size: int, where: str = "views") -> np.ndarray:
     """uint8 ``[n, size, size, 3]`` views from an array of stored rows, raw or encoded."""
     return decode_rows(codec, stored, size, where=where) if codec.encoded else stored
+
+
+def packed_views_problem(codec: ViewCodec, rows: np.ndarray, size: int) -> str | None:
+    """What is wrong with a shard's packed views (every row's length fits its row; the first decodes), or None.
+    (Decoding every view would cost more than reading it: ``store audit`` runs teachers on decoded views.)"""
+    if len(rows) == 0:
+        return None
+    lengths = np.ascontiguousarray(rows[:, :LENGTH_BYTES]).view("<u4")[:, 0]
+    bad = np.flatnonzero((lengths == 0) | (lengths > rows.shape[1] - LENGTH_BYTES))
+    if len(bad):
+        return f"{len(bad)} row(s) whose byte length does not fit the row (first: row {int(bad[0])})"
+    try:
+        codec.decode(row_bytes(rows[0]), size, "row 0")
+    except StoreError as e:
+        return str(e)
+    return None

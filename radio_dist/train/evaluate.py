@@ -122,6 +122,7 @@ def evaluate(
     part_of = {r: _nearest_partition(partitions, r) for r in resolutions}
     images = held_out_images(store, cfg.source, cfg.images)
     resample = meta.view_resample
+    view_codec = store.view_codec(meta)
     teachers_used = sorted({t for s in students.values() for t in s.teacher_names})
     models = dict(students)
     floors = {name: untrained_like(s) for name, s in students.items()}
@@ -130,8 +131,10 @@ def evaluate(
     for p, px in sorted(partitions.items()):
         if p not in part_of.values():
             continue
-        # the held-out views are resampled as the store's training views were
+        # the held-out views are resampled (and encoded, then decoded) as the store's training views were
         views = np.stack([canonical_view(rgb, px, view, resample)[0] for _, rgb, view in images])
+        if view_codec.encoded:
+            views = np.stack([view_codec.roundtrip(v)[0] for v in views])
         for t in teachers_used:
             if progress:
                 progress(f"teacher {t} at {p}={px}px on {len(views)} held-out images")

@@ -25,6 +25,7 @@ import torch
 
 from radio_dist.phis import Moments, PhiS, angular_dispersion, fit_phis
 from radio_dist.store import FeatureStore, StoreMismatchError, image_key
+from radio_dist.store.views import views_of
 from radio_dist.teacher import Teacher, TeacherSpec
 from radio_dist.train.reader import ShardRows
 from radio_dist.train.rundir import RunDir
@@ -118,10 +119,13 @@ def fit_images(
     for _, shard, i in rows:
         by_shard.setdefault(shard, []).append(i)
     out: dict[str, list[np.ndarray]] = {p: [] for p in partitions}
+    meta = store.meta()
+    codec = store.view_codec(meta)
     for shard, idx in sorted(by_shard.items()):
         arrays = store.read_shard(shard, [image_key(p) for p in partitions])
         for p in partitions:
-            out[p].append(np.asarray(arrays[image_key(p)])[np.asarray(idx)])
+            stored = np.asarray(arrays[image_key(p)])[np.asarray(idx)]
+            out[p].append(views_of(codec, stored, meta.partitions[p], f"{store.url}: shard {shard}"))
     return {p: np.concatenate(v) for p, v in out.items()}
 
 

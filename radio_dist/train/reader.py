@@ -35,6 +35,7 @@ from radio_dist.store import FeatureStore, StoreError, array_key, image_key
 from radio_dist.store.codecs import TargetCodec
 from radio_dist.store.manifest import gc_paused, scale_key
 from radio_dist.store.rows import ShardRowReader
+from radio_dist.store.views import LENGTH_BYTES, decode_rows
 
 
 class ReaderConfig(StrictModel):
@@ -424,6 +425,7 @@ class ShardStream:
         self.start_step = start_step
         self.alloc = alloc or _empty
         meta = store.meta()
+        self.view_codec = store.view_codec(meta)  # encoded views are decoded in the reading threads
         self.shapes: dict[str, tuple[int, ...]] = {}  # row shape of every array read (for empty batches)
         self.dtypes: dict[str, Any] = {}
         self.summary_keys: dict[tuple[str, str], bool] = {}
@@ -468,8 +470,17 @@ class ShardStream:
         """A row reader of the shard's arrays of every partition read, checked against the store's records
         before any of its rows reaches a step."""
         rows = self.store.open_rows(shard, self.array_names(self.partitions), self.cfg.requests)
+        views = {image_key(p) for p in self.partitions}
         for name, a in rows.arrays.items():
-            if a.dtype != self.dtypes[name] or tuple(a.shape[1:]) != self.shapes[name]:
+            if name in views and self.view_codec.encoded:
+                if a.dtype != np.uint8 or len(a.shape) != 2 or a.shape[1] < LENGTH_BYTES:
+                    rows.close()
+                    raise StoreError(
+                        f"{self.store.url}: shard {shard}, {name}: {a.dtype} rows of shape {tuple(a.shape[1:])}, "
+                        f"but the store's views are {self.view_codec.name}: uint8 rows of 4 + W bytes expected; "
+                        "run `radio-dist store verify`"
+                    )
+            elif a.dtype != self.dtypes[name] or tuple(a.shape[1:]) != self.shapes[name]:
                 rows.close()
                 raise StoreError(
                     f"{self.store.url}: shard {shard}, {name}: {a.dtype} rows of shape {tuple(a.shape[1:])}, "
@@ -543,7 +554,17 @@ class ShardStream:
                 rows.read_into(name, idx, out[a : a + len(idx)])
             return out
 
-        images = read(image_key(p))
+        if self.view_codec.encoded:  # packed encoded rows, as wide as the widest shard's, decoded here
+            name = image_key(p)
+            width = max((r.arrays[name].shape[1] for r, _, _ in spans), default=LENGTH_BYTES)
+            packed = np.empty((len(ids), width), np.uint8)
+            for rows, idx, a in spans:
+                rows.read_into(name, idx, packed[a : a + len(idx)])
+            labels = [f"{r.where}, {name} row {i}" for r, idx, _ in spans for i in idx.tolist()]
+            out = self.alloc((len(ids), *self.shapes[name]), np.dtype(np.uint8))
+            images = decode_rows(self.view_codec, packed, self.shapes[name][0], out, labels)
+        else:
+            images = read(image_key(p))
         dense = {t: read(array_key(t, p, "dense")) for t in self.teachers}
         scales = {t: read(scale_key(t, p)) for t in self.teachers if self.codecs[(t, p)].has_scale}
         summary: dict[str, np.ndarray | None] = {

@@ -327,3 +327,17 @@ def test_bench_manifest_simulates_the_compacted_layout_and_the_uncompacted_one(t
     assert list(tmp_path.iterdir()) == []  # its stores are removed
     bad = runner.invoke(app, ["bench", "manifest", "--shards", "ten"])
     assert bad.exit_code != 0 and "--shards 'ten'" in bad.output
+
+
+def test_bench_views_reports_bytes_decode_time_and_psnr_per_codec():
+    r = runner.invoke(
+        app, ["bench", "views", "--sizes", "48", "--codec", "raw,png,jpeg-90", "--repeats", "1", "--json"]
+    )
+    assert r.exit_code == 0, r.output
+    rows = {x["codec"]: x for x in json.loads(r.stdout)["results"]}
+    assert set(rows) == {"raw", "png", "jpeg-90"}
+    assert rows["raw"]["bytes_per_view"] == 48 * 48 * 3 and rows["png"]["psnr_db"] == float("inf")
+    assert rows["jpeg-90"]["bytes_per_view"] < rows["png"]["bytes_per_view"] < rows["raw"]["bytes_per_view"]
+    assert 25 < rows["jpeg-90"]["psnr_db"] < 60 and rows["jpeg-90"]["decode_ms"] > 0
+    bad = runner.invoke(app, ["bench", "views", "--codec", "gif"])
+    assert bad.exit_code != 0 and "unknown view codec 'gif'" in bad.output

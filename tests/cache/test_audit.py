@@ -171,3 +171,51 @@ def test_bad_input_is_named(cached):
     assert r.exit_code != 0 and "no teacher 'nope'" in r.output and "Traceback" not in r.output
     r = runner.invoke(app, ["store", "audit", url, "--teacher", "vit", "--rows", "0"])
     assert r.exit_code != 0
+
+
+def test_encoded_views_hold_the_pixels_the_teachers_saw(ray_local, tmp_path):
+    """A caching job with `pipeline.view_codec: jpeg-80`: the store holds JPEG bytes (far fewer than raw), the
+    teachers' targets belong to the decoded pixels (the audit re-runs the teacher on the decoded stored views
+    and finds the fidelity recorded when written), the training reader hands over those decoded pixels, and a
+    job asking for raw views is refused before it writes."""
+    from radio_dist.store.views import get_view_codec, views_of
+    from radio_dist.train.reader import ShardStream, committed_shards, epoch_plan
+
+    weights = tmp_path / "vit.pth"
+    save_weights(weights, seed=1)
+    url = str(tmp_path / "store")
+    spec = vit_spec(WeightsSpec(kind="file", path=str(weights))).model_dump(mode="json")
+    job = {
+        "source": {"kind": "sample-photos", "views": 8},
+        "teachers": [spec],
+        "store": {"url": url, "shard_size": 4},
+        "pipeline": {"partitions": {"low": 64}, "view_codec": "jpeg-80"},
+        "phis": {"fit_images": 8},
+    }
+    assert run_cache(CacheJobConfig.model_validate(job)).ok == 8
+    store = FeatureStore(url)
+    assert store.meta().view_codec == "jpeg-80" and verify_store(store)["ok"]
+    r = runner.invoke(app, ["store", "info", url, "--json"])
+    views = json.loads(r.stdout)["views"]
+    assert views["codec"] == "jpeg-80"
+    low = views["partitions"]["low"]
+    assert low["raw_bytes"] == 64 * 64 * 3 and low["encoded_bytes"] < 0.3 * low["raw_bytes"]
+    rep = audit_teacher(store, "vit", rows=8, device="cpu")
+    (p,) = rep.partitions
+    assert rep.passed and p.cos_mean == pytest.approx(p.recorded["cos_mean"], abs=2e-5)
+    # the reader decodes the stored bytes into the views the teachers saw
+    shards = committed_shards(store)
+    plan = epoch_plan(shards, 0, 0, 1, 3, 2)[0]
+    got = {}
+    for b in ShardStream(store, plan, ["vit"], ["low"], lambda s: "low"):
+        assert b.images.shape == (len(b), 64, 64, 3) and b.images.dtype == np.uint8
+        got.update(zip(b.ids, b.images, strict=True))
+    codec = get_view_codec("jpeg-80")
+    for sh in shards:
+        stored = views_of(codec, store.read_shard(sh.shard, ["images/low"])["images/low"], 64)
+        for i, rid in enumerate(sh.ids):
+            np.testing.assert_array_equal(got[rid], stored[i])
+    # a rerun with raw views is refused, naming the setting; nothing changes
+    job["pipeline"]["view_codec"] = "raw"
+    with pytest.raises(StoreError, match="pipeline.view_codec: the store's views are stored jpeg-80"):
+        run_cache(CacheJobConfig.model_validate(job))
