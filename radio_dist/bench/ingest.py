@@ -30,7 +30,7 @@ from radio_dist.train.transfer import to_device
 def bench_ingest(
     store_url: str | None = None,
     images: int = 1024,
-    shard_size: int = 256,
+    shard_size: int = 64,
     batch_size: int = 32,
     steps: int = 6,
     students: list[Any] | None = None,
@@ -40,7 +40,7 @@ def bench_ingest(
     s3: bool = False,
     s3_images: int = 256,
     repeats: int = 2,
-    train: bool = True,
+    students_too: bool = True,
 ) -> dict[str, Any]:
     """``_bench_ingest`` in a fresh process with the allocator settings every Ray worker of a local instance
     gets (``ALLOCATOR_ENV``): the reader and the students run in Ray Train workers, and without them every
@@ -48,27 +48,26 @@ def bench_ingest(
     figures moved by 2x between passes). Progress lines go to stderr from there."""
     log("measuring in a fresh process with the training workers' allocator settings ...")
     args = (store_url, images, shard_size, batch_size, steps, students, workdir, tuple(codecs), s3, s3_images)
-    return dict(in_fresh_process(dict(ALLOCATOR_ENV), _bench_ingest, *args, repeats, train))
+    return dict(in_fresh_process(dict(ALLOCATOR_ENV), _bench_ingest, *args, repeats, students_too))
 
 
 def _log_stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def reader_vs_raw(
-    store: FeatureStore, batch_size: int, repeats: int, read_threads: int = 4
-) -> dict[str, Any]:
+def reader_vs_raw(store: FeatureStore, batch_size: int, repeats: int, cfg: ReaderConfig) -> dict[str, Any]:
     """One epoch through ``ShardStream`` (batches handed over as torch tensors) against a raw read of the same
     objects — the chunk files of the arrays the reader reads, fetched whole: ``fs.cat`` + ``np.frombuffer``
     on local disk, concurrent ranged GETs (``fs.cat_ranges``) on an object store. Both warm (one pass each
-    first); ``repeats`` passes of each, alternating, the fastest of each kept (``*_each`` lists all)."""
+    first); ``repeats`` passes of each, alternating, the fastest of each kept (``*_each`` lists all). On local
+    disk a plain ``open`` + ``read`` of each file is timed too (``os_read_*``): fsspec's ``cat`` adds its own
+    cost per file, so this is the stricter raw figure. The ranged GETs send ``cfg.requests`` at a time."""
     meta = store.meta()
     teachers = sorted(meta.teachers)
     partition = sorted(meta.partitions)[0]
     shards = committed_shards(store)
     rows = sum(len(s.ids) for s in shards)
-    plan = epoch_plan(shards, 0, 0, 1, batch_size, 4)[0]
-    cfg = ReaderConfig(read_threads=read_threads)
+    plan = epoch_plan(shards, 0, 0, 1, batch_size, cfg.shuffle_shards)[0]
     names = ShardStream(store, plan, teachers, [partition], lambda s: partition, cfg).array_names([partition])
     paths: list[str] = []
     sizes: list[int] = []
@@ -84,9 +83,16 @@ def reader_vs_raw(
         if store.is_local:
             blobs = list(fs.cat(paths).values())
         else:
-            blobs = fs.cat_ranges(paths, [0] * len(paths), sizes)
+            blobs = fs.cat_ranges(paths, [0] * len(paths), sizes, batch_size=cfg.requests)
         nbytes = sum(np.frombuffer(b, dtype=np.uint8).size for b in blobs)
         return time.perf_counter() - t0, nbytes
+
+    def os_read_pass() -> float:
+        t0 = time.perf_counter()
+        for p in paths:
+            with open(p, "rb") as f:
+                np.frombuffer(f.read(), dtype=np.uint8)
+        return time.perf_counter() - t0
 
     def reader_pass() -> float:
         t0 = time.perf_counter()
@@ -98,14 +104,20 @@ def reader_vs_raw(
         return time.perf_counter() - t0
 
     raw_pass(), reader_pass()  # warm: the page cache (local), connections and the server (S3)
-    raw_each, reader_each, nbytes = [], [], 0
+    raw_each, reader_each, os_each, nbytes = [], [], [], 0
     for _ in range(repeats):
         t, nbytes = raw_pass()
         raw_each.append(t)
         reader_each.append(reader_pass())
+        if store.is_local:
+            os_each.append(os_read_pass())
     raw_s, reader_s = min(raw_each), min(reader_each)
     read_bytes = sum(sizes)  # what the reader reads: the same chunk files (every row of them once)
+    extra = {}
+    if os_each:
+        extra = {"os_read_samples_per_s": rows / min(os_each), "ratio_vs_os_read": min(os_each) / reader_s}
     return {
+        **extra,
         "rows": rows,
         "bytes_per_sample": read_bytes / rows,
         "raw_samples_per_s": rows / raw_s,
@@ -129,7 +141,7 @@ def _bench_ingest(
     s3: bool = False,
     s3_images: int = 256,
     repeats: int = 2,
-    train: bool = True,
+    students_too: bool = True,
 ) -> dict[str, Any]:
     """Store reader vs raw reads of the same bytes (per codec, on local disk and on a loopback S3 server), and
     S students trained together vs one by one (``bench_ingest``'s arguments; progress lines to stderr).
@@ -155,13 +167,14 @@ def _bench_ingest(
         log(f"writing a {images}-image store with random {codec} targets shaped like the demo teachers' ...")
         write_random_store(url, shard_rows(images), DEMO_TEACHERS, 224, codec=codec)
         first_url = first_url or url
-        by_codec[codec] = {"local": reader_vs_raw(FeatureStore(url), batch_size, repeats)}
+        by_codec[codec] = {"local": reader_vs_raw(FeatureStore(url), batch_size, repeats, ReaderConfig())}
         x = by_codec[codec]["local"]
         log(
             f"{codec} local: reader {x['reader_samples_per_s']:.0f} vs raw {x['raw_samples_per_s']:.0f} samples/s "
-            f"({x['ratio']:.2f}), {x['bytes_per_sample'] / 1e3:.0f} kB/sample"
+            f"({x['ratio']:.2f}; plain reads {x['os_read_samples_per_s']:.0f}, {x['ratio_vs_os_read']:.2f}), "
+            f"{x['bytes_per_sample'] / 1e3:.0f} kB/sample"
         )
-        if codec != codecs[0] or not train:
+        if codec != codecs[0] or not students_too:
             shutil.rmtree(url, ignore_errors=True)
     if s3 and store_url is None:
         with loopback_s3("bench ingest --s3") as (base, options):
@@ -171,7 +184,8 @@ def _bench_ingest(
                 write_random_store(
                     url, shard_rows(s3_images), DEMO_TEACHERS, 224, codec=codec, storage_options=options
                 )
-                x = reader_vs_raw(FeatureStore(url, options), batch_size, repeats, read_threads=16)
+                s3_cfg = ReaderConfig(read_threads=8, requests=32)  # an object store likes requests in flight
+                x = reader_vs_raw(FeatureStore(url, options), batch_size, repeats, s3_cfg)
                 by_codec[codec]["s3"] = x
                 log(
                     f"{codec} s3: reader {x['reader_samples_per_s']:.0f} vs ranged GETs {x['raw_samples_per_s']:.0f} "
@@ -180,10 +194,12 @@ def _bench_ingest(
     assert first_url is not None
     store = FeatureStore(first_url)
     res: dict[str, Any] = (
-        dict(by_codec[codecs[0]]["local"]) if by_codec else reader_vs_raw(store, batch_size, repeats)
+        dict(by_codec[codecs[0]]["local"])
+        if by_codec
+        else reader_vs_raw(store, batch_size, repeats, ReaderConfig())
     )
     res["by_codec"] = by_codec
-    if not train:
+    if not students_too:
         tmp.cleanup()
         return res
     meta = store.meta()

@@ -140,7 +140,7 @@ def bench_ingest_cmd(
             s3=s3,
             s3_images=s3_images,
             repeats=repeats,
-            train=students,
+            students_too=students,
         )
     except RuntimeError as e:
         fail(str(e))

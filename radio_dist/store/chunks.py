@@ -8,6 +8,7 @@ at ~1/4 of the bytes' read rate.
 
 from __future__ import annotations
 
+import json
 import sys
 import threading
 import warnings
@@ -52,21 +53,48 @@ def plain_layout(array: Any) -> PlainLayout | None:
     meta = array.metadata
     if getattr(meta, "zarr_format", None) != 3 or len(array.shape) == 0:
         return None
-    d = meta.to_dict()
+    return layout_of(meta.to_dict(), tuple(array.shape), np.dtype(array.dtype))
+
+
+def layout_of(d: dict[str, Any], shape: tuple[int, ...], dtype: np.dtype) -> PlainLayout | None:
+    """``plain_layout`` from an array's Zarr v3 metadata document (as ``zarr.json`` holds it)."""
     codecs = d.get("codecs") or []
     if len(codecs) != 1 or codecs[0].get("name") != "bytes" or d.get("storage_transformers"):
         return None
-    dtype = np.dtype(array.dtype)
     endian = (codecs[0].get("configuration") or {}).get("endian")
     if dtype.itemsize > 1 and endian != sys.byteorder:
         return None
     grid, keys = d.get("chunk_grid") or {}, d.get("chunk_key_encoding") or {}
     chunk_shape = list((grid.get("configuration") or {}).get("chunk_shape") or [])
-    if grid.get("name") != "regular" or chunk_shape[1:] != list(array.shape[1:]) or not chunk_shape:
+    if grid.get("name") != "regular" or chunk_shape[1:] != list(shape[1:]) or not chunk_shape:
         return None
     if keys.get("name") != "default" or (keys.get("configuration") or {}).get("separator", "/") != "/":
         return None
     return PlainLayout(int(chunk_shape[0]), dtype, d.get("fill_value", 0))
+
+
+def consolidated_arrays(doc: bytes) -> dict[str, tuple[tuple[int, ...], np.dtype, PlainLayout | None]] | None:
+    """Every array of a shard from its root ``zarr.json`` with consolidated metadata (one small read, parsed
+    here: opening the group through Zarr took 5-10 ms a shard): name -> (shape, dtype, plain layout or None).
+    None when the document has no consolidated metadata or an array's data type is not a plain numpy one."""
+    try:
+        meta = json.loads(doc)
+    except ValueError:
+        return None
+    nodes = (meta.get("consolidated_metadata") or {}).get("metadata")
+    if meta.get("zarr_format") != 3 or not isinstance(nodes, dict):
+        return None
+    out: dict[str, tuple[tuple[int, ...], np.dtype, PlainLayout | None]] = {}
+    for name, node in nodes.items():
+        if node.get("node_type") != "array":
+            continue
+        try:
+            dtype = np.dtype(node["data_type"])
+            shape = tuple(int(x) for x in node["shape"])
+        except (KeyError, TypeError, ValueError):
+            return None
+        out[name] = (shape, dtype, layout_of(node, shape, dtype) if shape else None)
+    return out
 
 
 def chunk_keys(shape: tuple[int, ...], rows: int) -> list[tuple[str, ...]]:

@@ -475,17 +475,20 @@ class FeatureStore:
         return zarr.open_group(self.zarr_store(shard), mode="r", zarr_format=3, use_consolidated=None)
 
     def open_rows(
-        self, shard: str, names: list[str] | None = None, requests: int | None = None
+        self,
+        shard: str,
+        names: list[str] | None = None,
+        requests: int | None = None,
+        direct: bool | None = None,
     ) -> ShardRowReader:
         """A reader of rows of ``names`` (default: every array) of a shard, into the caller's buffers: direct
         reads from the chunk files on a local file system, the chunk files fetched whole (concurrently) on an
         object store, ``requests`` at a time (``radio_dist.store.rows``). Close it when done (a context manager)."""
         where = f"{self.url}: shard {shard}"
-        try:
-            group = self.open_shard(shard)
-        except FileNotFoundError as e:
-            raise StoreError(f"{where} cannot be opened ({e}); run `radio-dist store verify`") from e
-        return open_rows(group, where, self.path("shards", shard), self.fs, self.is_local, names, requests)
+        base = self.path("shards", shard)
+        return open_rows(
+            lambda: self.open_shard(shard), where, base, self.fs, self.is_local, names, requests, direct
+        )
 
     def read_shard(self, shard: str, names: list[str] | None = None) -> dict[str, np.ndarray]:
         """Arrays of one committed shard, as stored (uint8 images, float16 dense, float32 summary).

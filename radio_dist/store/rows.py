@@ -2,16 +2,20 @@
 
 A training batch takes a few rows from each of several shards of a shuffle window. Reading whole shards and then
 gathering rows copied every byte three times (the read, the chunks joined into one array, the rows taken into
-the batch), and the reader delivered 0.2–0.4 of a raw read of the same bytes. Here each row goes once:
+the batch), and the reader delivered 0.2–0.4 of a raw read of the same bytes. Here:
 
-- ``LocalRows`` (a local file system): one ``os.preadv`` per run of consecutive rows, at their offset in their
-  chunk file, into their place in the caller's buffer — the kernel's copy out of the page cache is the only one.
-- ``FetchedRows`` (object stores, any other fsspec URL, or where ``preadv`` is missing): the shard's chunk files
-  fetched whole and concurrently (one request per chunk file: the writer's ``chunk_bytes`` sets the request
-  size), each row then copied from them into place. Arrays in a layout other than the one this store writes
+- ``LocalRows`` (a local file system): one ``os.preadv`` per row, at its offset in its chunk file, into its
+  place in the caller's buffer — the kernel's copy out of the page cache is the only one, and no shard is held
+  in memory. Tried and measured slower on the demo's shapes (nf4, 1024 samples, one thread): each shard's
+  arrays read whole with one ``readinto`` per chunk file and rows then gathered (9–12k samples/s against
+  15–18k: a second copy into fresh memory), and the chunk files mapped (``mmap``: populating the page tables
+  ran at ~1 GB/s, once per epoch).
+- ``FetchedRows`` (object stores, any other fsspec URL): the shard's chunk files fetched whole and concurrently
+  (one request per chunk file: the writer's ``chunk_bytes`` sets the request size) into its arrays, rows then
+  gathered from them as above. Arrays in a layout other than the one this store writes
   (raw bytes in row chunks: ``chunks.plain_layout``) are read through Zarr.
 
-Either checks what it opens against the shard's Zarr metadata first — the arrays asked for exist and have one
+Each checks what it opens against the shard's Zarr metadata first — the arrays asked for exist and have one
 length, every chunk file holds the bytes its array's chunk needs — so a truncated chunk is an error naming the
 shard, the array and the chunk before any of its rows reaches a batch.
 """
@@ -20,7 +24,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +32,14 @@ import fsspec
 import numpy as np
 import zarr
 
-from radio_dist.store.chunks import PlainLayout, array_names, chunk_keys, member, plain_layout
+from radio_dist.store.chunks import (
+    PlainLayout,
+    array_names,
+    chunk_keys,
+    consolidated_arrays,
+    member,
+    plain_layout,
+)
 from radio_dist.store.errors import StoreError
 
 
@@ -53,24 +64,6 @@ class ArrayRows:
             return cls(name, shape, dtype, None, (), row_bytes)
         paths = tuple("/".join([base, name, *c]) for c in chunk_keys(shape, layout.rows))
         return cls(name, shape, dtype, layout, paths, row_bytes, layout.rows * row_bytes)
-
-
-def runs(index: Sequence[int], rows_per_chunk: int) -> list[tuple[int, int, int]]:
-    """``(k, n, row)`` runs of ``index``: ``index[k:k+n] == row, row+1, …`` all in one chunk (one read each).
-    (A plain loop: a batch takes a few rows per shard, where numpy's per-call cost is the larger.)"""
-    out: list[tuple[int, int, int]] = []
-    k0 = prev = -2
-    out_row = 0
-    for k, r in enumerate(index):
-        if r == prev + 1 and r % rows_per_chunk:
-            prev = r
-            continue
-        if k0 >= 0:
-            out.append((k0, k - k0, out_row))
-        k0, prev, out_row = k, r, r
-    if k0 >= 0:
-        out.append((k0, len(index) - k0, out_row))
-    return out
 
 
 class ShardRowReader:
@@ -125,6 +118,7 @@ class LocalRows(ShardRowReader):
     def __init__(self, where: str, arrays: dict[str, ArrayRows], length: int) -> None:
         super().__init__(where, arrays, length)
         self._fds: dict[tuple[str, int], int | None] = {}
+        self._by_array: dict[str, list[int | None]] = {}
         self._lock = threading.Lock()
         for a in arrays.values():  # sizes first: a truncated chunk is named before any row is read
             for i in range(len(a.paths)):
@@ -163,30 +157,30 @@ class LocalRows(ShardRowReader):
         idx = self._check_out(a, index, out)
         assert a.layout is not None
         per_chunk, row_bytes = a.layout.rows, a.row_bytes
-        flat = out.reshape(len(idx), -1).view(np.uint8) if len(idx) else out
-        if out.shape[1:] != a.shape[1:]:  # wider rows: each row into the start of its own
-            flat = flat[:, :row_bytes]
-            for k, row in enumerate(idx):
-                chunk, first = divmod(row, a.layout.rows)
-                fd = self._fd(a, chunk)
-                if fd is None:
-                    out[k, : a.shape[1]] = a.layout.fill
-                elif os.preadv(fd, [memoryview(flat[k])], first * row_bytes) != row_bytes:
-                    raise StoreError(f"{self._where(name)}: chunk {chunk} gave too few bytes at row {row}")
-            return
-        for k, n, row in runs(idx, per_chunk):
+        fds = self._fds_of(a)
+        rows = out.reshape(len(idx), -1).view(np.uint8) if len(idx) else out
+        wide = out.shape[1:] != a.shape[1:]  # wider rows (encoded views): each row into the start of its own
+        if wide:
+            rows = rows[:, :row_bytes]
+        pread = os.preadv
+        # one read per row, straight into place: the loop is the reader's hot path (a batch of 32 demo samples
+        # is ~160 of them), so it does nothing else
+        for k, row in enumerate(idx):
             chunk, first = divmod(row, per_chunk)
-            fd = self._fd(a, chunk)
+            fd = fds[chunk]
             if fd is None:
-                out[k : k + n] = a.layout.fill
-                continue
-            view = memoryview(flat[k : k + n]).cast("B")
-            got = os.preadv(fd, [view], first * row_bytes)
-            if got != n * row_bytes:  # the file shrank after it was opened
+                (out[k, : a.shape[1]] if wide else out[k])[...] = a.layout.fill
+            elif pread(fd, [rows[k].data], first * row_bytes) != row_bytes:  # the file shrank since opened
                 raise StoreError(
-                    f"{self._where(name)}: chunk {chunk} gave {got} bytes at row {row}, {n * row_bytes} "
-                    "expected; run `radio-dist store verify`"
+                    f"{self._where(name)}: chunk {chunk} gave too few bytes at row {row}; run `radio-dist store verify`"
                 )
+
+    def _fds_of(self, a: ArrayRows) -> list[int | None]:
+        got = self._by_array.get(a.name)
+        if got is None:
+            got = [self._fd(a, i) for i in range(len(a.paths))]
+            self._by_array[a.name] = got
+        return got
 
     def close(self) -> None:
         with self._lock:
@@ -194,10 +188,51 @@ class LocalRows(ShardRowReader):
                 if fd is not None:
                     os.close(fd)
             self._fds.clear()
+            self._by_array.clear()
 
 
-class FetchedRows(ShardRowReader):
-    """A shard's arrays fetched whole (chunk files concurrently, or through Zarr), rows copied from them."""
+class LoadedRows(ShardRowReader):
+    """A shard's arrays held whole (each chunk copied once into place), rows gathered from them with one
+    vectorized copy per array and shard of a batch. Subclasses fill ``_whole``."""
+
+    def __init__(self, where: str, arrays: dict[str, ArrayRows], length: int) -> None:
+        super().__init__(where, arrays, length)
+        self._whole: dict[str, np.ndarray] = {}
+
+    @staticmethod
+    def _buffer(a: ArrayRows) -> tuple[np.ndarray, np.ndarray]:
+        """(the array's rows, the same memory as bytes in whole chunks: the last chunk is stored padded)."""
+        assert a.layout is not None
+        n_chunks = len(a.paths)
+        whole = np.empty((n_chunks * a.layout.rows, *a.shape[1:]), a.dtype)
+        return whole[: a.shape[0]], whole.reshape(-1).view(np.uint8)
+
+    def _check_size(self, a: ArrayRows, chunk: int, size: int) -> None:
+        if size != a.chunk_bytes:
+            raise StoreError(
+                f"{self._where(a.name)}: chunk {chunk} holds {size} bytes, {a.chunk_bytes} expected; "
+                "run `radio-dist store verify`"
+            )
+
+    def read_into(self, name: str, index: Sequence[int] | np.ndarray, out: np.ndarray) -> None:
+        a = self.arrays[name]
+        idx = self._check_out(a, index, out)
+        if out.shape[1:] == a.shape[1:]:
+            np.take(self._whole[name], idx, axis=0, out=out)
+        else:  # wider rows (encoded views): each row into the start of its own
+            out[:, : a.shape[1]] = self._whole[name][idx]
+
+    def close(self) -> None:
+        self._whole.clear()
+
+
+def _missing(e: OSError) -> bool:
+    """Whether a ranged read failed because the object is not there (s3fs and local files say it differently)."""
+    return isinstance(e, FileNotFoundError) or "NoSuchKey" in repr(e) or "Not Found" in repr(e)
+
+
+class FetchedRows(LoadedRows):
+    """A shard's arrays fetched whole (chunk files concurrently, or through Zarr), then held as arrays."""
 
     def __init__(
         self,
@@ -205,97 +240,87 @@ class FetchedRows(ShardRowReader):
         arrays: dict[str, ArrayRows],
         length: int,
         fs: fsspec.AbstractFileSystem,
-        group: zarr.Group,
+        group: zarr.Group | Callable[[], zarr.Group],
         requests: int | None = None,
     ) -> None:
         super().__init__(where, arrays, length)
-        self._chunks: dict[str, list[np.ndarray | None]] = {}
-        self._whole: dict[str, np.ndarray] = {}
         plain = {k: a for k, a in arrays.items() if a.layout is not None}
         paths = [p for a in plain.values() for p in a.paths]
-        # an async file system (s3fs) sends ``requests`` of them at once
+        ends = [a.chunk_bytes for a in plain.values() for _ in a.paths]
+        # ranged GETs of the sizes the metadata gives (fsspec's `cat` asked for each object's size first: half
+        # the rate on the loopback S3 server); an async file system (s3fs) sends ``requests`` of them at once
         opts = {"batch_size": requests} if requests and getattr(fs, "async_impl", False) else {}
-        blobs = fs.cat(paths, on_error="return", **opts) if paths else {}
+        got = fs.cat_ranges(paths, [0] * len(paths), ends, on_error="return", **opts) if paths else []
+        blobs = dict(zip(paths, got, strict=True))
         for k, a in plain.items():
             assert a.layout is not None
-            chunks: list[np.ndarray | None] = []
+            rows, raw = self._buffer(a)
             for i, p in enumerate(a.paths):
-                blob = blobs.get(p, FileNotFoundError(p))
+                blob = blobs.pop(p, FileNotFoundError(p))
+                if isinstance(blob, OSError) and not isinstance(blob, PermissionError) and _missing(blob):
+                    blob = FileNotFoundError(p)
+                part = raw[i * a.chunk_bytes : (i + 1) * a.chunk_bytes]
                 if isinstance(blob, FileNotFoundError):
-                    chunks.append(None)  # Zarr does not write a chunk that is all fill value
+                    part.view(a.dtype)[...] = a.layout.fill  # Zarr does not write a chunk that is all fill
                 elif isinstance(blob, PermissionError):
                     raise blob
                 elif isinstance(blob, BaseException):
                     raise StoreError(f"{self._where(k)}: reading {p} failed: {blob!r}") from blob
-                elif len(blob) != a.chunk_bytes:
-                    raise StoreError(
-                        f"{self._where(k)}: chunk {i} holds {len(blob)} bytes, {a.chunk_bytes} expected; "
-                        "run `radio-dist store verify`"
-                    )
                 else:
-                    chunks.append(np.frombuffer(blob, a.dtype).reshape(a.layout.rows, *a.shape[1:]))
-            self._chunks[k] = chunks
+                    self._check_size(a, i, len(blob))
+                    part[...] = np.frombuffer(blob, np.uint8)
+            self._whole[k] = rows
         if len(plain) < len(arrays):
+            group = group if isinstance(group, zarr.Group) else group()
             for k in arrays.keys() - plain.keys():
                 try:
                     self._whole[k] = np.asarray(member(group, k)[...])
                 except Exception as e:  # a chunk Zarr cannot decode: name it
                     raise StoreError(f"{self._where(k)}: {e}; run `radio-dist store verify`") from e
 
-    def read_into(self, name: str, index: Sequence[int] | np.ndarray, out: np.ndarray) -> None:
-        a = self.arrays[name]
-        idx = self._check_out(a, index, out)
-        if name in self._whole:
-            if out.shape[1:] == a.shape[1:]:
-                np.take(self._whole[name], idx, axis=0, out=out)
-            else:
-                out[:, : a.shape[1]] = self._whole[name][idx]
-            return
-        assert a.layout is not None
-        per_chunk = a.layout.rows
-        chunks = self._chunks[name]
-        for k, n, row in runs(idx, per_chunk):
-            chunk, first = divmod(row, per_chunk)
-            src = chunks[chunk]
-            dst = out[k : k + n] if out.shape[1:] == a.shape[1:] else out[k : k + n, : a.shape[1]]
-            if src is None:
-                dst[...] = a.layout.fill
-            else:
-                dst[...] = src[first : first + n]
-
-    def close(self) -> None:
-        self._chunks.clear()
-        self._whole.clear()
-
 
 def open_rows(
-    group: zarr.Group,
+    open_group: Callable[[], zarr.Group],
     where: str,
     base: str,
     fs: fsspec.AbstractFileSystem,
     local: bool,
     names: Sequence[str] | None = None,
     requests: int | None = None,
+    direct: bool | None = None,
 ) -> ShardRowReader:
-    """A row reader of ``names`` (default: every array) of the shard opened as ``group`` whose chunk files lie
-    under ``base`` on ``fs``: direct reads where ``local``, the chunk files fetched whole elsewhere. Raises
-    ``StoreError`` (``where``: "URL: shard S") when an array is missing, the arrays differ in length, or a chunk
-    file is cut short. ``requests``: chunk requests in flight when fetching (default: fsspec's). (``FeatureStore.open_rows``
-    fills these in.)"""
-    have = set(array_names(group))
-    keys = list(names) if names is not None else sorted(have)
-    missing = [k for k in keys if k not in have]
+    """A row reader of ``names`` (default: every array) of the shard whose ``zarr.json`` and chunk files lie
+    under ``base`` on ``fs``: direct reads where ``local``, the chunk files fetched whole elsewhere. The arrays
+    come from the shard's consolidated metadata; Zarr (``open_group``) is asked only for a shard without it or
+    an array in another layout. Raises ``StoreError`` (``where``: "URL: shard S") when an array is missing, the
+    arrays differ in length, or a chunk file is cut short. ``requests``: chunk requests in flight when fetching
+    (default: fsspec's). ``direct=False``: load a local shard's arrays whole as on an object store (what the
+    row-by-row reads are measured against). (``FeatureStore.open_rows`` fills these in.)"""
+    try:
+        found = consolidated_arrays(fs.cat_file(f"{base}/zarr.json"))
+    except FileNotFoundError as e:
+        raise StoreError(f"{where} cannot be opened ({e}); run `radio-dist store verify`") from e
+    group: zarr.Group | None = None
+    if found is None:
+        group = open_group()
+        found = {}
+        for k in array_names(group):
+            za: Any = member(group, k)
+            found[k] = (tuple(int(x) for x in za.shape), np.dtype(za.dtype), plain_layout(za))
+    keys = list(names) if names is not None else sorted(found)
+    missing = [k for k in keys if k not in found]
     if missing:
         raise StoreError(f"{where} has no array {missing}; run `radio-dist store verify`")
-    arrays: dict[str, ArrayRows] = {}
-    for k in keys:
-        za: Any = member(group, k)
-        shape = tuple(int(s) for s in za.shape)
-        arrays[k] = ArrayRows.make(k, shape, np.dtype(za.dtype), plain_layout(za), base)
+    arrays = {k: ArrayRows.make(k, *found[k], base) for k in keys}
     lengths = {k: a.shape[0] for k, a in arrays.items()}
     if len(set(lengths.values())) > 1:
         raise StoreError(f"{where}: arrays of different lengths {lengths}; run `store verify`")
     length = next(iter(lengths.values()), 0)
-    if local and hasattr(os, "preadv") and all(a.layout is not None for a in arrays.values()):
+    if (
+        local
+        and all(a.layout is not None for a in arrays.values())
+        and hasattr(os, "preadv")
+        and direct is not False
+    ):
         return LocalRows(where, arrays, length)
-    return FetchedRows(where, arrays, length, fs, group, requests)
+    return FetchedRows(where, arrays, length, fs, group or open_group, requests)

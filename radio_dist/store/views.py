@@ -106,7 +106,7 @@ def row_bytes(row: np.ndarray, where: str = "view") -> memoryview:
     n = int(row[:LENGTH_BYTES].view("<u4")[0])
     if n > len(row) - LENGTH_BYTES:
         raise StoreError(f"{where}: the row says {n} bytes, it holds {len(row) - LENGTH_BYTES}")
-    return memoryview(row)[LENGTH_BYTES : LENGTH_BYTES + n]
+    return np.ascontiguousarray(row).data[LENGTH_BYTES : LENGTH_BYTES + n]
 
 
 def decode_rows(

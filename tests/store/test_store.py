@@ -140,7 +140,8 @@ class StoreConformance:
     def test_rows_are_read_into_the_callers_buffer(self, store, expected_reader):
         """open_rows: any rows of any array into a caller's buffer — runs of consecutive rows, rows across chunk
         boundaries, the partial last chunk, a chunk Zarr never wrote — equal to the arrays as written. Local
-        stores read each run with one preadv into place; object stores fetch the chunk files."""
+        stores read each row with one preadv into place (or, asked, the arrays whole); object stores fetch the
+        chunk files."""
         prepared(store)
         ids = [f"r{i}" for i in range(7)]
         arrays = make_arrays(7, seed=5)
@@ -153,7 +154,23 @@ class StoreConformance:
         assert w.result is not None
         shard = w.result.shard
         order = np.array([6, 0, 1, 2, 3, 4, 5, 5, 3, 1])  # runs, chunk edges, repeats, the last row
-        with store.open_rows(shard) as rows:
+        for direct in (False, True):
+            self.check_rows(store, shard, arrays, order, direct, expected_reader[direct])
+        with pytest.raises(StoreError, match=f"shard {shard} has no array"):
+            store.open_rows(shard, ["t9/low/dense"])
+        # a chunk cut short is named when the shard is opened, before a row is read
+        chunk = store.path("shards", shard, dense_key, "c", "2", "0", "0", "0")
+        store.fs.pipe(chunk, store.fs.cat(chunk)[:-3])
+        for direct in (False, True):
+            with pytest.raises(
+                StoreError, match=f"shard {shard}, array {dense_key}: chunk 2 holds 125 bytes"
+            ):
+                store.open_rows(shard, direct=direct)
+
+    @staticmethod
+    def check_rows(store, shard, arrays, order, direct, expected_reader):
+        dense_key = array_key("t1", "low", "dense")
+        with store.open_rows(shard, direct=direct) as rows:
             assert type(rows).__name__ == expected_reader and rows.length == 7
             assert set(rows.arrays) == set(arrays)
             for k, v in arrays.items():
@@ -167,13 +184,6 @@ class StoreConformance:
                 rows.read_into(dense_key, [0], np.empty((2, 1), np.float16))
             with pytest.raises(IndexError, match="rows 0..7 of 7"):
                 rows.read_into(dense_key, [0, 7], np.empty((2, *arrays[dense_key].shape[1:]), np.float16))
-        with pytest.raises(StoreError, match=f"shard {shard} has no array"):
-            store.open_rows(shard, ["t9/low/dense"])
-        # a chunk cut short is named when the shard is opened, before a row is read
-        chunk = store.path("shards", shard, dense_key, "c", "2", "0", "0", "0")
-        store.fs.pipe(chunk, store.fs.cat(chunk)[:-3])
-        with pytest.raises(StoreError, match=f"shard {shard}, array {dense_key}: chunk 2 holds 125 bytes"):
-            store.open_rows(shard)
 
     def test_exception_leaves_nothing_visible(self, store):
         prepared(store)
@@ -290,7 +300,7 @@ class TestLocalStore(StoreConformance):
 
     @pytest.fixture
     def expected_reader(self):
-        return "LocalRows"
+        return {False: "FetchedRows", True: "LocalRows"}  # whole arrays, or row by row into place
 
 
 class TestS3Store(StoreConformance):
@@ -302,7 +312,7 @@ class TestS3Store(StoreConformance):
 
     @pytest.fixture
     def expected_reader(self):
-        return "FetchedRows"
+        return {False: "FetchedRows", True: "FetchedRows"}
 
 
 def test_a_job_that_stops_before_creating_its_store_leaves_no_folder_it_made(tmp_path):
