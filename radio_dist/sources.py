@@ -67,6 +67,25 @@ class ImageError(ValueError):
     """One input is bad; the message starts with its uri. The pipeline turns it into an error row."""
 
 
+class AugmentConfig(StrictModel):
+    """Augmented views cached once: each image becomes ``views`` rows, each with its own teachers' targets."""
+
+    views: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Views per image: the whole image, then views-1 seeded random square crops (flipped at "
+        "random); each is one row with its own targets and its geometry recorded. 1 = the whole image only.",
+    )
+    min_scale: float = Field(
+        0.35, gt=0, le=1, description="Smallest crop side, as a fraction of the image's shorter side."
+    )
+    flip: float = Field(0.5, ge=0, le=1, description="Chance that a crop is mirrored left to right.")
+    seed: int = Field(
+        0, description="Seed of the crops (drawn from the seed, the image's uri and view number)."
+    )
+
+
 class SourceConfig(StrictModel):
     """Where the images come from and which of them are acceptable."""
 
@@ -89,6 +108,11 @@ class SourceConfig(StrictModel):
         "deterministic views (whole photos first, then random crops); 0 = each photo once",
     )
     limit: int | None = Field(None, ge=1, description="take only the first N items (after sorting)")
+    augment: AugmentConfig = Field(
+        default_factory=AugmentConfig,
+        description="K views per image cached once (random resized crops and flips; the trainer takes one "
+        "view per image per epoch with train.views: one)",
+    )
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="passed to fsspec, e.g. {'client_kwargs': {'endpoint_url': ...}}"
     )
@@ -115,6 +139,11 @@ class SourceConfig(StrictModel):
                 else "a .parquet or .csv list file"
             )
             raise ValueError(f"source.kind={self.kind.value} needs source.path: set it to {what}")
+        if self.kind is SourceKind.sample_photos and self.views and self.augment.views > 1:
+            raise ValueError(
+                "source.views (crops of the sample photos as separate images) and source.augment.views (views "
+                "of each image) do not combine: set one of them"
+            )
         if self.kind is SourceKind.sample_photos and self.path:
             raise ValueError(
                 "source.kind=sample-photos takes no path: remove source.path, or set "
@@ -347,7 +376,39 @@ def list_items(cfg: SourceConfig) -> list[SourceItem]:
         items = _list_items(cfg)
     else:
         items = _sample_items(cfg.views)
-    return items[: cfg.limit] if cfg.limit else items
+    items = items[: cfg.limit] if cfg.limit else items
+    if cfg.augment.views > 1:
+        items = [
+            SourceItem(it.uri, augment_view(cfg.augment, it.uri, k))
+            for it in items
+            for k in range(cfg.augment.views)
+        ]
+    return items
+
+
+def augment_view(aug: AugmentConfig, uri: str, k: int) -> str:
+    """View ``k`` of an image: the whole image for k = 0, else a square crop of ``min_scale``..1 of the shorter
+    side (centred in a box of that fraction of each side, placed at random) mirrored with chance ``flip``. Drawn
+    from a hash of (seed, uri, k): the same on every machine, so a rerun lists the same views (and ids)."""
+    if k == 0:
+        return ""
+
+    def u(j: int) -> float:
+        digest = hashlib.sha256(f"radio-dist-augment:{aug.seed}:{uri}:{k}:{j}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64
+
+    side = aug.min_scale + (1 - aug.min_scale) * u(0)
+    x0, y0 = u(1) * (1 - side), u(2) * (1 - side)
+    box: dict[str, Any] = {"x0": x0, "y0": y0, "x1": x0 + side, "y1": y0 + side}
+    box = {key: min(1.0, round(v, 6)) for key, v in box.items()}
+    if u(3) < aug.flip:
+        box["flip"] = 1
+    return canonical_json(box)
+
+
+def view_flip(view: str) -> bool:
+    """Whether a view string asks for a left-right mirror (after the crop)."""
+    return bool(view) and bool(json.loads(view).get("flip", 0))
 
 
 # ---------------------------------------------------------------- bytes and ids
@@ -543,10 +604,15 @@ def canonical_view(
     cx0, cy0, cw, ch = x0 * ow, y0 * oh, (x1 - x0) * ow, (y1 - y0) * oh
     side = min(cw, ch)
     box = (cx0 + (cw - side) / 2, cy0 + (ch - side) / 2, cx0 + (cw + side) / 2, cy0 + (ch + side) / 2)
+    flip = view_flip(view) if view else False
     if Resample(resample) == Resample.bicubic:
         scaled = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
         out = src.resize((size, size), Image.Resampling.BICUBIC, box=scaled, reducing_gap=3.0)
-        return np.asarray(out, dtype=np.uint8), {"crop": [float(v) for v in box], "size": int(size)}
+        pixels = np.asarray(out, dtype=np.uint8)
+        geo: dict[str, Any] = {"crop": [float(v) for v in box], "size": int(size)}
+        if flip:
+            pixels, geo["flip"] = np.ascontiguousarray(pixels[:, ::-1]), True
+        return pixels, geo
     import torch  # here, not at the top: listing a source needs no torch
 
     n = max(1, min(round(side * min(sx, sy)), w, h))
@@ -560,6 +626,9 @@ def canonical_view(
         t = torch.nn.functional.interpolate(
             t, size=(size, size), mode="bilinear", antialias=True, align_corners=False
         )
-    out_px = np.ascontiguousarray(t[0].permute(1, 2, 0).numpy())
+    out_px = t[0].permute(1, 2, 0).numpy()
     crop = [left / sx, top / sy, (left + n) / sx, (top + n) / sy]
-    return out_px, {"crop": [float(v) for v in crop], "size": int(size)}
+    geometry: dict[str, Any] = {"crop": [float(v) for v in crop], "size": int(size)}
+    if flip:
+        out_px, geometry["flip"] = out_px[:, ::-1], True
+    return np.ascontiguousarray(out_px), geometry

@@ -32,14 +32,16 @@ def write_random_store(
     seed: int = 7,
     codec: str = "fp16",
     storage_options: dict[str, Any] | None = None,
+    views_per_image: int = 1,
 ) -> dict[str, list[str]]:
     """A real Zarr/Parquet store with random targets (no teacher runs) — same layout and bytes as a cached one.
 
     ``teachers`` maps name -> (grid, dense_dim, summary_dim | None), the grid at the smallest partition;
     ``px`` is the view size of one partition ``low`` or a mapping partition -> px (each partition's grid
     scales with its size, as a teacher's does); ``codec`` stores every teacher's targets (with their fidelity,
-    as a caching job records it); ``storage_options``: fsspec's, for a store on S3. Returns {shard: ok ids in
-    array order}.
+    as a caching job records it); ``storage_options``: fsspec's, for a store on S3; ``views_per_image``: that
+    many consecutive rows are views of one image (one ``source``, as ``source.augment.views`` caches them).
+    Returns {shard: ok ids in array order}.
     """
     partitions = {"low": px} if isinstance(px, int) else dict(px)
     smallest = min(partitions.values())
@@ -75,8 +77,10 @@ def write_random_store(
         rows = [
             {
                 "id": i,
-                "source": f"synthetic://{i}",
-                "view": "",
+                "source": f"synthetic://{i}"
+                if views_per_image == 1
+                else f"synthetic://image{int(i[3:]) // views_per_image}",
+                "view": "" if views_per_image == 1 else f'{{"aug":{int(i[3:]) % views_per_image}}}',
                 "status": "error" if i in errs else "ok",
                 "error": f"synthetic://{i}: broken" if i in errs else None,
                 "width": smallest,

@@ -461,3 +461,35 @@ def test_draft_leaves_small_jpegs_and_other_formats_alone():
     assert decode_image(jpg, "a.jpg", draft_for=("", 224)).image.size == (600, 440)
     # just enough: half of 450 px is 225
     assert decode_image(_big_jpeg(600, 450), "b.jpg", draft_for=("", 224)).image.size == (300, 225)
+
+
+def test_augmented_views_are_listed_per_image_and_cut_with_their_flip():
+    """source.augment.views: K rows per image — the whole image, then seeded square crops, some mirrored —
+    the same list on every call, another with another seed; the geometry records crop and flip."""
+    from PIL import Image
+
+    from radio_dist.sources import AugmentConfig, augment_view, view_flip
+
+    cfg = SourceConfig(limit=3, augment={"views": 4, "flip": 0.5, "seed": 1})
+    items = list_items(cfg)
+    assert len(items) == 12 and [it.uri for it in items] == [
+        u for u in dict.fromkeys(i.uri for i in items) for _ in range(4)
+    ]
+    assert [it.view for it in items[::4]] == ["", "", ""]  # view 0: the whole image
+    assert items == list_items(cfg) and items != list_items(
+        cfg.model_copy(update={"augment": AugmentConfig(views=4, seed=2)})
+    )
+    views = [it.view for it in items if it.view]
+    assert len(set(views)) == 9 and any(view_flip(v) for v in views) and not all(view_flip(v) for v in views)
+    img = Image.fromarray(load_sample_photo("astronaut"))
+    for k in range(1, 40):
+        v = augment_view(AugmentConfig(views=40, flip=0.5), "x", k)
+        px, geo = canonical_view(img, 48, v)
+        side = geo["crop"][2] - geo["crop"][0]
+        assert 0.35 * 512 - 1 <= side <= 512 and geo["crop"][3] - geo["crop"][1] == side
+        if view_flip(v):  # the mirror of the same crop unflipped
+            plain = json.dumps({key: val for key, val in json.loads(v).items() if key != "flip"})
+            np.testing.assert_array_equal(px, canonical_view(img, 48, plain)[0][:, ::-1])
+            assert geo["flip"] is True
+    with pytest.raises(ValueError, match="do not combine"):
+        SourceConfig(views=20, augment={"views": 2})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Any
 
 from pydantic import Field, field_validator, model_validator
@@ -21,12 +22,22 @@ class ExpectedTeacher(StrictModel):
     phis_sha256: str | None = Field(None, description="sha256 of the teacher's PHI-S parameter file.")
 
 
+class ViewsPerEpoch(str, Enum):
+    all = "all"
+    one = "one"
+
+
 class TrainConfig(StrictModel):
     """The optimisation and the method's switches (each ingredient can be turned off)."""
 
     epochs: int = Field(2, ge=1, description="Passes over the store.")
     batch_size: int = Field(16, ge=1, description="Images per worker per step.")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many steps in total (benchmarks).")
+    views: ViewsPerEpoch = Field(
+        ViewsPerEpoch.all,
+        description="all: every cached row once per epoch; one: one view per image per epoch, drawn from the "
+        "seed and epoch, for stores that cache several views of each image (source.augment.views)",
+    )
     lr: float = Field(1e-3, gt=0, description="Peak AdamW learning rate (every student).")
     weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay.")
     warmup_steps: int = Field(10, ge=0, description="Linear warm-up steps, then cosine decay to 0.")

@@ -46,7 +46,7 @@ from radio_dist.train.epochs import Position, plans_for
 from radio_dist.train.live import LiveTeacher, fit_images, fit_live, load_live, save_live
 from radio_dist.train.parallel import autocast_dtype, mean_over_workers, peak_tflops, sum_over_workers
 from radio_dist.train.plan import RunPlan, prepare_run, step_choice
-from radio_dist.train.reader import ShardStream
+from radio_dist.train.reader import ShardStream, view_choice
 from radio_dist.train.resume import (
     ResumeError,
     check_relaunch,
@@ -97,6 +97,7 @@ class Distiller:
         )
         self.store = FeatureStore.from_config(cfg.store)
         self.shards = plan.shard_rows(self.store)
+        self.views = view_choice(self.store, self.shards) if plan.views == "one" else None
         ctx = self.worker.ctx
         self.live = self.start_live()  # adds the live teachers' heads to self.plan
         self.dtype = autocast_dtype(cfg.train.precision, ctx.device)
@@ -176,9 +177,11 @@ class Distiller:
 
     def planned_steps(self) -> int:
         """Steps of the whole job: those done, the rest of this epoch's plan, whole epochs after it."""
-        rest = plans_for(self.shards, self.pos)[0].steps - self.pos.next_step
+        rest = plans_for(self.shards, self.pos, self.views)[0].steps - self.pos.next_step
         later = self.cfg.train.epochs - self.pos.epoch - 1
-        whole = plans_for(self.shards, Position(epoch=self.pos.epoch, inputs=self.inputs))[0].steps
+        whole = plans_for(self.shards, Position(epoch=self.pos.epoch, inputs=self.inputs), self.views)[
+            0
+        ].steps
         return self.pos.global_step + max(0, rest) + max(0, later) * whole
 
     def restore(self) -> Position:
@@ -210,7 +213,7 @@ class Distiller:
     def train_epoch(self) -> bool:
         """The rest of the current epoch's segment; True when ``train.max_steps`` was reached."""
         train, pos = self.cfg.train, self.pos
-        plan = plans_for(self.shards, pos)[self.worker.rank]
+        plan = plans_for(self.shards, pos, self.views)[self.worker.rank]
         epoch, segment = pos.epoch, pos.segment
         stream = ShardStream(
             self.store,

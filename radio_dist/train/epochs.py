@@ -14,10 +14,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 from pydantic import ConfigDict, Field
 
 from radio_dist.config import StrictModel
-from radio_dist.train.reader import ShardRows, WorkerPlan, epoch_plan
+from radio_dist.train.reader import ShardRows, ViewChoice, WorkerPlan, epoch_plan
 
 
 class PlanInputs(StrictModel):
@@ -74,24 +75,43 @@ class Position(StrictModel):
         return self.model_copy(update={"done": done, "inputs": inputs, "next_step": 0})
 
 
-def plans_for(shards: Sequence[ShardRows], pos: Position) -> list[WorkerPlan]:
-    """Every worker's plan of the position's current segment: the epoch's samples no earlier segment took."""
+def plans_for(
+    shards: Sequence[ShardRows], pos: Position, views: ViewChoice | None = None
+) -> list[WorkerPlan]:
+    """Every worker's plan of the position's current segment: the epoch's samples no earlier segment took.
+    ``views``: one view per image, chosen by the seed the epoch started with (a relaunch with another seed
+    keeps the epoch's choice, so every image is still trained on once)."""
+    first_seed = pos.done[0].inputs.seed if pos.done else pos.inputs.seed
+    select = views.mask(first_seed, pos.epoch) if views is not None else None
     taken: set[tuple[str, int]] = set()
     for k, seg in enumerate(pos.done):
-        for plan in _plans(shards, pos.epoch, seg.inputs, frozenset(taken), k):
+        for plan in _plans(shards, pos.epoch, seg.inputs, frozenset(taken), k, select):
             taken.update((s.shard, s.index) for s in plan.samples[: seg.steps * plan.batch_size])
-    return _plans(shards, pos.epoch, pos.inputs, frozenset(taken), pos.segment)
+    return _plans(shards, pos.epoch, pos.inputs, frozenset(taken), pos.segment, select)
 
 
 def _plans(
-    shards: Sequence[ShardRows], epoch: int, inputs: PlanInputs, exclude: frozenset[tuple[str, int]], k: int
+    shards: Sequence[ShardRows],
+    epoch: int,
+    inputs: PlanInputs,
+    exclude: frozenset[tuple[str, int]],
+    k: int,
+    select: np.ndarray | None,
 ) -> list[WorkerPlan]:
     return epoch_plan(
-        shards, epoch, inputs.seed, inputs.workers, inputs.batch_size, inputs.shuffle_shards, exclude, k
+        shards,
+        epoch,
+        inputs.seed,
+        inputs.workers,
+        inputs.batch_size,
+        inputs.shuffle_shards,
+        exclude,
+        k,
+        select,
     )
 
 
-def remaining_samples(shards: Sequence[ShardRows], pos: Position) -> int:
+def remaining_samples(shards: Sequence[ShardRows], pos: Position, views: ViewChoice | None = None) -> int:
     """Samples of the position's epoch not trained on yet."""
-    plans = plans_for(shards, pos)
+    plans = plans_for(shards, pos, views)
     return sum(max(0, len(p.samples) - pos.next_step * p.batch_size) for p in plans)

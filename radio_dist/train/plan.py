@@ -36,6 +36,7 @@ class RunPlan(BaseModel):
     shards: tuple[str, ...]
     digest: str  # shards_digest of those shards
     rows: int
+    views: str = "all"  # train.views: every row, or one view per image, each epoch
 
     @property
     def cached(self) -> tuple[str, ...]:
@@ -156,6 +157,7 @@ def prepare_run(cfg: DistillConfig) -> RunPlan:
         shards=tuple(s.shard for s in shards),
         digest=shards_digest(shards),
         rows=sum(len(s.ids) for s in shards),
+        views=cfg.train.views.value,
     )
 
 

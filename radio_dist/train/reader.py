@@ -114,6 +114,44 @@ def committed_shards(store: FeatureStore) -> list[ShardRows]:
         ]
 
 
+@dataclass(frozen=True)
+class ViewChoice:
+    """One view per image per epoch (``train.views: one``): the rows of a store that caches several views of
+    each image (``source.augment.views``) share their manifest ``source``; each epoch keeps one row of each
+    such group, drawn from (seed, epoch) — the same on every worker and after any relaunch."""
+
+    groups: np.ndarray  # int64 group of every row of the shards, in their order (shard by shard, row by row)
+
+    @property
+    def images(self) -> int:
+        return int(self.groups.max()) + 1 if len(self.groups) else 0
+
+    def mask(self, seed: int, epoch: int) -> np.ndarray:
+        """The rows trained on in ``epoch``: one per group."""
+        n = len(self.groups)
+        draw = _rng(seed, epoch, 0x71E35).random(n)
+        order = np.lexsort((draw, self.groups))
+        first = np.ones(n, bool)
+        first[1:] = self.groups[order][1:] != self.groups[order][:-1]
+        keep = np.zeros(n, bool)
+        keep[order[first]] = True
+        return keep
+
+
+def view_choice(store: FeatureStore, shards: Sequence[ShardRows]) -> ViewChoice:
+    """The groups of ``shards``' rows by the image they are a view of (their manifest ``source``)."""
+    table = store.manifest(columns=["id", "source", "status"])
+    table = table.filter(pc.equal(table.column("status"), "ok"))
+    ids = pa.array([i for s in shards for i in s.ids], pa.string())
+    where = pc.index_in(ids, value_set=table.column("id").combine_chunks()).to_numpy(zero_copy_only=False)
+    if len(where) and np.isnan(where.astype(float)).any():
+        raise StoreError(f"{store.url}: a planned row has no manifest row — run `radio-dist store verify`")
+    codes = table.column("source").combine_chunks().dictionary_encode().indices.to_numpy()
+    groups = codes[where.astype(np.int64)] if len(where) else np.zeros(0, np.int64)
+    _, dense = np.unique(groups, return_inverse=True)  # 0..images-1 in source order
+    return ViewChoice(dense.astype(np.int64))
+
+
 def shards_digest(shards: Sequence[ShardRows]) -> str:
     """Identity of a training run's data: changes if any shard or row is added or removed."""
     h = hashlib.sha256()
@@ -243,12 +281,14 @@ def epoch_plan(
     shuffle_shards: int,
     exclude: frozenset[tuple[str, int]] = frozenset(),
     segment: int = 0,
+    select: np.ndarray | None = None,
 ) -> list[WorkerPlan]:
     """The epoch's sample order for every worker (pure; identical on every worker and across restarts).
 
     ``exclude`` (``(shard, row)`` pairs) leaves out samples an earlier segment of the epoch already trained on:
     a job relaunched with other settings re-plans the rest of the epoch (``radio_dist.train.epochs``);
-    ``segment`` > 0 keys that re-plan's shuffles apart from the epoch's first plan.
+    ``segment`` > 0 keys that re-plan's shuffles apart from the epoch's first plan. ``select`` (a mask over
+    every row of ``shards`` in order) keeps only the rows it marks: one view per image (``ViewChoice``).
 
     The order: shards permuted by (seed, epoch), each given to the worker with the fewest rows so far (ties to
     the lowest rank), a worker's shards cut into windows of ``shuffle_shards`` and each window's rows permuted by
@@ -264,13 +304,18 @@ def epoch_plan(
     rows = _Rows(shards)
     keep: np.ndarray | None = None
     live = rows.counts
+    if select is not None:
+        if select.shape != (len(rows.ids),):
+            raise ValueError(f"select has {select.shape} entries, the shards {len(rows.ids)} rows")
+        keep = select.astype(bool, copy=True)
     if exclude:
-        keep = np.ones(len(rows.ids), bool)
+        keep = np.ones(len(rows.ids), bool) if keep is None else keep
         where = {name: j for j, name in enumerate(rows.names)}
         for shard, r in exclude:
             j = where.get(shard)
             if j is not None and 0 <= r < rows.counts[j]:
                 keep[rows.offsets[j] + r] = False
+    if keep is not None:
         live = np.bincount(rows.shard_of[keep], minlength=len(shards))
     order = _rng(seed, epoch, *seg, 0xA11).permutation(len(shards))
     heap = [
@@ -494,7 +539,9 @@ class ShardStream:
         steps = range(self.start_step, plan.steps)
         bounds = plan.samples.bounds
         pool = ThreadPoolExecutor(self.cfg.read_threads, thread_name_prefix="radio-dist-reader")
-        opener = ThreadPoolExecutor(self.cfg.read_threads, thread_name_prefix="radio-dist-open")
+        opener = ThreadPoolExecutor(
+            self.cfg.shuffle_shards * (1 + self.cfg.prefetch_windows), thread_name_prefix="radio-dist-open"
+        )
         windows = _Windows(self, opener)
         pending: deque[Future[Batch]] = deque()
         it = iter(steps)

@@ -15,10 +15,11 @@ import json
 from typing import Any
 
 from radio_dist.config import ConfigError
+from radio_dist.store import FeatureStore
 from radio_dist.train.config import DistillConfig
 from radio_dist.train.epochs import PlanInputs, Position, remaining_samples
 from radio_dist.train.plan import RunPlan
-from radio_dist.train.reader import ShardRows
+from radio_dist.train.reader import ShardRows, view_choice
 from radio_dist.train.rundir import RunDir
 from radio_dist.train.worker import STATE_FILE
 
@@ -44,6 +45,7 @@ def checkpoint_meta(pos: Position, plan: RunPlan, students: list[str]) -> dict[s
         "partitions": list(plan.partitions),
         "digest": plan.digest,
         "fingerprints": plan.fingerprints,
+        "views": plan.views,
     }
 
 
@@ -73,6 +75,12 @@ def relaunch_problem(meta: dict[str, Any], plan: RunPlan, students: list[str]) -
             "the checkpoint was trained on other data or teachers than the store now holds "
             f"(shards digest {meta.get('digest')} then, {plan.digest} now; fingerprints "
             f"{meta.get('fingerprints')} then, {plan.fingerprints} now); use a new --out for a new run"
+        )
+    if meta.get("views", "all") != plan.views:
+        return (
+            f"the checkpoint trains train.views: {meta.get('views', 'all')}, this job {plan.views}: an epoch "
+            f"cannot switch between every row and one view per image; set train.views: {meta.get('views', 'all')}, "
+            "or use a new --out"
         )
     then = meta.get("students")
     if then is not None and sorted(then) != sorted(students):
@@ -115,7 +123,11 @@ def check_relaunch(
         "epoch": then.epoch,
         "global_step": then.global_step,
         "plan": then.inputs.describe(),
-        "remaining_in_epoch": remaining_samples(shards, pos),
+        "remaining_in_epoch": remaining_samples(
+            shards,
+            pos,
+            view_choice(FeatureStore.from_config(cfg.store), shards) if plan.views == "one" else None,
+        ),
     }
     if pos is not then:
         info["replanned_for"] = now.describe()

@@ -90,3 +90,43 @@ def test_the_remnant_plan_leaves_out_finished_shards_and_keeps_workers_in_lockst
     assert left_shards <= {s.shard for s in SHARDS}
     assert all(any(s.shard in w for w in p.windows) for p in plans for s in p.samples)
     assert done_shards - left_shards  # whole shards that were finished are not read again
+
+
+def test_one_view_per_image_each_epoch_exactly_once_also_after_a_relaunch(tmp_path):
+    """train.views: one — a store caching 4 views of each image trains each image once per epoch, on one view
+    drawn from (seed, epoch): the same on every call, another in the next epoch, kept when the epoch is
+    re-planned for other workers and batch size (even with another seed)."""
+    from radio_dist.store import FeatureStore
+    from radio_dist.testing import write_random_store
+    from radio_dist.train.reader import committed_shards, view_choice
+
+    url = str(tmp_path / "s")
+    write_random_store(url, [12, 9, 11], {"t": (2, 8, 8)}, 32, views_per_image=4)  # 32 rows, 8 images
+    store = FeatureStore(url)
+    shards = committed_shards(store)
+    views = view_choice(store, shards)
+    assert views.images == 8 and len(views.groups) == 32
+    source = {r["id"]: r["source"] for r in store.manifest(columns=["id", "source"]).to_pylist()}
+
+    def epoch(e: int, pos: Position | None = None) -> list[str]:
+        pos = pos or Position(epoch=e, inputs=inputs(2, 3))
+        plans = plans_for(shards, pos, views)
+        return [s.id for p in plans for s in p.samples]
+
+    chosen = {e: epoch(e) for e in range(4)}
+    for e, ids in chosen.items():
+        assert len(ids) == 8 and sorted(source[i] for i in ids) == sorted(set(source.values()))
+        assert ids == epoch(e)  # deterministic
+    assert len({frozenset(v) for v in chosen.values()}) > 1  # other views in other epochs
+    assert len({i for v in chosen.values() for i in v}) > 8
+    # relaunched mid-epoch with 3 workers, batch 2 and another seed: the rest of the epoch, same views
+    pos = Position(epoch=1, inputs=inputs(2, 3))
+    first = [s.id for p in plans_for(shards, pos, views) for s in p.samples[:3]]  # one step of 2 workers
+    relaunched = pos.model_copy(update={"next_step": 1}).resumed_with(inputs(3, 2, seed=5))
+    rest = [s.id for p in plans_for(shards, relaunched, views) for s in p.samples]
+    assert sorted(first + rest) == sorted(chosen[1])
+    assert remaining_samples(shards, relaunched, views) == len(rest) == 8 - len(first)
+    # without it, every row
+    assert (
+        len([s for p in plans_for(shards, Position(epoch=0, inputs=inputs(2, 3))) for s in p.samples]) == 32
+    )
