@@ -26,6 +26,9 @@ from radio_dist.train.reader import ReaderConfig, ShardStream, committed_shards,
 from radio_dist.train.step import StudentState, student_step, to_images
 from radio_dist.train.transfer import to_device
 
+# rows as large as C-RADIOv4's high partition: the grid at 1152 px of a SAM3-sized teacher (REFERENCE.md)
+SCALE_TEACHER: dict[str, tuple[int, int, int | None]] = {"sam3": (72, 1024, None)}
+
 
 def bench_ingest(
     store_url: str | None = None,
@@ -41,6 +44,7 @@ def bench_ingest(
     s3_images: int = 256,
     repeats: int = 2,
     students_too: bool = True,
+    scale_rows: int = 0,
 ) -> dict[str, Any]:
     """``_bench_ingest`` in a fresh process with the allocator settings every Ray worker of a local instance
     gets (``ALLOCATOR_ENV``): the reader and the students run in Ray Train workers, and without them every
@@ -48,7 +52,9 @@ def bench_ingest(
     figures moved by 2x between passes). Progress lines go to stderr from there."""
     log("measuring in a fresh process with the training workers' allocator settings ...")
     args = (store_url, images, shard_size, batch_size, steps, students, workdir, tuple(codecs), s3, s3_images)
-    return dict(in_fresh_process(dict(ALLOCATOR_ENV), _bench_ingest, *args, repeats, students_too))
+    return dict(
+        in_fresh_process(dict(ALLOCATOR_ENV), _bench_ingest, *args, repeats, students_too, scale_rows)
+    )
 
 
 def _log_stderr(message: str) -> None:
@@ -142,6 +148,7 @@ def _bench_ingest(
     s3_images: int = 256,
     repeats: int = 2,
     students_too: bool = True,
+    scale_rows: int = 0,
 ) -> dict[str, Any]:
     """Store reader vs raw reads of the same bytes (per codec, on local disk and on a loopback S3 server), and
     S students trained together vs one by one (``bench_ingest``'s arguments; progress lines to stderr).
@@ -191,6 +198,21 @@ def _bench_ingest(
                     f"{codec} s3: reader {x['reader_samples_per_s']:.0f} vs ranged GETs {x['raw_samples_per_s']:.0f} "
                     f"samples/s ({x['ratio']:.2f})"
                 )
+    scale: dict[str, Any] | None = None
+    if scale_rows:  # rows as large as C-RADIOv4's: a 1152 px view and a SAM3-sized 72x72x1024 fp16 target
+        url = str(Path(tmp.name) / "store-scale")
+        log(
+            f"writing {scale_rows} rows of C-RADIOv4 size (1152 px view + 72x72x1024 fp16 target, 14.6 MB) ..."
+        )
+        write_random_store(
+            url, [min(16, scale_rows - i) for i in range(0, scale_rows, 16)], SCALE_TEACHER, 1152
+        )
+        scale = reader_vs_raw(FeatureStore(url), 8, repeats, ReaderConfig(shuffle_shards=2))
+        shutil.rmtree(url, ignore_errors=True)
+        log(
+            f"C-RADIOv4-sized rows: reader {scale['reader_mb_per_s']:.0f} MB/s vs raw {scale['raw_mb_per_s']:.0f} "
+            f"({scale['ratio']:.2f}; plain reads {scale['ratio_vs_os_read']:.2f})"
+        )
     assert first_url is not None
     store = FeatureStore(first_url)
     res: dict[str, Any] = (
@@ -199,6 +221,8 @@ def _bench_ingest(
         else reader_vs_raw(store, batch_size, repeats, ReaderConfig())
     )
     res["by_codec"] = by_codec
+    if scale is not None:
+        res["scale_rows"] = scale
     if not students_too:
         tmp.cleanup()
         return res

@@ -112,10 +112,16 @@ def bench_ingest_cmd(
     students: Annotated[
         bool, typer.Option("--students/--no-students", help="Also time students together vs alone.")
     ] = True,
+    scale_rows: Annotated[
+        int,
+        typer.Option(
+            min=0, help="Also a local store of this many C-RADIOv4-sized rows (14.6 MB each; 64 is ~1 GB)."
+        ),
+    ] = 0,
     as_json: JsonOpt = False,
 ) -> None:
-    """Store reader vs raw reads of the same bytes (per codec; local, and S3 with --s3); S students trained
-    together vs one by one."""
+    """Store reader vs raw reads of the same bytes (per codec; local, and S3 with --s3; C-RADIOv4-sized rows
+    with --scale-rows); S students trained together vs one by one."""
     from radio_dist.bench.ingest import bench_ingest
     from radio_dist.store.codecs import get_codec
 
@@ -141,6 +147,7 @@ def bench_ingest_cmd(
             s3_images=s3_images,
             repeats=repeats,
             students_too=students,
+            scale_rows=scale_rows,
         )
     except RuntimeError as e:
         fail(str(e))

@@ -61,11 +61,11 @@ TINY = [
 def test_bench_ingest_small(tmp_path):
     res = bench_ingest(
         images=96, shard_size=32, batch_size=8, steps=2, students=TINY, workdir=tmp_path, log=print,
-        codecs=("fp16", "nf4"), s3=True, s3_images=48, repeats=1,
+        codecs=("fp16", "nf4"), s3=True, s3_images=48, repeats=1, scale_rows=2,
     )  # fmt: skip
     assert res["rows"] == 96 and res["students"] == ["a", "b"] and res["steps"] == 2
     # the ratios are what their definitions say, from the rates and step times the result reports
-    for x in [res, *(v for c in res["by_codec"].values() for v in c.values())]:
+    for x in [res, res["scale_rows"], *(v for c in res["by_codec"].values() for v in c.values())]:
         assert x["ratio"] == pytest.approx(x["reader_samples_per_s"] / x["raw_samples_per_s"])
         assert x["raw_mb_per_s"] == pytest.approx(x["raw_samples_per_s"] * x["bytes_per_sample"] / 1e6)
         assert x["ratio"] == max(x["ratio_each"]) and len(x["ratio_each"]) == 1
@@ -86,6 +86,11 @@ def test_bench_ingest_small(tmp_path):
     # nf4: half a byte per channel and one fp16 scale per 64 channels instead of two bytes per channel
     nf4 = 224 * 224 * 3 + 2 * (7 * 7 * (1280 // 2 + 1280 // 64 * 2) + 1280 * 4)
     assert nf4 <= res["by_codec"]["nf4"]["local"]["bytes_per_sample"] < 1.15 * nf4
+    # rows of C-RADIOv4's size: a 1152 px view and a 72x72x1024 fp16 target each
+    big = res["scale_rows"]
+    assert (
+        big["rows"] == 2 and 1152 * 1152 * 3 + 72 * 72 * 1024 * 2 <= big["bytes_per_sample"] < 1.05 * 14.6e6
+    )
     assert list(tmp_path.iterdir()) == []  # its stores are removed
 
 
