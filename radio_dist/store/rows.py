@@ -120,9 +120,13 @@ class LocalRows(ShardRowReader):
         self._fds: dict[tuple[str, int], int | None] = {}
         self._by_array: dict[str, list[int | None]] = {}
         self._lock = threading.Lock()
-        for a in arrays.values():  # sizes first: a truncated chunk is named before any row is read
-            for i in range(len(a.paths)):
-                self._fd(a, i)
+        try:
+            for a in arrays.values():  # sizes first: a truncated chunk is named before any row is read
+                for i in range(len(a.paths)):
+                    self._fd(a, i)
+        except BaseException:
+            self.close()  # the files opened before the bad one
+            raise
 
     def _fd(self, a: ArrayRows, chunk: int) -> int | None:
         key = (a.name, chunk)
