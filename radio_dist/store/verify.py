@@ -188,10 +188,11 @@ def verify_store(store: FeatureStore, check_data: bool = True) -> dict[str, Any]
         except Exception as e:
             problems.append(f"shard {shard}: committed but unreadable ({e})")
             continue
-        missing = set(expected) - names
+        missing = (set(expected) | set(encoded_views)) - names
         if missing:
             problems.append(f"shard {shard}: missing arrays {sorted(missing)}")
             continue
+        bad_views: set[str] = set()  # encoded view arrays of the wrong kind: not decoded below
         for k in sorted(names):
             arr = member(group, k)
             if arr.shape[0] != len(ok_rows):
@@ -206,7 +207,7 @@ def verify_store(store: FeatureStore, check_data: bool = True) -> dict[str, Any]
                 problems.append(
                     f"shard {shard}: {k} is {arr.dtype} {arr.shape}, {view_codec.name} views are uint8 [N, 4 + W]"
                 )
-                encoded_views = {}
+                bad_views.add(k)
         arrays: dict[str, np.ndarray] = {}
         if check_data:
             try:  # the reader's own path: a truncated or missing chunk is named with its array
@@ -218,6 +219,8 @@ def verify_store(store: FeatureStore, check_data: bool = True) -> dict[str, Any]
                 problems.append(f"shard {shard}: {e}")
                 continue
         for key, size in encoded_views.items() if check_data else ():  # lengths fit; the first view decodes
+            if key in bad_views:
+                continue
             problem = packed_views_problem(view_codec, arrays[key], size)
             if problem:
                 problems.append(f"shard {shard}: {key}: {problem}")

@@ -219,3 +219,11 @@ def test_encoded_views_hold_the_pixels_the_teachers_saw(ray_local, tmp_path):
     job["pipeline"]["view_codec"] = "raw"
     with pytest.raises(StoreError, match="pipeline.view_codec: the store's views are stored jpeg-80"):
         run_cache(CacheJobConfig.model_validate(job))
+    # a row whose byte count no longer fits it is named by verify (its checksum disagrees too)
+    shard = shards[0].shard
+    arr = zarr.open_group(store.zarr_store(shard), mode="r+")["images/low"]
+    rows = np.asarray(arr[:])
+    rows[1, :4] = np.frombuffer(np.uint32(rows.shape[1]).tobytes(), np.uint8)
+    arr[:] = rows
+    problems = verify_store(FeatureStore(url))["problems"]
+    assert any(f"shard {shard}: images/low: 1 row(s) whose byte length does not fit" in p for p in problems)
