@@ -54,11 +54,7 @@ def store_info_cmd(store: StoreArg, as_json: JsonOpt = False) -> None:
         f"{v['codec']}: "
         + "; ".join(
             f"{p} {e['stored_bytes'] / 1e3:.1f} kB/view stored"
-            + (
-                f" ({e['encoded_bytes'] / 1e3:.1f} kB encoded, raw {e['raw_bytes'] / 1e3:.1f})"
-                if v["codec"] != "raw"
-                else ""
-            )
+            + (f" (with padding; raw {e['raw_bytes'] / 1e3:.1f})" if v["codec"] != "raw" else "")
             for p, e in v["partitions"].items()
         ),
     )

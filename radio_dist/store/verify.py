@@ -31,22 +31,22 @@ def shape_only(array: object) -> np.ndarray:
 
 
 def view_bytes(store: FeatureStore, meta: Any, shards: list[str]) -> dict[str, Any]:
-    """How views are stored and their bytes per view per partition (encoded: as stored with the padding to
-    each shard's longest view, and the bytes themselves, over ``shards``)."""
+    """How views are stored and their bytes per view per partition: raw ``P·P·3``, or (encoded) the row width
+    the shards hold — the bytes plus the padding to each shard's longest view — from the metadata of
+    ``shards`` alone (no view is read)."""
     codec = store.view_codec(meta)
     out: dict[str, Any] = {"codec": codec.name, "partitions": {}}
     for p, size in meta.partitions.items():
         raw = size * size * 3
-        entry: dict[str, Any] = {"raw_bytes": raw, "stored_bytes": float(raw), "encoded_bytes": float(raw)}
+        entry: dict[str, Any] = {"raw_bytes": raw, "stored_bytes": float(raw)}
         if codec.encoded and shards:
-            stored = encoded = n = 0
+            stored = n = 0
             for sh in shards:
                 with store.open_rows(sh, [image_key(p)]) as rows:
-                    packed = rows.read(image_key(p))
-                stored += packed.size
-                encoded += int(np.ascontiguousarray(packed[:, :LENGTH_BYTES]).view("<u4").sum())
-                n += len(packed)
-            entry.update(stored_bytes=stored / max(n, 1), encoded_bytes=encoded / max(n, 1))
+                    shape = rows.arrays[image_key(p)].shape
+                stored += shape[0] * shape[1]
+                n += shape[0]
+            entry["stored_bytes"] = stored / max(n, 1)
         out["partitions"][p] = entry
     return out
 

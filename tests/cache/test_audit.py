@@ -199,7 +199,7 @@ def test_encoded_views_hold_the_pixels_the_teachers_saw(ray_local, tmp_path):
     views = json.loads(r.stdout)["views"]
     assert views["codec"] == "jpeg-80"
     low = views["partitions"]["low"]
-    assert low["raw_bytes"] == 64 * 64 * 3 and low["encoded_bytes"] < 0.3 * low["raw_bytes"]
+    assert low["raw_bytes"] == 64 * 64 * 3 and low["stored_bytes"] < 0.3 * low["raw_bytes"]
     rep = audit_teacher(store, "vit", rows=8, device="cpu")
     (p,) = rep.partitions
     assert rep.passed and p.cos_mean == pytest.approx(p.recorded["cos_mean"], abs=2e-5)
