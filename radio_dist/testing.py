@@ -2,11 +2,15 @@
 
 ``write_random_store`` writes a real Zarr/Parquet store (the same layout, records and bytes as a cached one)
 with random targets; ``write_synthetic_store`` is the small-store shorthand the test suite uses;
-``DEMO_TEACHERS`` are the shapes of the demo's two teachers (``radio-dist bench ingest``).
+``DEMO_TEACHERS`` are the shapes of the demo's two teachers (``radio-dist bench ingest``);
+``loopback_s3_server`` is the S3-compatible server on loopback the S3 tests and the ``--s3`` benchmarks run on.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -125,3 +129,35 @@ def write_synthetic_store(
     targets and ``dim`` summaries at the smallest partition. ``px``: the view size of one partition ``low``,
     or partition -> px."""
     return write_random_store(url, shard_rows, {t: (grid, dim, dim) for t in teachers}, px, errors_per_shard)
+
+
+@contextmanager
+def loopback_s3_server(bucket: str, credentials: tuple[str, str] | None = None) -> Iterator[str]:
+    """A fresh S3-compatible server (moto's, from the dev extra) on 127.0.0.1 with one empty ``bucket``; yields
+    its endpoint and stops it on exit. ``credentials`` (key, secret) create the bucket; default: the AWS_*
+    environment. A missing moto is a RuntimeError saying what to install."""
+    try:
+        import boto3
+        from moto.server import ThreadedMotoServer
+    except ImportError as e:
+        raise RuntimeError(
+            f"an S3 server on loopback needs moto, which is not installed ({e}): pip install -e '.[dev]'"
+        ) from None
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # a log line per request otherwise
+    # port 0: the OS picks a free port when the server binds (no race with other processes)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    try:
+        keys = (
+            {"aws_access_key_id": credentials[0], "aws_secret_access_key": credentials[1]}
+            if credentials
+            else {}
+        )
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **keys).create_bucket(
+            Bucket=bucket
+        )
+        yield endpoint
+    finally:
+        server.stop()

@@ -6,7 +6,6 @@ runs moto's S3 server on loopback (the real HTTP API: s3fs, Zarr and pyarrow tal
 
 from __future__ import annotations
 
-import logging
 import os
 import uuid
 from collections.abc import Iterator
@@ -66,20 +65,10 @@ class S3Server:
 
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Server]:
-    import boto3
-    from moto.server import ThreadedMotoServer
+    from radio_dist.testing import loopback_s3_server
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
-    # port 0: the OS picks a free port when the server binds (no race with other processes)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    try:
-        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=S3_BUCKET)
+    with loopback_s3_server(S3_BUCKET) as endpoint:  # credentials: the AWS_* variables set above
         yield S3Server(endpoint, S3_BUCKET)
-    finally:
-        server.stop()
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -66,15 +67,15 @@ class ArrayRows:
         return cls(name, shape, dtype, layout, paths, row_bytes, layout.rows * row_bytes)
 
 
-class ShardRowReader:
+class ShardRowReader(ABC):
     """Rows of some arrays of one shard, read into the caller's buffers. Thread-safe; close when done."""
 
     def __init__(self, where: str, arrays: dict[str, ArrayRows], length: int) -> None:
         self.where, self.arrays, self.length = where, arrays, length  # where: "URL: shard S", for errors
 
+    @abstractmethod
     def read_into(self, name: str, index: Sequence[int] | np.ndarray, out: np.ndarray) -> None:
         """``out[k] = name[index[k]]`` (``out``: C-contiguous, the array's row shape and dtype)."""
-        raise NotImplementedError
 
     def read(self, name: str) -> np.ndarray:
         """The whole array (a writable array of its own)."""
@@ -83,8 +84,9 @@ class ShardRowReader:
         self.read_into(name, np.arange(a.shape[0]), out)
         return out
 
+    @abstractmethod
     def close(self) -> None:
-        pass
+        """Let go of the shard's files or fetched arrays."""
 
     def __enter__(self) -> ShardRowReader:
         return self

@@ -108,20 +108,26 @@ class StoreConformance:
         )
         assert verify_store(store)["ok"]
 
-    def test_chunk_files_read_directly_equal_zarr_reads(self, store):
-        """read_shard reads this store's raw row chunks as files: the arrays equal Zarr's own reads, across
-        several chunks per array, a partial last chunk, and a chunk Zarr never wrote (all fill value)."""
+    @staticmethod
+    def chunked_shard(store, seed: int) -> tuple[str, dict[str, np.ndarray]]:
+        """A committed shard of 7 rows in 100-byte chunks (64-byte dense rows, 2 per chunk): several chunks per
+        array, a partial last chunk, and dense chunk 1 all zeros, so Zarr never writes it."""
         prepared(store)
         ids = [f"r{i}" for i in range(7)]
-        arrays = make_arrays(7, seed=3)
-        dense_key = array_key("t1", "low", "dense")
-        arrays[dense_key][2:4] = 0  # 64-byte rows, 2 per 100-byte chunk: chunk 1 is all zeros
+        arrays = make_arrays(7, seed=seed)
+        arrays[array_key("t1", "low", "dense")][2:4] = 0
         with ShardWriter(store, ids, chunk_bytes=100) as w:
             for k, v in arrays.items():
                 w.add_array(k, v)
             w.add_rows(make_rows(ids))
         assert w.result is not None
-        shard = w.result.shard
+        return w.result.shard, arrays
+
+    def test_chunk_files_read_directly_equal_zarr_reads(self, store):
+        """read_shard reads this store's raw row chunks as files: the arrays equal Zarr's own reads, across
+        several chunks per array, a partial last chunk, and a chunk Zarr never wrote (all fill value)."""
+        shard, arrays = self.chunked_shard(store, seed=3)
+        dense_key = array_key("t1", "low", "dense")
         group = store.open_shard(shard)
         for k, v in arrays.items():
             assert plain_layout(group[k]) is not None and group[k].chunks[0] < len(v)
@@ -142,17 +148,8 @@ class StoreConformance:
         boundaries, the partial last chunk, a chunk Zarr never wrote — equal to the arrays as written. Local
         stores read each row with one preadv into place (or, asked, the arrays whole); object stores fetch the
         chunk files."""
-        prepared(store)
-        ids = [f"r{i}" for i in range(7)]
-        arrays = make_arrays(7, seed=5)
+        shard, arrays = self.chunked_shard(store, seed=5)
         dense_key = array_key("t1", "low", "dense")
-        arrays[dense_key][2:4] = 0  # chunk 1 (of 2 rows) is all fill value: never written
-        with ShardWriter(store, ids, chunk_bytes=100) as w:
-            for k, v in arrays.items():
-                w.add_array(k, v)
-            w.add_rows(make_rows(ids))
-        assert w.result is not None
-        shard = w.result.shard
         order = np.array([6, 0, 1, 2, 3, 4, 5, 5, 3, 1])  # runs, chunk edges, repeats, the last row
         for direct in (False, True):
             self.check_rows(store, shard, arrays, order, direct, expected_reader[direct])
