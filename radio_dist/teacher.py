@@ -13,6 +13,7 @@ adaptations=...)``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
@@ -268,6 +269,10 @@ class Teacher(torch.nn.Module):
         return self._mean.device
 
     def _autocast(self) -> Any:
+        if (
+            self.device.type == "meta"
+        ):  # a shape-only forward (what `radio-dist plan` measures) has no autocast
+            return contextlib.nullcontext()
         prec = self.spec.runtime.precision
         use_bf16 = prec == Precision.bf16 or (prec == Precision.auto and self.device.type == "cuda")
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16)

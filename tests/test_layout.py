@@ -51,6 +51,8 @@ ALLOWED: dict[str, set[str]] = {
     # FeatSharp writes no store; its training job runs in the shared Ray Train scaffold (SCAFFOLD below)
     "radio_dist.featsharp": FOUNDATION - {"radio_dist.store"} | {"radio_dist.train"},
     "radio_dist.bench": FOUNDATION | {"radio_dist.testing", "radio_dist.cache", "radio_dist.train"},
+    # the bill of a job before it runs: reads the jobs' configs and builds their models on the meta device
+    "radio_dist.costs": FOUNDATION | {"radio_dist.cache", "radio_dist.train", "radio_dist.featsharp"},
     "radio_dist.submit": {
         "radio_dist.config",
         "radio_dist.ray_setup",

@@ -15,6 +15,7 @@ radio-dist eval ./runs/demo --store ./store
 radio-dist featsharp train --config jobs/configs/featsharp_sample.yaml --out ./runs/featsharp
 radio-dist bench ingest --json
 radio-dist bench manifest --shards 10000,100000,1000000   # opening a store of a million shards
+radio-dist plan --config jobs/configs/cradio_v4_cache.yaml --images 100000000   # the bill before the run
 radio-dist submit distill --config jobs/configs/distill_sample.yaml --address http://HEAD:8265 --set out=s3://b/run
 """
 
@@ -25,7 +26,7 @@ from typing import Annotated
 
 import typer
 
-from radio_dist.cli import bench, cache, failing, featsharp, store, submit, train
+from radio_dist.cli import bench, cache, failing, featsharp, plan, store, submit, train
 from radio_dist.config import DEBUG_ENV
 
 app = typer.Typer(
@@ -66,6 +67,7 @@ bench_app.command("train")(bench.bench_train_cmd)
 bench_app.command("manifest")(bench.bench_manifest_cmd)
 bench_app.command("views")(bench.bench_views_cmd)
 app.command("submit")(submit.submit_cmd)
+app.command("plan")(plan.plan_cmd)
 
 
 @app.callback()
