@@ -396,6 +396,13 @@ def run_distill(
         }
     )
     plan = prepare_run(cfg)
+    for t, d in plan.dispersion.items():
+        if d is not None and d < L.DISPERSION_FLOOR and cfg.train.summary_weight > 0:
+            print(
+                f"note: teacher {t}'s summaries barely vary (angular dispersion {d:.2g}); its balanced summary "
+                f"loss divides by {L.DISPERSION_FLOOR} instead (a random-init or degenerate teacher?)",
+                file=sys.stderr,
+            )
     for spec in cfg.students:  # a bad file is named here, not by every worker of every retried attempt
         if spec.weights and Path(spec.weights).expanduser().exists():  # (a file only the workers see: theirs)
             check_weights_file(spec.weights, deep=True)

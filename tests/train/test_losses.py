@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
+from radio_dist.train import losses as L
 from radio_dist.train.losses import (
     angle,
     balanced_summary_loss,
@@ -415,3 +416,13 @@ def test_damp_noise_statistics_and_freshness():
     torch.testing.assert_close(again["0.weight"], a["0.weight"], rtol=0, atol=0)  # reproducible with a seed
     with pytest.raises(ValueError, match="sigma"):
         damp_params(model, -0.1)
+
+
+def test_a_teacher_whose_summaries_barely_vary_does_not_blow_up_the_summary_loss() -> None:
+    # a random-init tiny DINOv3 gives nearly the same CLS token for every image: dispersion ~1e-12
+    assert L.effective_dispersion(1e-12) == L.DISPERSION_FLOOR
+    assert L.effective_dispersion(0.645) == 0.645  # a real teacher's is used as it is
+    assert L.effective_dispersion(None) == 1.0 and L.effective_dispersion(0.0) == 1.0
+    x, y = torch.randn(8, 16), torch.randn(8, 16)
+    loss = L.balanced_summary_loss(x, y, L.effective_dispersion(1e-12))
+    assert float(loss) <= math.pi**2 / L.DISPERSION_FLOOR
