@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STORE ?= ./store
 RUN ?= ./runs/demo
 
-.PHONY: install demo test test-slow test-faults test-all lint bench bench-gpu clean
+.PHONY: install demo test test-slow test-faults test-all lint bench bench-gpu recipe-tiny clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,15 @@ demo: install   ## cache the built-in photos with the two real teachers, distill
 	$(BIN)/radio-dist distill --store $(STORE) --out $(RUN) --set train.epochs=6 \
 		--set 'train.resolutions={"low":[128,160,192,224,256]}' --set train.threads=2
 	$(BIN)/radio-dist eval $(RUN) --store $(STORE) --images 16 --resolutions 128,224,320
+
+# The C-RADIOv4 recipe (jobs/configs/cradio_v4_*.yaml) at toy size on this machine's CPUs: its three jobs in
+# order, each with the `--set` lines of jobs/configs/tiny/ (real architectures and resolutions, tiny widths).
+TINY_SETS = $(addprefix --set ,$(shell grep -v '^\#' jobs/configs/tiny/$(1).sets))
+recipe-tiny: install   ## FeatSharp -> caching -> distillation of the C-RADIOv4 recipe, toy-sized (~2.5 min)
+	$(BIN)/radio-dist featsharp train --config jobs/configs/cradio_v4_featsharp.yaml $(call TINY_SETS,cradio_v4_featsharp)
+	$(BIN)/radio-dist cache-teachers --config jobs/configs/cradio_v4_cache.yaml $(call TINY_SETS,cradio_v4_cache)
+	$(BIN)/radio-dist distill --config jobs/configs/cradio_v4_distill.yaml $(call TINY_SETS,cradio_v4_distill)
+	$(BIN)/radio-dist plan --config jobs/configs/cradio_v4_distill.yaml $(call TINY_SETS,cradio_v4_distill)
 
 test: install   ## the default test run (slow tests excluded)
 	$(BIN)/pytest -m "not slow"
