@@ -52,12 +52,19 @@ EXPECTED_FILES = [
     "kuberay/rayjob-distill.yaml",
     "kuberay/rayjob-featsharp.yaml",
     "cluster.yaml",
+    "kuberay/rayjob-cradio-v4-featsharp.yaml",
+    "kuberay/rayjob-cradio-v4-cache.yaml",
+    "kuberay/rayjob-cradio-v4-distill.yaml",
+    "cluster-cradio-v4.yaml",
     "runtime_env.yaml",
     "Dockerfile",
     "requirements.lock",
     "README.md",
 ]
 PINNED_AS_INSTALLED = ("torch", "ray", "zarr", "timm")
+# A RayJob whose config is a file of this repository (the C-RADIOv4 recipe: jobs/configs/cradio_v4_*.yaml), put
+# in its ConfigMap with `kubectl create configmap NAME --from-file=job.yaml=FILE`, names that file here.
+CONFIG_FILE = "radio-dist/config-file"
 
 
 # -- reading ------------------------------------------------------------------------------------------------
@@ -78,6 +85,16 @@ def kube_docs() -> list[tuple[Path, dict[str, Any]]]:
 
 def of_kind(kind: str) -> list[tuple[Path, dict[str, Any]]]:
     return [(p, d) for p, d in kube_docs() if d["kind"] == kind]
+
+
+def recipe_jobs() -> list[tuple[Path, dict[str, Any]]]:
+    """The C-RADIOv4 recipe's RayJobs: their config is a repo file, their cluster sized for the recipe."""
+    return [(p, d) for p, d in of_kind("RayJob") if CONFIG_FILE in d["metadata"].get("annotations", {})]
+
+
+def sample_jobs() -> list[tuple[Path, dict[str, Any]]]:
+    """The RayJobs that run on raycluster.yaml's cluster, their config in a ConfigMap of their own."""
+    return [(p, d) for p, d in of_kind("RayJob") if CONFIG_FILE not in d["metadata"].get("annotations", {})]
 
 
 def cluster_spec(doc: dict[str, Any]) -> dict[str, Any]:
@@ -125,6 +142,12 @@ def job_config(rayjob: dict[str, Any], docs: list[dict[str, Any]]) -> dict[str, 
     ]
     assert cm_names, f"{cfg_path}: no ConfigMap volume is mounted at {cfg_path.parent} in the head pod"
     maps = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == cm_names[0]]
+    from_file = rayjob["metadata"].get("annotations", {}).get(CONFIG_FILE)
+    if not maps and from_file:  # the recipe's own file, put into the ConfigMap by `kubectl create configmap`
+        assert (ROOT / from_file).is_file(), (
+            f"{rayjob['metadata']['name']}: {CONFIG_FILE} {from_file} does not exist"
+        )
+        return yaml.safe_load((ROOT / from_file).read_text())
     assert maps, f"ConfigMap {cm_names[0]!r} is not defined next to RayJob {rayjob['metadata']['name']!r}"
     data = maps[0].get("data", {})
     assert cfg_path.name in data, (
@@ -166,10 +189,11 @@ def all_images() -> dict[str, str]:
             for gname, group in groups(cluster_spec(doc)):
                 for c in group["template"]["spec"]["containers"]:
                     images[f"{path.name}:{doc['metadata']['name']}:{gname}:{c['name']}"] = c["image"]
-    docker = load_docs(DEPLOY / "cluster.yaml")[0]["docker"]
-    for key in ("image", "head_image", "worker_image"):
-        if key in docker:
-            images[f"cluster.yaml:docker.{key}"] = docker[key]
+    for launcher in sorted(DEPLOY.glob("cluster*.yaml")):
+        docker = load_docs(launcher)[0]["docker"]
+        for key in ("image", "head_image", "worker_image"):
+            if key in docker:
+                images[f"{launcher.name}:docker.{key}"] = docker[key]
     return images
 
 
@@ -254,7 +278,8 @@ def check_cluster_job(cfg: BaseModel, where: str) -> None:
         for t in cfg.teachers:
             assert t.family in families, f"{where}: teacher family {t.family!r} is not registered"
             assert t.runtime.num_gpus > 0, f"{where}: teacher {t.name} runs on CPU (runtime.num_gpus: 0)"
-            resolve_weights_path(t.weights)  # package weights ship in the image's pinned packages
+            if t.weights.kind.value != "file":  # files lie on a mounted volume (check_weights_mounted)
+                resolve_weights_path(t.weights)  # package weights ship in the image's pinned packages
     else:
         import timm
 
@@ -263,6 +288,29 @@ def check_cluster_job(cfg: BaseModel, where: str) -> None:
         assert cfg.scaling.use_gpu, f"{where}: scaling.use_gpu is false"
         for s in cfg.students:
             assert s.kind != "timm" or timm.is_model(s.arch), f"{where}: {s.arch!r} is not a timm model"
+
+
+def check_weights_mounted(cfg: BaseModel, spec: dict[str, Any], where: str) -> None:
+    """Every weights file a job names (teachers, FeatSharp files, students) lies under a volume mounted on every
+    Ray pod: the driver checksums it, the workers load it."""
+    files: list[str] = []
+    if isinstance(cfg, CacheJobConfig):
+        for t in cfg.teachers:
+            if t.weights.kind.value == "file" and t.weights.path:
+                files.append(t.weights.path)
+            files += [v for k, v in t.options.items() if k == "featsharp" and isinstance(v, str)]
+    elif isinstance(cfg, FeatSharpConfig):
+        if cfg.teacher.weights.kind.value == "file" and cfg.teacher.weights.path:
+            files.append(cfg.teacher.weights.path)
+    else:
+        assert isinstance(cfg, DistillConfig)
+        files += [s.weights for s in cfg.students if s.weights]
+    for gname, group in groups(spec):
+        mounts = [PurePosixPath(m["mountPath"]) for m in ray_container(group).get("volumeMounts", [])]
+        for f in files:
+            assert any(PurePosixPath(f).is_relative_to(m) for m in mounts if str(m) != "/"), (
+                f"{where} {gname}: weights file {f} is on no volume mounted in the pod"
+            )
 
 
 # -- tests --------------------------------------------------------------------------------------------------
@@ -285,7 +333,8 @@ def test_kuberay_kinds_and_api_versions():
         assert (doc.get("apiVersion"), doc.get("kind")) in KUBE_KINDS, f"{path.name}: {doc.get('kind')}"
         assert doc["metadata"]["name"], path
     assert len(of_kind("RayCluster")) == 1
-    assert sorted(entrypoint(d)[0] for _, d in of_kind("RayJob")) == sorted(JOB_MODELS)
+    assert sorted(entrypoint(d)[0] for _, d in sample_jobs()) == sorted(JOB_MODELS)
+    assert sorted(entrypoint(d)[0] for _, d in recipe_jobs()) == sorted(JOB_MODELS)
     for _, job in of_kind("RayJob"):
         assert job["spec"]["shutdownAfterJobFinishes"] is True, job["metadata"]["name"]
 
@@ -326,7 +375,7 @@ def test_rayjob_clusters_match_the_raycluster():
         return spec
 
     (_, cluster), *_ = of_kind("RayCluster")
-    for path, job in of_kind("RayJob"):
+    for path, job in sample_jobs():
         assert shape(cluster_spec(job)) == shape(cluster_spec(cluster)), path.name
 
 
@@ -363,13 +412,46 @@ def test_rayjob_config_validates_and_fits_its_cluster(path):
     cfg = validated_job(job, docs)
     check_cluster_job(cfg, path.name)
     check_fits(cfg, cluster_spec(job), path.name)
-    (_, cluster), *_ = of_kind("RayCluster")
-    check_fits(cfg, cluster_spec(cluster), f"raycluster.yaml running {path.name}'s config")
+    check_weights_mounted(cfg, cluster_spec(job), path.name)
+    if CONFIG_FILE not in job["metadata"].get("annotations", {}):
+        (_, cluster), *_ = of_kind("RayCluster")
+        check_fits(cfg, cluster_spec(cluster), f"raycluster.yaml running {path.name}'s config")
 
 
-def test_distill_job_reads_the_store_the_cache_job_writes():
-    cfgs = {entrypoint(job)[0]: validated_job(job, load_docs(path)) for path, job in of_kind("RayJob")}
+@pytest.mark.parametrize("jobs", [sample_jobs, recipe_jobs], ids=["samples", "recipe"])
+def test_distill_job_reads_the_store_the_cache_job_writes(jobs):
+    cfgs = {entrypoint(job)[0]: validated_job(job, load_docs(path)) for path, job in jobs()}
     assert cfgs["jobs.distill"].store.url == cfgs["jobs.cache_teachers"].store.url
+
+
+def test_recipe_clusters_hold_what_the_plan_sizes_and_no_more():
+    """Each recipe RayJob's GPU workers are exactly the GPUs its job uses (the caching job: the teacher pools that
+    `radio-dist plan` balances; the Ray Train jobs: their workers), and the README's commands name its ConfigMap."""
+    for path, job in recipe_jobs():
+        cfg = validated_job(job, load_docs(path))
+        gpus, _ = demand(cfg)
+        assert gpu_capacity(cluster_spec(job)) == gpus, (
+            f"{path.name}: {gpu_capacity(cluster_spec(job))} GPUs, uses {gpus}"
+        )
+        text = path.read_text()
+        (cm,) = {
+            v["configMap"]["name"]
+            for _, g in groups(cluster_spec(job))
+            for v in g["template"]["spec"]["volumes"]
+            if "configMap" in v
+        }
+        cfg_file = job["metadata"]["annotations"][CONFIG_FILE]
+        assert f"kubectl create configmap {cm} --from-file=job.yaml={cfg_file}" in text, path.name
+        assert f"radio-dist plan --config {cfg_file}" in text, path.name
+    # the caching job's pools are balanced as the plan balances them: within one GPU of each teacher's FLOPs share
+    from radio_dist import costs
+
+    (path, job), *_ = [(p, j) for p, j in recipe_jobs() if entrypoint(j)[0] == "jobs.cache_teachers"]
+    cfg = validated_job(job, load_docs(path))
+    assert isinstance(cfg, CacheJobConfig)
+    bill = costs.plan_cache(cfg, 1_000_000, costs.gpu())
+    for p in bill["pools"]:
+        assert abs(p["gpus"] - bill["pipeline"]["balanced_gpus"][p["teacher"]]) < 1, (p, bill["pipeline"])
 
 
 def test_config_mounted_on_every_pod():
@@ -381,13 +463,14 @@ def test_config_mounted_on_every_pod():
             assert cfg_dir in mounts, f"{path.name} {gname}: {cfg_dir} is not mounted"
 
 
-def test_cluster_launcher_yaml_passes_rays_own_validation():
+@pytest.mark.parametrize("name", ["cluster.yaml", "cluster-cradio-v4.yaml"])
+def test_cluster_launcher_yaml_passes_rays_own_validation(name):
     # Private on purpose: these are the schema checks `ray up` runs before it contacts the cloud, and Ray has
     # no public API for them (`ray up` itself needs cloud credentials). A Ray upgrade that moves them fails
     # this import loudly, not silently.
     from ray.autoscaler._private.util import prepare_config, validate_config
 
-    raw = load_docs(DEPLOY / "cluster.yaml")
+    raw = load_docs(DEPLOY / name)
     assert len(raw) == 1
     config = prepare_config(copy.deepcopy(raw[0]))  # what `ray up` does before it contacts the cloud
     validate_config(config)
@@ -471,7 +554,7 @@ def test_runtime_env_parses_and_uploads_the_code_only():
 def test_readme_recipe_names_the_files_and_the_image():
     readme = (DEPLOY / "README.md").read_text()
     assert f"-t {IMAGE}" in readme and f"docker push {IMAGE}" in readme
-    for rel in EXPECTED_FILES[:5]:
+    for rel in [f for f in EXPECTED_FILES if f.endswith(".yaml")]:
         assert f"deploy/{rel}" in readme, f"deploy/README.md does not mention deploy/{rel}"
     assert f"kubectl create secret generic {SECRET}" in readme
     assert "--runtime-env deploy/runtime_env.yaml" in readme
