@@ -236,6 +236,11 @@ def teacher_partition(
     if spec.adaptation == "mosaic":
         k = int(spec.options.get(MOSAIC_K, 1))
         native = int(spec.options.get("img_size", px))
+        if px not in (native, native // k) or native % k:
+            raise PlanError(
+                f"teacher {name!r}: a mosaic runs {native} px inputs, alone or as {k}x{k} views of {native // k} px; "
+                f"partition {partition!r} gives it {px} px (set its resolution.{partition})"
+            )
         if px * k == native and k > 1:
             f = meta.forward(native)
             h, w, c = f.dense

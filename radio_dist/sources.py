@@ -44,6 +44,23 @@ _SKIMAGE = (
 _SKLEARN = ("china", "flower")
 _MATPLOTLIB = ("grace_hopper",)
 SAMPLE_PHOTOS: tuple[str, ...] = _SKIMAGE + _SKLEARN + _MATPLOTLIB
+# Whole photos the sample-photos source keeps out of its stores by default (`photos: train`), so that
+# `radio-dist eval` scores students on photos none of them saw: a portrait, a landscape, a close-up.
+EVAL_PHOTOS: tuple[str, ...] = ("coffee", "china", "grace_hopper")
+TRAIN_PHOTOS: tuple[str, ...] = tuple(n for n in SAMPLE_PHOTOS if n not in EVAL_PHOTOS)
+
+
+class SamplePhotos(str, Enum):
+    train = "train"
+    eval = "eval"
+    all = "all"
+
+
+SAMPLE_SETS = {
+    SamplePhotos.train: TRAIN_PHOTOS,
+    SamplePhotos.eval: EVAL_PHOTOS,
+    SamplePhotos.all: SAMPLE_PHOTOS,
+}
 
 
 class SourceKind(str, Enum):
@@ -107,6 +124,11 @@ class SourceConfig(StrictModel):
         description="kind=sample-photos: expand the photos into this many distinct "
         "deterministic views (whole photos first, then random crops); 0 = each photo once",
     )
+    photos: SamplePhotos = Field(
+        SamplePhotos.train,
+        description=f"kind=sample-photos: train ({len(TRAIN_PHOTOS)} photos), eval (the {len(EVAL_PHOTOS)} kept out of "
+        f"train: {', '.join(EVAL_PHOTOS)} — `radio-dist eval` scores on them) or all",
+    )
     limit: int | None = Field(None, ge=1, description="take only the first N items (after sorting)")
     augment: AugmentConfig = Field(
         default_factory=AugmentConfig,
@@ -144,6 +166,10 @@ class SourceConfig(StrictModel):
                 "source.views (crops of the sample photos as separate images) and source.augment.views (views "
                 "of each image) do not combine: set one of them"
             )
+        if self.kind is not SourceKind.sample_photos and self.photos is not SamplePhotos.train:
+            raise ValueError(
+                "source.photos chooses among the sample photos: it needs source.kind=sample-photos"
+            )
         if self.kind is SourceKind.sample_photos and self.path:
             raise ValueError(
                 "source.kind=sample-photos takes no path: remove source.path, or set "
@@ -158,6 +184,17 @@ class SourceItem:
 
     uri: str
     view: str = ""  # canonical JSON {"x0","y0","x1","y1"} as fractions of width/height, "" = whole image
+
+    @property
+    def photo(self) -> str:
+        """The photo this item is a view of (see :func:`photo_of`)."""
+        return photo_of(self.uri)
+
+
+def photo_of(uri: str) -> str:
+    """The photo a source uri is a view of: sample-photo views share the photo's uri before ``#view=``; other
+    sources' uris are the file itself (their views, ``source.augment``, keep the uri)."""
+    return uri.split("#view=", 1)[0]
 
 
 @dataclass
@@ -252,8 +289,8 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"))
 
 
-def _sample_items(views: int) -> list[SourceItem]:
-    names = SAMPLE_PHOTOS
+def _sample_items(views: int, photos: SamplePhotos = SamplePhotos.train) -> list[SourceItem]:
+    names = SAMPLE_SETS[photos]
     if views == 0:
         return [SourceItem(SAMPLE_PREFIX + n) for n in names]
     items = []
@@ -375,7 +412,7 @@ def list_items(cfg: SourceConfig) -> list[SourceItem]:
     elif cfg.kind is SourceKind.list:
         items = _list_items(cfg)
     else:
-        items = _sample_items(cfg.views)
+        items = _sample_items(cfg.views, cfg.photos)
     items = items[: cfg.limit] if cfg.limit else items
     if cfg.augment.views > 1:
         items = [

@@ -164,3 +164,53 @@ def test_example_distill_config_validates_and_bad_input_is_named(tmp_path):
     assert res.exit_code == 2 and "damp_schedule" in res.output
     res = runner.invoke(app, ["eval", str(tmp_path), "--store", "x"])
     assert res.exit_code == 2 and "no exported students" in res.output
+
+
+def test_eval_scores_on_photos_the_store_never_saw(tmp_path, ray_local):
+    """`radio-dist eval --source`: images the store holds (or views of photos it trained on) are refused; with no
+    --source the sample photos every default store keeps out are used. An untrained exported student suffices:
+    this is about which photos are scored, not about how well."""
+    from radio_dist.train.students import StudentSpec, TeacherHeadInfo, build_student, export_student
+
+    photos = tmp_path / "photos"
+    paths = write_good_photos(photos, 4, max_side=160)
+    store = str(tmp_path / "store")
+    sets = ["pipeline.partitions.low=64", "phis.fit_images=4", "store.shard_size=4"]
+    args = ["cache-teachers", "--source", str(photos), "--store", store, "--json"]
+    res = runner.invoke(app, [*args, *[a for s in sets for a in ("--set", s)]])
+    assert res.exit_code == 0, res.output
+    fs = FeatureStore(store)
+    meta = fs.meta()
+    heads = {
+        t: TeacherHeadInfo(summary_dim=r.outputs["low"].summary_dim, dense_dim=r.outputs["low"].dense_dim)
+        for t, r in meta.teachers.items()
+    }
+    spec = StudentSpec(name="cradio", kind="cradio", arch="tiny")
+    export_student(build_student(spec, heads), str(tmp_path / "run" / "students" / "cradio"),
+                   {t: fs.phis(t) for t in heads})  # fmt: skip
+    run = str(tmp_path / "run")
+
+    # the folder it cached: every image refused, one line saying what to do
+    res = runner.invoke(app, ["eval", run, "--store", store, "--source", str(photos)])
+    assert res.exit_code == 2 and "4 are in" in res.output and "--source" in res.output, res.output
+    # two of the cached photos plus two it never saw: only the new ones are scored
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for p in paths[:2]:
+        (mixed / p.name).write_bytes(p.read_bytes())
+    write_good_photos(tmp_path / "new", 8, max_side=160)
+    for p in sorted((tmp_path / "new").iterdir())[4:6]:  # photos 4 and 5 of the sample set: not in the store
+        (mixed / p.name).write_bytes(p.read_bytes())
+    res = runner.invoke(
+        app, ["eval", run, "--store", store, "--source", str(mixed), "--resolutions", "64", "--json"]
+    )
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert (doc["images"], doc["refused"], doc["source"]) == (2, 2, str(mixed))
+    # no --source: views of the photos the default sample source keeps out of every store
+    res = runner.invoke(app, ["eval", run, "--store", store, "--images", "5", "--resolutions", "64,96"])
+    assert res.exit_code == 0, res.output
+    assert (
+        "fidelity on 5 held-out photos (sample-photos (eval)" in res.output and "(store mean)" in res.output
+    )
+    assert max(len(line) for line in res.output.splitlines()) <= 80

@@ -286,3 +286,9 @@ def test_plan_refuses_bad_input(tmp_path: Path) -> None:
     assert r.exit_code == 2 and "--job" in r.output
     r = run.invoke(app, ["plan", "--config", str(CACHE), "--set", "teachers.1.resolution.high=1000"])
     assert r.exit_code == 2 and "siglip2" in r.output  # FeatSharp x3 of 384 px cannot make 1000 px
+
+
+def test_a_mosaic_at_a_size_it_cannot_tile_is_refused(recipe: CacheJobConfig) -> None:
+    bad = load_model(CacheJobConfig, CACHE, ["teachers.2.resolution.low=400"])
+    with pytest.raises(costs.PlanError, match="sam3.*400 px"):
+        costs.cache_shape(bad)

@@ -29,10 +29,12 @@ from faultkit import TALLY, can_mount, tmpfs
 from safetensors.torch import save_file
 
 from radio_dist.failures import causes, explain
+from radio_dist.sources import TRAIN_PHOTOS
 from radio_dist.weights import WeightsError, check_weights_file, read_state_dict
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_CONFIG = REPO / "jobs" / "configs" / "cache_sample.yaml"
+N_PHOTOS = len(TRAIN_PHOTOS)  # what the default sample-photos source lists
 
 
 def cli(*args: str, env: dict[str, str] | None = None, timeout: int = 280) -> subprocess.CompletedProcess:
@@ -413,7 +415,7 @@ def test_a_full_disk_mid_run_is_one_line_leaves_nothing_and_the_rerun_completes(
     """The store on a size-limited tmpfs that fills up while shards are written: one line naming the file
     system's path, no temporary file or partial shard left, committed shards intact; after the disk is grown
     the same command completes with every image exactly once. Then the file system is remounted read-only:
-    one line, every file unchanged; writable again, the rerun finds all 13 committed."""
+    one line, every file unchanged; writable again, the rerun finds all of them committed."""
     # PHI-S of the two sample teachers take ~52.5 MB: 55 MB leaves room for about one 4-image shard
     with tmpfs(tmp_path / "mnt", "size=55m") as mnt:
         store = mnt / "store"
@@ -432,7 +434,7 @@ def test_a_full_disk_mid_run_is_one_line_leaves_nothing_and_the_rerun_completes(
         for s, data in before.items():  # what was committed before the fault is untouched
             assert (store / "manifest" / f"{s}.parquet").read_bytes() == data
         ids = [i for p in store.glob("manifest/*.parquet") for i in pq.read_table(p)["id"].to_pylist()]
-        assert len(ids) == len(set(ids)) == 13  # the 13 sample photos, each exactly once
+        assert len(ids) == len(set(ids)) == N_PHOTOS  # the sample photos (train set), each exactly once
         verify = cli("store", "verify", str(store))
         assert verify.returncode == 0, verify.stdout + verify.stderr
         # the same file system read-only now: one line, nothing changed; writable again, the rerun is a no-op
@@ -443,9 +445,11 @@ def test_a_full_disk_mid_run_is_one_line_leaves_nothing_and_the_rerun_completes(
         subprocess.run(["mount", "-o", "remount,rw", str(mnt)], check=True)
         assert {p: p.read_bytes() for p in store.rglob("*") if p.is_file()} == done
         last = cli(*args, "--json")
-        assert last.returncode == 0 and json.loads(last.stdout)["skipped"] == 13, last.stderr[-3000:]
-    TALLY.record("disk full (caching job, CLI)", 1, len(ids), 13 - len(set(ids)), len(ids) - len(set(ids)))
-    TALLY.record("read-only file system / permission denied", 1, 13)
+        assert last.returncode == 0 and json.loads(last.stdout)["skipped"] == N_PHOTOS, last.stderr[-3000:]
+    TALLY.record(
+        "disk full (caching job, CLI)", 1, len(ids), N_PHOTOS - len(set(ids)), len(ids) - len(set(ids))
+    )
+    TALLY.record("read-only file system / permission denied", 1, N_PHOTOS)
 
 
 @pytest.mark.faults

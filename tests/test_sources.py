@@ -17,7 +17,9 @@ from fixtures import FIXTURE_MAX_PIXELS, make_bad_inputs, photo, png_bytes, writ
 from PIL import Image
 
 from radio_dist.sources import (
+    EVAL_PHOTOS,
     SAMPLE_PHOTOS,
+    TRAIN_PHOTOS,
     DecodedImage,
     ImageError,
     SourceConfig,
@@ -310,16 +312,28 @@ def test_every_sample_photo_loads_offline_with_greyscale_ones_included():
         assert img.dtype == np.uint8 and min(img.shape[:2]) >= 256 and img.std() > 10, name
         assert img.ndim == (2 if name in ("camera", "moon") else 3), name
     items = list_items(SourceConfig())
-    assert [i.uri for i in items] == [f"sample-photos:{n}" for n in SAMPLE_PHOTOS]
+    assert [i.uri for i in items] == [f"sample-photos:{n}" for n in TRAIN_PHOTOS]
     assert all(i.view == "" for i in items)
 
 
+def test_the_eval_photos_are_kept_out_of_the_default_source():
+    # a default store never holds a view of the eval photos: `radio-dist eval` scores on whole unseen photos
+    train, held = set(TRAIN_PHOTOS), set(EVAL_PHOTOS)
+    assert train | held == set(SAMPLE_PHOTOS) and not train & held and len(held) == 3
+    for views in (0, 64, 200):
+        assert {i.photo.split(":")[1] for i in list_items(SourceConfig(views=views))} == train
+        assert {i.photo.split(":")[1] for i in list_items(SourceConfig(views=views, photos="eval"))} == held
+    assert len(list_items(SourceConfig(photos="all"))) == len(SAMPLE_PHOTOS)
+    with pytest.raises(ValueError, match="source.photos.*sample-photos"):
+        SourceConfig(kind="folder", path="/x", photos="eval")
+
+
 def test_views_expand_into_n_distinct_stable_items():
-    n, p = 40, len(SAMPLE_PHOTOS)
+    n, p = 40, len(TRAIN_PHOTOS)
     items = list_items(SourceConfig(views=n))
     assert len(items) == n and items == list_items(SourceConfig(views=n))
     assert all(i.view == "" for i in items[:p]) and all(i.view for i in items[p:])
-    assert items[p].uri == f"sample-photos:{SAMPLE_PHOTOS[0]}#view={p}"
+    assert items[p].uri == f"sample-photos:{TRAIN_PHOTOS[0]}#view={p}"
     ids = {image_id(read_bytes(i.uri), i.view) for i in items}
     assert len(ids) == n
     for item in items[p:]:

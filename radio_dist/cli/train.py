@@ -19,6 +19,7 @@ from radio_dist.cli.common import (
     json_only_stdout,
     out,
     print_json,
+    source_from_arg,
 )
 from radio_dist.config import ConfigError, apply_overrides, read_yaml, validate
 
@@ -139,16 +140,22 @@ def distill_cmd(
 def eval_cmd(
     run: Annotated[str, typer.Argument(help="A distill run directory (its students/ are evaluated).")],
     store: Annotated[str, typer.Option(help="The store the students were trained from (teachers, PHI-S).")],
-    images: Annotated[int, typer.Option(help="Held-out images (sample-photo views not in the store).")] = 16,
-    views: Annotated[int, typer.Option(help="Sample-photo views to draw held-out images from.")] = 256,
+    source: Annotated[
+        str | None,
+        typer.Option(
+            help="Held-out photos: a folder, a .parquet/.csv list or s3:// prefix (default: the sample photos "
+            "every default store keeps out). Images the store trained on are refused."
+        ),
+    ] = None,
+    images: Annotated[int, typer.Option(help="Held-out images to score.")] = 16,
     resolutions: Annotated[
         str | None,
         typer.Option(help="Comma-separated student resolutions (default 0.5x/1x/1.5x partitions)."),
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Cosine fidelity of each student to each teacher on held-out images, at several resolutions."""
-    from radio_dist.sources import SourceConfig
+    """Cosine fidelity of each student to each teacher on held-out photos, at several resolutions."""
+    from radio_dist.sources import SamplePhotos, SourceConfig, SourceError
     from radio_dist.store import FeatureStore, StoreError
     from radio_dist.train.evaluate import EvalConfig, evaluate, load_students
 
@@ -160,33 +167,51 @@ def eval_cmd(
         json_only_stdout()
     try:
         res_list = [int(r) for r in resolutions.split(",")] if resolutions else None
-        cfg = EvalConfig(source=SourceConfig(views=views), images=images, resolutions=res_list)
+        src = (
+            SourceConfig.model_validate(source_from_arg(source))
+            if source
+            else SourceConfig(photos=SamplePhotos.eval, views=images)
+        )
+        cfg = EvalConfig(source=src, images=images, resolutions=res_list)
         result = evaluate(FeatureStore(store), load_students(paths), cfg, progress=lambda m: err.print(m))
-    except (StoreError, ValueError) as e:
+    except (StoreError, SourceError, ValueError) as e:
         fail(str(e))
     if as_json:
         print_json(result)
         return
-    t = Table(
-        title=f"fidelity on {result['images']} held-out images (cosine to the teacher; untrained in ())"
+    src = result["source"]
+    out.print(
+        f"fidelity on {result['images']} held-out photos ({src}; {result['refused']} refused as trained on)"
     )
+    for metric, what in (("dense_cos", "dense, PHI-S space"), ("summary_cos", "summary")):
+        out.print(f"[bold]{what}[/]: cosine to the teacher")
+        out.print(fidelity_table(result, metric))
+
+
+def fidelity_table(result: dict[str, Any], metric: str) -> Table:
+    """One metric of an evaluation: a row per student and teacher, a column per resolution (fits 80 columns),
+    then the floors per teacher: the best untrained student and the store-mean predictor."""
+    res = [str(r) for r in result["resolutions"]]
+    t = Table()
     t.add_column("student")
     t.add_column("teacher")
-    for r in result["resolutions"]:
-        t.add_column(f"{r}px dense / summary")
-    for name, per_t in result["students"].items():
-        for teacher, per_r in per_t.items():
-            cells = []
-            for r in result["resolutions"]:
-                m = per_r.get(str(r), {})
-                u = result["untrained"].get(name, {}).get(teacher, {}).get(str(r), {})
-                cells.append(
-                    f"{fmt(m.get('dense_cos'))} ({fmt(u.get('dense_cos'))}) / "
-                    f"{fmt(m.get('summary_cos'))} ({fmt(u.get('summary_cos'))})"
-                )
-            t.add_row(name, teacher, *cells)
-    for teacher, per_px in result.get("mean_predictor", {}).get("mean", {}).items():
-        floor: dict[str, float] = next(iter(per_px.values()), {})  # the average cached target: the floor
-        cell = f"{fmt(floor.get('dense_cos'))} / {fmt(floor.get('summary_cos'))}"
-        t.add_row("(store mean)", teacher, *[cell] * len(result["resolutions"]))
-    out.print(t)
+    for r in res:
+        t.add_column(f"{r}px", justify="right")
+    teachers = sorted({tt for per_t in result["students"].values() for tt in per_t})
+    for teacher in teachers:
+        for name, per_t in result["students"].items():
+            if teacher in per_t:
+                t.add_row(name, teacher, *[fmt(per_t[teacher].get(r, {}).get(metric)) for r in res])
+        floors = [result["untrained"].get(n, {}).get(teacher, {}) for n in result["untrained"]]
+        best = [
+            max(
+                (f.get(r, {}).get(metric) for f in floors if f.get(r, {}).get(metric) is not None),
+                default=None,
+            )
+            for r in res
+        ]
+        t.add_row("[dim](untrained)[/]", teacher, *[f"[dim]{fmt(b)}[/]" for b in best])
+        mean: dict[str, dict[str, float]] = result.get("mean_predictor", {}).get("mean", {}).get(teacher, {})
+        floor = next(iter(mean.values()), {}).get(metric)  # the average cached target: one value
+        t.add_row("[dim](store mean)[/]", teacher, *[f"[dim]{fmt(floor)}[/]"] * len(res), end_section=True)
+    return t

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from radio_dist.config import ConfigError
 from radio_dist.featsharp.file import LoadedFeatSharp, load_featsharp
 from radio_dist.featsharp.model import bilinear_prediction, masked_mse, sample_jitters
-from radio_dist.featsharp.views import load_views, make_views, photo_of
+from radio_dist.featsharp.views import load_views, make_views
 from radio_dist.sources import SourceConfig, list_items
 from radio_dist.teacher import Teacher, TeacherSpec, create_teacher
 
@@ -68,7 +68,7 @@ def evaluate_file(
     items = list_items(source)
     if held_out_only:
         held = set(fs.meta.get("held_out_photos") or [])
-        items = [it for it in items if photo_of(it) in held]
+        items = [it for it in items if it.photo in held]
         if not items:
             raise ConfigError(
                 f"{path} held out {sorted(held)}, none of which is in this source; pass the training source, "

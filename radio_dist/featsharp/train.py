@@ -35,7 +35,6 @@ from radio_dist.featsharp.views import (
     fit_teacher_phis,
     load_views,
     make_views,
-    photo_of,
     split_held_out,
     with_identity,
 )
@@ -224,7 +223,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         "low": cfg.low_px,
         "factor": cfg.upsampler.factor,
         "upsampler": ucfg.model_dump(mode="json"),
-        "held_out_photos": sorted({photo_of(it) for it in held_items}),
+        "held_out_photos": sorted({it.photo for it in held_items}),
         "train_images": len(train_items),
     }
     if ctx.rank == 0 and bad:

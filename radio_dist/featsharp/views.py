@@ -20,22 +20,17 @@ from radio_dist.sources import ImageError, SourceConfig, SourceItem, canonical_v
 from radio_dist.teacher import Teacher
 
 
-def photo_of(item: SourceItem) -> str:
-    """The source photo an item is a view of (sample-photo views share the photo's uri before '#')."""
-    return item.uri.split("#view=", 1)[0]
-
-
 def split_held_out(items: list[SourceItem], held_out: int) -> tuple[list[SourceItem], list[SourceItem]]:
     """(train, held-out): the held-out set is every view of ``held_out`` whole photos, chosen by a hash of
     their uri (stable across runs and machines), so no view of a held-out photo is ever trained on."""
-    photos = sorted({photo_of(it) for it in items}, key=lambda u: hashlib.sha256(u.encode()).hexdigest())
+    photos = sorted({it.photo for it in items}, key=lambda u: hashlib.sha256(u.encode()).hexdigest())
     if len(photos) <= held_out:
         raise ConfigError(
             f"featsharp: the source has {len(photos)} photo(s); holding out {held_out} leaves none to train on — "
             "add photos or lower held_out"
         )
     out = set(photos[:held_out])
-    return [it for it in items if photo_of(it) not in out], [it for it in items if photo_of(it) in out]
+    return [it for it in items if it.photo not in out], [it for it in items if it.photo in out]
 
 
 def load_views(items: list[SourceItem], size: int, source: SourceConfig) -> tuple[np.ndarray, list[str]]:

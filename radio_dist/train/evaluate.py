@@ -13,6 +13,7 @@ fidelity at the other resolutions.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,11 +24,13 @@ from pydantic import Field
 
 from radio_dist.config import StrictModel
 from radio_dist.sources import (
+    SamplePhotos,
     SourceConfig,
     canonical_view,
     decode_image,
     image_id,
     list_items,
+    photo_of,
     read_bytes,
 )
 from radio_dist.store import FeatureStore, StoreError
@@ -44,8 +47,9 @@ from radio_dist.train.students import (
 
 class EvalConfig(StrictModel):
     source: SourceConfig = Field(
-        default_factory=lambda: SourceConfig(views=96),
-        description="Where held-out images come from; images already in the store are skipped.",
+        default_factory=lambda: SourceConfig(photos=SamplePhotos.eval, views=16),
+        description="Where held-out images come from (default: views of the sample photos every default store "
+        "keeps out); an image the store holds, or any view of a photo it trained on, is refused.",
     )
     images: int = Field(16, ge=1, description="Held-out images to evaluate on.")
     resolutions: list[int] | None = Field(
@@ -54,28 +58,45 @@ class EvalConfig(StrictModel):
     batch_size: int = Field(8, ge=1, description="Images per forward.")
 
 
-def held_out_images(store: FeatureStore, source: SourceConfig, n: int) -> list[tuple[str, Image.Image, str]]:
-    """Up to ``n`` decoded (id, RGB image, view) from the source whose ids the store does not hold."""
-    known = store.committed_ids()
-    out = []
+@dataclass
+class HeldOut:
+    images: list[tuple[str, Image.Image, str]]  # (id, RGB image, view)
+    refused: int  # items of the source the store trained on (its ids, or views of its photos)
+    undecodable: int
+
+
+def held_out_images(store: FeatureStore, source: SourceConfig, n: int) -> HeldOut:
+    """Up to ``n`` decoded images of the source that the store did not train on: an item is refused when its
+    content id is in the store or when it is a view of a photo (source uri) any stored row came from."""
+    table = store.manifest(columns=["id", "source"])
+    known = set(table.column("id").to_pylist())
+    trained = {photo_of(str(u)) for u in table.column("source").to_pylist() if u}
+    out, refused, bad = [], 0, 0
     for item in list_items(source):
+        if item.photo in trained:
+            refused += 1
+            continue
         data = read_bytes(item.uri, source.storage_options)
         iid = image_id(data, item.view)
         if iid in known:
+            refused += 1
             continue
         try:
             img = decode_image(data, item.uri, source.min_side, source.max_pixels)
         except ValueError:
+            bad += 1
             continue
         out.append((iid, img.image, item.view))
         if len(out) >= n:
             break
     if not out:
+        what = source.path or f"the sample photos ({source.photos.value})"
         raise StoreError(
-            f"no held-out images: every image of the source is already in {store.url} — "
-            "evaluate on another source (e.g. more sample-photo views)"
+            f"no held-out images in {what}: {refused} are in {store.url} or views of photos it trained on"
+            + (f", {bad} could not be decoded" if bad else "")
+            + " — evaluate on photos the store never saw: --source DIR (a folder, a .parquet/.csv list or s3://...)"
         )
-    return out
+    return HeldOut(out, refused, bad)
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -120,7 +141,12 @@ def evaluate(
     )
     # each resolution is scored against the partition whose cached size is closest to it
     part_of = {r: _nearest_partition(partitions, r) for r in resolutions}
-    images = held_out_images(store, cfg.source, cfg.images)
+    held = held_out_images(store, cfg.source, cfg.images)
+    images = held.images
+    if progress and held.refused:
+        progress(
+            f"{held.refused} image(s) of the source left out: in the store, or views of photos it trained on"
+        )
     resample = meta.view_resample
     view_codec = store.view_codec(meta)
     teachers_used = sorted({t for s in students.values() for t in s.teacher_names})
@@ -161,6 +187,9 @@ def evaluate(
             del teacher
     result: dict[str, Any] = {
         "images": len(images),
+        "refused": held.refused,
+        "undecodable": held.undecodable,
+        "source": cfg.source.path or f"sample-photos ({cfg.source.photos.value})",
         "resolutions": resolutions,
         "reference_partition": part_of,
         "students": {},

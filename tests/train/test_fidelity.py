@@ -13,7 +13,7 @@ import pytest
 
 from radio_dist.cache.config import CacheJobConfig
 from radio_dist.cache.pipeline import run_cache
-from radio_dist.sources import SourceConfig
+from radio_dist.sources import TRAIN_PHOTOS
 from radio_dist.store import FeatureStore
 from radio_dist.store.recode import recode_store
 from radio_dist.train.config import DistillConfig
@@ -22,7 +22,7 @@ from radio_dist.train.evaluate import EvalConfig, evaluate, load_students
 
 
 def distill_and_eval(store_url: str, out, train: dict | None = None) -> dict:
-    """One tiny C-RADIO student distilled from the store (seeded), scored on 16 held-out photo views."""
+    """One tiny C-RADIO student distilled from the store (seeded), scored on 16 views of the held-out photos."""
     cfg = DistillConfig.model_validate(
         {
             "store": {"url": store_url},
@@ -57,7 +57,7 @@ def distill_and_eval(store_url: str, out, train: dict | None = None) -> dict:
     result = evaluate(
         FeatureStore(store_url),
         load_students([str(out / "students" / "cradio")]),
-        EvalConfig(source=SourceConfig(views=160), images=16, resolutions=[128, 224, 320]),
+        EvalConfig(images=16, resolutions=[128, 224, 320]),  # views of the photos no store trained on
     )
     return result
 
@@ -109,10 +109,10 @@ def test_short_run_learns_and_holds_across_resolutions(ray_local, tmp_path):
             )
 
 
-@pytest.mark.slow  # ~4 min: a 4-view cache of the 13 photos, two 39-step distillations, two evaluations
+@pytest.mark.slow  # ~4 min: a 4-view cache of the 10 training photos, two 40-step distillations, two evaluations
 @pytest.mark.timeout(900)
 def test_four_cached_views_per_photo_against_one(ray_local, tmp_path):
-    """Augmentation replay for dense targets: the 13 photos cached with 4 views each (the whole photo and 3
+    """Augmentation replay for dense targets: the sample photos (train set) cached with 4 views each (the whole photo and 3
     seeded crops/flips, each with its own targets) and trained with `train.views: one` — a new view of every
     photo each epoch — against the same photos cached once (their whole-photo rows), the same steps. Every
     photo is trained on once per epoch either way (the sample audit); the figures are printed for the docs."""
@@ -122,27 +122,28 @@ def test_four_cached_views_per_photo_against_one(ray_local, tmp_path):
     cache = {
         "source": {"kind": "sample-photos", "augment": {"views": 4}},
         "store": {"url": url, "shard_size": 16},
-        "phis": {"fit_images": 52},
+        "phis": {"fit_images": 40},
     }
-    assert run_cache(CacheJobConfig.model_validate(cache)).ok == 52
+    n = len(TRAIN_PHOTOS)
+    assert run_cache(CacheJobConfig.model_validate(cache)).ok == 4 * n
     k1 = str(tmp_path / "k1")  # the same photos once: what a cache without augmentation would hold
     cache["source"]["augment"] = {"views": 1}
     cache["store"]["url"] = k1
-    assert run_cache(CacheJobConfig.model_validate(cache)).ok == 13
+    assert run_cache(CacheJobConfig.model_validate(cache)).ok == n
     assert FeatureStore(k1).committed_ids() < FeatureStore(url).committed_ids()  # view 0 is the whole photo
-    # 13 epochs in CI; the docs' longer run: RADIO_DIST_K4_EPOCHS=60 pytest -s tests/train/test_fidelity.py -k four
-    epochs = int(os.environ.get("RADIO_DIST_K4_EPOCHS", "13"))
-    train = {"epochs": epochs, "batch_size": 13, "lr": 0.002, "resolutions": {"low": [224]}, "threads": 2}
+    # 16 epochs in CI; the docs' longer run: RADIO_DIST_K4_EPOCHS=60 pytest -s tests/train/test_fidelity.py -k four
+    epochs = int(os.environ.get("RADIO_DIST_K4_EPOCHS", "16"))
+    train = {"epochs": epochs, "batch_size": n, "lr": 0.002, "resolutions": {"low": [224]}, "threads": 2}
     results = {}
     for name, store_url, views in (("k1", k1, "all"), ("k4", url, "one")):
         out = tmp_path / f"run-{name}"
         results[name] = distill_and_eval(store_url, out, {**train, "views": views})
         seen = sample_audit(str(out))
         assert len(seen) == epochs and all(
-            len(ids) == 13 and set(ids.values()) == {1} for ids in seen.values()
+            len(ids) == n and set(ids.values()) == {1} for ids in seen.values()
         )
     k4_ids = {i for ids in sample_audit(str(tmp_path / "run-k4")).values() for i in ids}
-    assert len(k4_ids) > 26  # many views of each photo were trained on, one per epoch
+    assert len(k4_ids) > 2 * n  # many views of each photo were trained on, one per epoch
     for teacher in ("effnet_lite0", "mobilenet_v2"):
         for r in ("128", "224", "320"):
             a, b = (
