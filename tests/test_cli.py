@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 import zarr
 from fixtures import write_good_photos
+from PIL import Image
 from typer.testing import CliRunner
 
 from radio_dist.cache.config import CacheJobConfig
@@ -214,3 +216,70 @@ def test_eval_scores_on_photos_the_store_never_saw(tmp_path, ray_local):
         "fidelity on 5 held-out photos (sample-photos (eval)" in res.output and "(store mean)" in res.output
     )
     assert max(len(line) for line in res.output.splitlines()) <= 80
+    # pictures: feature sheets (photo | teacher | student, PCA-RGB), loss curves from metrics.jsonl, fidelity
+    lines = [{"global_step": i, "epoch": 0, "cradio/mobilenet_v2/spatial": 1.0 / (i + 1)} for i in range(30)]
+    (tmp_path / "run" / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in lines) + "\n")
+    pics = tmp_path / "pics"
+    res = runner.invoke(
+        app, ["eval", run, "--store", store, "--images", "5", "--resolutions", "64", "--pictures", str(pics),
+              "--picture-photos", "3", "--json"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    written = json.loads(res.stdout)["pictures"]
+    assert sorted(Path(p).name for p in written) == [
+        "features_effnet_lite0.png", "features_mobilenet_v2.png", "fidelity.png", "losses.png"
+    ]  # fmt: skip
+    from radio_dist.train.pictures import LABEL, PANEL
+
+    for teacher in ("effnet_lite0", "mobilenet_v2"):
+        sheet = np.asarray(Image.open(pics / f"features_{teacher}.png").convert("RGB"))
+        assert sheet.shape == (LABEL + 3 * PANEL, 3 * PANEL, 3)  # 3 photos x (photo, teacher, the student)
+        for row in range(3):
+            y = LABEL + row * PANEL
+            photo, feats, student = (sheet[y : y + PANEL, j * PANEL : (j + 1) * PANEL] for j in range(3))
+            assert not np.array_equal(photo, feats) and not np.array_equal(feats, student)
+            assert feats.std() > 10  # the teacher's features are a picture, not one colour
+        rows = [sheet[LABEL + r * PANEL : LABEL + (r + 1) * PANEL, PANEL : 2 * PANEL] for r in range(3)]
+        assert not np.array_equal(rows[0], rows[1])  # each photo its own features
+    for name in ("fidelity.png", "losses.png"):
+        w, h = Image.open(pics / name).size
+        assert w >= 400 and h >= 300
+    # probes: kNN / logistic regression on summary features, next to the teacher's and raw pixels (digits)
+    res = runner.invoke(
+        app, ["probe", run, "--store", store, "--dataset", "digits", "--train", "200", "--test", "100", "--px", "64",
+              "--json"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert (doc["train"], doc["test"], doc["classes"]) == (200, 100, 10)
+    assert doc["raw_pixels"]["knn"] > 0.6  # digits are easy from raw pixels (chance: 0.1): the floor is high
+    for teacher in ("effnet_lite0", "mobilenet_v2"):
+        e = doc["teachers"][teacher]
+        assert 0.1 < e["teacher"]["knn"] <= 1 and set(e["students"]) == set(e["untrained"]) == {"cradio"}
+        frac = e["fraction_of_teacher"]["cradio"]
+        assert frac["knn"] == pytest.approx(e["students"]["cradio"]["knn"] / e["teacher"]["knn"])
+    table = runner.invoke(app, ["probe", run, "--store", store, "--dataset", "digits", "--train", "100",
+                                "--test", "50", "--px", "64"])  # fmt: skip
+    assert table.exit_code == 0 and "raw pixels" in table.output
+    assert max(len(line) for line in table.output.splitlines()) <= 80
+    # Fashion-MNIST missing: one line naming the Debian package
+    res = runner.invoke(app, ["probe", run, "--store", store, "--dataset", "fashion-mnist"],
+                        env={"RADIO_DIST_FASHION_MNIST": str(tmp_path / "none")})  # fmt: skip
+    assert res.exit_code == 2 and "apt-get install dataset-fashion-mnist" in res.output, res.output
+
+
+def test_idx_files_read_and_bad_ones_are_named(tmp_path):
+    import gzip
+
+    from radio_dist.train.probe import ProbeDataError, read_idx
+
+    imgs = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    header = bytes([0, 0, 8, 3]) + b"".join(d.to_bytes(4, "big") for d in imgs.shape)
+    (tmp_path / "a.gz").write_bytes(gzip.compress(header + imgs.tobytes()))
+    assert np.array_equal(read_idx(tmp_path / "a.gz"), imgs)
+    (tmp_path / "short").write_bytes(header + imgs.tobytes()[:-3])
+    with pytest.raises(ProbeDataError, match="short: truncated"):
+        read_idx(tmp_path / "short")
+    (tmp_path / "png").write_bytes(b"\x89PNG....")
+    with pytest.raises(ProbeDataError, match="not an IDX file"):
+        read_idx(tmp_path / "png")

@@ -11,7 +11,8 @@ radio-dist store recode ./store ./store-nf4 --codec nf4          # re-encode tar
 radio-dist bench cache --json
 radio-dist distill --store ./store --out ./runs/demo            # C-RADIO + 2 smaller students, local Ray Train
 radio-dist distill --config jobs/configs/distill_sample.yaml --set train.epochs=4
-radio-dist eval ./runs/demo --store ./store
+radio-dist eval ./runs/demo --store ./store --pictures ./runs/demo/pictures   # held-out photos, PNGs
+radio-dist probe ./runs/demo --store ./store --dataset digits             # kNN / logreg on summaries
 radio-dist featsharp train --config jobs/configs/featsharp_sample.yaml --out ./runs/featsharp
 radio-dist bench ingest --json
 radio-dist bench manifest --shards 10000,100000,1000000   # opening a store of a million shards
@@ -59,6 +60,7 @@ store_app.command("compact")(store.store_compact_cmd)
 store_app.command("audit")(store.store_audit_cmd)
 app.command("distill")(train.distill_cmd)
 app.command("eval")(train.eval_cmd)
+app.command("probe")(train.probe_cmd)
 featsharp_app.command("train")(featsharp.featsharp_train_cmd)
 featsharp_app.command("eval")(featsharp.featsharp_eval_cmd)
 bench_app.command("cache")(bench.bench_cache_cmd)

@@ -152,6 +152,14 @@ def eval_cmd(
         str | None,
         typer.Option(help="Comma-separated student resolutions (default 0.5x/1x/1.5x partitions)."),
     ] = None,
+    pictures: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write PNGs here: features of held-out photos as PCA-RGB (teacher next to each student), "
+            "loss curves, fidelity against resolution."
+        ),
+    ] = None,
+    picture_photos: Annotated[int, typer.Option(help="Held-out photos in the feature pictures.", min=1)] = 4,
     as_json: JsonOpt = False,
 ) -> None:
     """Cosine fidelity of each student to each teacher on held-out photos, at several resolutions."""
@@ -159,10 +167,7 @@ def eval_cmd(
     from radio_dist.store import FeatureStore, StoreError
     from radio_dist.train.evaluate import EvalConfig, evaluate, load_students
 
-    root = Path(run) / "students"
-    paths = sorted(str(p) for p in root.iterdir() if (p / "config.json").is_file()) if root.is_dir() else []
-    if not paths:
-        fail(f"{run}: no exported students under {root} — run `radio-dist distill --out {run}` first")
+    paths = exported_students(run)
     if as_json:
         json_only_stdout()
     try:
@@ -172,10 +177,17 @@ def eval_cmd(
             if source
             else SourceConfig(photos=SamplePhotos.eval, views=images)
         )
-        cfg = EvalConfig(source=src, images=images, resolutions=res_list)
-        result = evaluate(FeatureStore(store), load_students(paths), cfg, progress=lambda m: err.print(m))
+        cfg = EvalConfig(
+            source=src, images=images, resolutions=res_list, pictures=picture_photos if pictures else 0
+        )
+        kept: dict[str, dict[str, Any]] = {}
+        result = evaluate(
+            FeatureStore(store), load_students(paths), cfg, progress=lambda m: err.print(m), pictures=kept
+        )
     except (StoreError, SourceError, ValueError) as e:
         fail(str(e))
+    if pictures is not None:
+        result["pictures"] = [str(p) for p in write_pictures(Path(run), result, kept, pictures)]
     if as_json:
         print_json(result)
         return
@@ -186,6 +198,25 @@ def eval_cmd(
     for metric, what in (("dense_cos", "dense, PHI-S space"), ("summary_cos", "summary")):
         out.print(f"[bold]{what}[/]: cosine to the teacher")
         out.print(fidelity_table(result, metric))
+    for path in result.get("pictures", []):
+        out.print(f"wrote {path}")
+
+
+def write_pictures(
+    run: Path, result: dict[str, Any], kept: dict[str, dict[str, Any]], out_dir: Path
+) -> list[Path]:
+    """The PNGs of ``eval --pictures``: feature sheets, loss curves (when the run has metrics), fidelity."""
+    from radio_dist.train import pictures as P
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = P.write_feature_sheets(kept, out_dir)
+    metrics = run / "metrics.jsonl"
+    if metrics.is_file():
+        lines = P.read_metrics_lines(metrics)
+        if any("global_step" in m for m in lines):
+            paths.append(P.loss_curves(lines, list(result["students"]), out_dir))
+    paths.append(P.fidelity_plot(result, out_dir))
+    return paths
 
 
 def fidelity_table(result: dict[str, Any], metric: str) -> Table:
@@ -215,3 +246,79 @@ def fidelity_table(result: dict[str, Any], metric: str) -> Table:
         floor = next(iter(mean.values()), {}).get(metric)  # the average cached target: one value
         t.add_row("[dim](store mean)[/]", teacher, *[f"[dim]{fmt(floor)}[/]"] * len(res), end_section=True)
     return t
+
+
+def probe_cmd(
+    run: Annotated[str, typer.Argument(help="A distill run directory (its students/ are probed).")],
+    store: Annotated[str, typer.Option(help="The store the students were trained from (teachers, PHI-S).")],
+    dataset: Annotated[
+        str, typer.Option(help="digits (bundled) | fashion-mnist (Debian dataset-fashion-mnist).")
+    ],
+    train: Annotated[int, typer.Option("--train", min=20, help="Labelled images the probes fit on.")] = 1000,
+    test: Annotated[int, typer.Option("--test", min=1, help="Labelled images they are scored on.")] = 500,
+    px: Annotated[
+        int | None, typer.Option(help="Input size (default: the store's smallest partition).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """kNN (cosine, k=20) and logistic-regression accuracy on summary features: each student's next to its
+    teacher's, an untrained student's and raw pixels."""
+    from radio_dist.store import FeatureStore, StoreError
+    from radio_dist.train.evaluate import load_students
+    from radio_dist.train.probe import ProbeDataError, probe
+
+    paths = exported_students(run)
+    if as_json:
+        json_only_stdout()
+    try:
+        res = probe(
+            FeatureStore(store),
+            load_students(paths),
+            dataset,
+            train,
+            test,
+            px,
+            progress=lambda m: err.print(m),
+        )
+    except (StoreError, ProbeDataError, ValueError) as e:
+        fail(str(e))
+    if as_json:
+        print_json(res)
+        return
+    out.print(
+        f"{res['dataset']}: {res['train']} train / {res['test']} test images, {res['classes']} classes, "
+        f"{res['px']} px; accuracy (kNN k=20 cosine / logistic regression)"
+    )
+    t = Table()
+    for c in ("features", "kNN", "logreg", "of teacher"):
+        t.add_column(c, justify="left" if c == "features" else "right")
+    raw = res["raw_pixels"]
+    t.add_row("raw pixels", fmt(raw["knn"]), fmt(raw["logreg"]), "", end_section=True)
+    for teacher, entry in res["teachers"].items():
+        t.add_row(f"{teacher} (teacher)", fmt(entry["teacher"]["knn"]), fmt(entry["teacher"]["logreg"]), "1")
+        for name, acc in entry["students"].items():
+            frac = entry["fraction_of_teacher"][name]
+            t.add_row(
+                f"  {name}",
+                fmt(acc["knn"]),
+                fmt(acc["logreg"]),
+                f"{fmt(frac['knn'])} / {fmt(frac['logreg'])}",
+            )
+        for name, acc in entry["untrained"].items():
+            t.add_row(
+                f"  [dim]{name} untrained[/]",
+                fmt(acc["knn"]),
+                fmt(acc["logreg"]),
+                "",
+                end_section=name == list(entry["untrained"])[-1],
+            )
+    out.print(t)
+
+
+def exported_students(run: str) -> list[str]:
+    """The exported students of a run directory (RUN/students/<name>/config.json); none: one line, exit 2."""
+    root = Path(run) / "students"
+    paths = sorted(str(p) for p in root.iterdir() if (p / "config.json").is_file()) if root.is_dir() else []
+    if not paths:
+        fail(f"{run}: no exported students under {root} — run `radio-dist distill --out {run}` first")
+    return paths

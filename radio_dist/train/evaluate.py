@@ -56,6 +56,11 @@ class EvalConfig(StrictModel):
         None, description="Student input resolutions (px); default: 0.5x, 1x, 1.5x of each partition."
     )
     batch_size: int = Field(8, ge=1, description="Images per forward.")
+    pictures: int = Field(
+        0,
+        ge=0,
+        description="Held-out photos whose teacher features and student predictions are kept (pictures).",
+    )
 
 
 @dataclass
@@ -132,8 +137,13 @@ def evaluate(
     students: dict[str, LoadedStudent],
     cfg: EvalConfig,
     progress: Callable[[str], None] | None = None,
+    pictures: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """{"students": {name: {teacher: {res: {"dense_cos", "summary_cos"}}}}, "untrained": ..., ...}."""
+    """{"students": {name: {teacher: {res: {"dense_cos", "summary_cos"}}}}, "untrained": ..., ...}.
+
+    ``pictures`` (a dict to fill): for each teacher, at the first partition scored, ``cfg.pictures`` held-out
+    photos (uint8 views), the teacher's dense features and each trained student's prediction at the view's own
+    size, both in PHI-S space (``radio_dist.train.pictures``)."""
     meta = store.meta()
     partitions = {p: int(px) for p, px in meta.partitions.items()}
     resolutions = cfg.resolutions or sorted(
@@ -167,6 +177,8 @@ def evaluate(
             spec = TeacherSpec.model_validate(meta.teachers[t].spec)
             teacher = create_teacher(spec)
             mean = store_mean_targets(store, t, p)
+            if pictures is not None and cfg.pictures and t not in pictures:
+                pictures[t] = keep_pictures(teacher, t, views[: cfg.pictures], models)
             for i in range(0, len(views), cfg.batch_size):
                 chunk = views[i : i + cfg.batch_size]
                 ref = teacher(chunk)
@@ -200,6 +212,25 @@ def evaluate(
         bucket = result[{"trained": "students", "untrained": "untrained", "mean": "mean_predictor"}[kind]]
         bucket.setdefault(name, {}).setdefault(t, {}).setdefault(str(r), {})[metric] = float(np.mean(vals))
     return result
+
+
+def keep_pictures(
+    teacher: Any, name: str, views: np.ndarray, students: dict[str, LoadedStudent]
+) -> dict[str, Any]:
+    """The photos, the teacher's dense features and each student's prediction of them, in PHI-S space."""
+    ref = teacher(views)
+    x = torch.from_numpy(views).permute(0, 3, 1, 2).float().div_(255.0)
+    preds, phis = {}, None
+    for sname, st in students.items():
+        if name in st.teacher_names:
+            phis = st.phis[name]
+            preds[sname] = st(x)[name]["dense"].float().numpy()  # type: ignore[union-attr]
+    assert phis is not None, f"no student predicts teacher {name}"
+    return {
+        "photos": views.copy(),
+        "teacher": np.asarray(phis.forward(ref.dense), dtype=np.float32),
+        "students": preds,
+    }
 
 
 def store_mean_targets(
