@@ -29,12 +29,12 @@ from faultkit import TALLY, can_mount, tmpfs
 from safetensors.torch import save_file
 
 from radio_dist.failures import causes, explain
-from radio_dist.sources import TRAIN_PHOTOS
+from radio_dist.sources import SAMPLE_PHOTOS
 from radio_dist.weights import WeightsError, check_weights_file, read_state_dict
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_CONFIG = REPO / "jobs" / "configs" / "cache_sample.yaml"
-N_PHOTOS = len(TRAIN_PHOTOS)  # what the default sample-photos source lists
+N_PHOTOS = len(SAMPLE_PHOTOS)  # the full-disk test caches all of them (source.photos: all)
 
 
 def cli(*args: str, env: dict[str, str] | None = None, timeout: int = 280) -> subprocess.CompletedProcess:
@@ -419,7 +419,16 @@ def test_a_full_disk_mid_run_is_one_line_leaves_nothing_and_the_rerun_completes(
     # PHI-S of the two sample teachers take ~52.5 MB: 55 MB leaves room for about one 4-image shard
     with tmpfs(tmp_path / "mnt", "size=55m") as mnt:
         store = mnt / "store"
-        args = ["cache-teachers", "--store", str(store), "--set", "store.shard_size=4"]
+        # all 13 sample photos: the 55 MB file system fills up with them, not with the default 10
+        args = [
+            "cache-teachers",
+            "--store",
+            str(store),
+            "--set",
+            "store.shard_size=4",
+            "--set",
+            "source.photos=all",
+        ]
         res = cli(*args, env={"RADIO_DIST_LOG_DIR": str(tmp_path / "logs")})
         line = one_line(res)
         assert line.startswith(f"error: no space left on the device holding {store}/"), line
@@ -434,7 +443,7 @@ def test_a_full_disk_mid_run_is_one_line_leaves_nothing_and_the_rerun_completes(
         for s, data in before.items():  # what was committed before the fault is untouched
             assert (store / "manifest" / f"{s}.parquet").read_bytes() == data
         ids = [i for p in store.glob("manifest/*.parquet") for i in pq.read_table(p)["id"].to_pylist()]
-        assert len(ids) == len(set(ids)) == N_PHOTOS  # the sample photos (train set), each exactly once
+        assert len(ids) == len(set(ids)) == N_PHOTOS  # the 13 sample photos, each exactly once
         verify = cli("store", "verify", str(store))
         assert verify.returncode == 0, verify.stdout + verify.stderr
         # the same file system read-only now: one line, nothing changed; writable again, the rerun is a no-op
