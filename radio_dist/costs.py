@@ -44,6 +44,7 @@ from radio_dist.teacher import (
     WeightsKind,
     WeightsSpec,
     create_teacher,
+    spec_from_record,
 )
 from radio_dist.train.config import DistillConfig
 from radio_dist.train.parallel import PEAK_BF16_TFLOPS
@@ -334,7 +335,7 @@ def store_shape(meta: StoreMeta) -> CacheShape:
     for name, rec in meta.teachers.items():
         built: MetaTeacher | None = None
         try:
-            spec = TeacherSpec.model_validate({**rec.spec, "name": name})
+            spec = spec_from_record({**rec.spec, "name": name})
             shape.teachers[name] = spec
             built = meta_teacher(spec)
         except (ValueError, PlanError):

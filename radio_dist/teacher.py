@@ -170,6 +170,22 @@ class TeacherSpec(StrictModel):
         return self.model_dump(mode="json", exclude={"runtime"})
 
 
+def spec_from_record(identity: dict[str, Any]) -> TeacherSpec:
+    """The spec a store recorded (its identity: everything but ``runtime``) with a default runtime. An adaptation
+    may refuse the default batch size (a mosaic wants whole mosaics: a multiple of k²); then the smallest batch
+    above the default that the spec accepts is used — runtime never changes the targets."""
+    try:
+        return TeacherSpec.model_validate(identity)
+    except ValueError as first:
+        default = TeacherRuntime().batch_size
+        for batch in range(default + 1, 16 * default + 1):
+            try:
+                return TeacherSpec.model_validate({**identity, "runtime": {"batch_size": batch}})
+            except ValueError:
+                continue
+        raise first from None
+
+
 @dataclass
 class TeacherOutput:
     summary: torch.Tensor | None  # [B, C] float32, or None if the teacher has no summary

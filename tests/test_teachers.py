@@ -149,3 +149,23 @@ def test_actor_allocator_env_keeps_big_blocks_for_a_worker_thread():
     thresholds_only = {k: v for k, v in ALLOCATOR_ENV.items() if k != "MALLOC_ARENA_MAX"}
     assert _faults_in_a_thread(thresholds_only) > pages // 2  # the thread's arena ignores the thresholds
     assert _faults_in_a_thread(ALLOCATOR_ENV) < pages // 20
+
+
+def test_a_recorded_mosaic_spec_is_rebuilt_with_a_batch_it_accepts():
+    # a store records a spec without its runtime; SAM3's mosaic (k = 3) refuses the default batch of 16
+    from pathlib import Path
+
+    from radio_dist.cache.config import CacheJobConfig
+    from radio_dist.config import load_model
+    from radio_dist.teacher import TeacherSpec, spec_from_record
+
+    cfg = load_model(CacheJobConfig, Path(__file__).parents[1] / "jobs/configs/cradio_v4_cache.yaml")
+    sam3 = next(t for t in cfg.teachers if t.name == "sam3")
+    with pytest.raises(ValueError, match="multiple of mosaic_k"):
+        TeacherSpec.model_validate(sam3.identity())
+    again = spec_from_record(sam3.identity())
+    assert again.identity() == sam3.identity() and again.runtime.batch_size == 18
+    dino = next(t for t in cfg.teachers if t.name == "dinov3")
+    assert spec_from_record(dino.identity()).runtime.batch_size == 16  # the default where it is accepted
+    with pytest.raises(ValueError, match="family"):
+        spec_from_record({**dino.identity(), "family": None})

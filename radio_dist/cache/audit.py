@@ -34,7 +34,7 @@ from radio_dist.store.codecs import Fidelity, fidelity_key
 from radio_dist.store.feature_store import codec_problem
 from radio_dist.store.manifest import scale_key
 from radio_dist.store.views import views_of
-from radio_dist.teacher import TeacherSpec, WeightsKind, create_teacher, fingerprint
+from radio_dist.teacher import TeacherSpec, WeightsKind, create_teacher, fingerprint, spec_from_record
 
 DEFAULT_ROWS = 16
 DEFAULT_TOLERANCE = 0.003
@@ -141,7 +141,7 @@ def audit_spec(store: FeatureStore, teacher: str, weights: str | None = None) ->
             f"{store.url}: the store records no runnable spec for teacher {teacher!r} (family {rec.family}); "
             "it cannot be audited"
         )
-    spec = TeacherSpec.model_validate(rec.spec)
+    spec = spec_from_record(rec.spec)
     if weights is not None:
         if not Path(weights).expanduser().is_file():
             raise FileNotFoundError(f"--weights {weights}: no such file")
@@ -209,7 +209,7 @@ def audit_teacher(
     meta = store.meta()
     spec = audit_spec(store, teacher, weights)
     rec = meta.teachers[teacher]
-    recorded_spec = TeacherSpec.model_validate(rec.spec)
+    recorded_spec = spec_from_record(rec.spec)
     parts = list(partitions) if partitions else sorted(rec.outputs)
     unknown = [p for p in parts if p not in rec.outputs]
     if unknown:

@@ -34,7 +34,7 @@ from radio_dist.sources import (
     read_bytes,
 )
 from radio_dist.store import FeatureStore, StoreError
-from radio_dist.teacher import TeacherSpec, create_teacher
+from radio_dist.teacher import create_teacher, spec_from_record
 from radio_dist.train.reader import committed_shards
 from radio_dist.train.students import (
     LoadedStudent,
@@ -174,7 +174,7 @@ def evaluate(
         for t in teachers_used:
             if progress:
                 progress(f"teacher {t} at {p}={px}px on {len(views)} held-out images")
-            spec = TeacherSpec.model_validate(meta.teachers[t].spec)
+            spec = spec_from_record(meta.teachers[t].spec)
             teacher = create_teacher(spec)
             mean = store_mean_targets(store, t, p)
             if pictures is not None and cfg.pictures and t not in pictures:

@@ -26,7 +26,7 @@ import torch
 from radio_dist.phis import Moments, PhiS, angular_dispersion, fit_phis
 from radio_dist.store import FeatureStore, StoreMismatchError, image_key
 from radio_dist.store.views import views_of
-from radio_dist.teacher import Teacher, TeacherSpec
+from radio_dist.teacher import Teacher, TeacherSpec, spec_from_record
 from radio_dist.train.reader import ShardRows
 from radio_dist.train.rundir import RunDir
 from radio_dist.train.students import TeacherHeadInfo
@@ -53,7 +53,7 @@ def live_specs(entries: Sequence[TeacherSpec | str], store: FeatureStore) -> lis
                 f"store {store.url} does not record a runnable spec for teacher {e!r} (family {rec.family}); "
                 "give its full spec in live_teachers"
             )
-        out.append(TeacherSpec.model_validate(rec.spec))
+        out.append(spec_from_record(rec.spec))
     return out
 
 

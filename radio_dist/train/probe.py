@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from radio_dist.store import FeatureStore, StoreError
-from radio_dist.teacher import TeacherSpec, create_teacher
+from radio_dist.teacher import create_teacher, spec_from_record
 from radio_dist.train.evaluate import untrained_like
 from radio_dist.train.students import LoadedStudent
 
@@ -161,7 +161,7 @@ def probe(
             continue  # a teacher without a summary (SAM3's encoder): nothing to probe
         if progress:
             progress(f"teacher {t} on {len(views)} {dataset} images at {size} px")
-        teacher = create_teacher(TeacherSpec.model_validate(meta.teachers[t].spec))
+        teacher = create_teacher(spec_from_record(meta.teachers[t].spec))
         summaries = []
         for i in range(0, len(views), batch):
             out = teacher(views[i : i + batch]).summary
