@@ -372,6 +372,7 @@ def plan_cache(cfg: CacheJobConfig, images: int, g: Gpu) -> dict[str, Any]:
                 "partition": t.partition,
                 "view_px": t.view_px,
                 "input_px": t.input_px,
+                "model_px": t.model_px,
                 "model_inputs_per_row": t.model_inputs,
                 "note": t.note,
                 "dense": list(t.dense),

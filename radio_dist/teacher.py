@@ -285,9 +285,7 @@ class Teacher(torch.nn.Module):
         return self._mean.device
 
     def _autocast(self) -> Any:
-        if (
-            self.device.type == "meta"
-        ):  # a shape-only forward (what `radio-dist plan` measures) has no autocast
+        if self.device.type == "meta":  # a shape-only forward (`radio-dist plan`): no autocast there
             return contextlib.nullcontext()
         prec = self.spec.runtime.precision
         use_bf16 = prec == Precision.bf16 or (prec == Precision.auto and self.device.type == "cuda")

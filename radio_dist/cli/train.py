@@ -207,13 +207,13 @@ def write_pictures(
 ) -> list[Path]:
     """The PNGs of ``eval --pictures``: feature sheets, loss curves (when the run has metrics), fidelity."""
     from radio_dist.train import pictures as P
+    from radio_dist.train.rundir import read_metrics
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = P.write_feature_sheets(kept, out_dir)
-    metrics = run / "metrics.jsonl"
-    if metrics.is_file():
-        lines = P.read_metrics_lines(metrics)
-        if any("global_step" in m for m in lines):
+    if (run / "metrics.jsonl").is_file():
+        lines = read_metrics(str(run))  # a step re-run after a restart: its latest line
+        if lines:
             paths.append(P.loss_curves(lines, list(result["students"]), out_dir))
     paths.append(P.fidelity_plot(result, out_dir))
     return paths

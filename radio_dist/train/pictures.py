@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -80,10 +79,6 @@ def write_feature_sheets(pictures: dict[str, dict[str, Any]], out: Path) -> list
         sheet.save(path)
         paths.append(path)
     return paths
-
-
-def read_metrics_lines(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def smooth(y: np.ndarray, window: int) -> np.ndarray:
