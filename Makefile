@@ -19,10 +19,10 @@ $(VENV)/.installed: pyproject.toml deploy/requirements.lock
 	touch $@
 
 demo: install   ## cache the built-in photos with the two real teachers, distill 3 students, evaluate them on held-out photos, draw them
-	$(BIN)/radio-dist cache-teachers --store $(STORE) --views 64
+	$(BIN)/radio-dist cache-teachers --config jobs/configs/cache_demo.yaml --store $(STORE)
 	$(BIN)/radio-dist store info $(STORE)
 	$(BIN)/radio-dist store verify $(STORE)
-	$(BIN)/radio-dist distill --store $(STORE) --out $(RUN) --set train.epochs=6 \
+	$(BIN)/radio-dist distill --store $(STORE) --out $(RUN) --set train.epochs=24 \
 		--set 'train.resolutions={"low":[128,160,192,224,256]}' --set train.threads=2
 	$(BIN)/radio-dist eval $(RUN) --store $(STORE) --images 16 --resolutions 128,224,320 --pictures $(RUN)/pictures
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -35,6 +37,36 @@ def seeded_init(spec: TeacherSpec) -> None:
 
 def weights_path(spec: TeacherSpec) -> Path | None:
     return resolve_weights_path(spec.weights)
+
+
+def dense_blocks_option(spec: TeacherSpec, total: int) -> tuple[dict[str, Any], int | None]:
+    """(the family's constructor options without ``dense_blocks``, ``dense_blocks`` or None).
+
+    ``options.dense_blocks: N`` takes a CNN teacher's dense features after its first N blocks instead of its
+    final stage: earlier stages are more local, and a student learns them from far fewer photos."""
+    opts = dict(spec.family_options())
+    n = opts.pop("dense_blocks", None)
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= total):
+        raise ValueError(
+            f"teacher {spec.name!r}: options.dense_blocks must be an int in 1..{total} (the blocks run before "
+            f"the dense features are taken; leave it out for the final stage), got {n!r}"
+        )
+    return opts, n
+
+
+def check_dense_stride(
+    spec: TeacherSpec, trunk: Callable[[torch.Tensor], torch.Tensor], blocks: int, model: torch.nn.Module
+) -> None:
+    """A truncated trunk's output stride must be the spec's ``patch_size`` (the store's grid follows it)."""
+    param = next(iter(model.parameters()))
+    with torch.no_grad():
+        side = int(trunk(torch.zeros(1, 3, 64, 64, device=param.device, dtype=param.dtype)).shape[-1])
+    stride = 64 // side
+    if stride != spec.patch_size:
+        raise ValueError(
+            f"teacher {spec.name!r}: its dense features after {blocks} blocks are at stride {stride}, but "
+            f"patch_size is {spec.patch_size}; set patch_size: {stride}"
+        )
 
 
 def cnn_outputs(feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

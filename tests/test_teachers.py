@@ -169,3 +169,25 @@ def test_a_recorded_mosaic_spec_is_rebuilt_with_a_batch_it_accepts():
     assert spec_from_record(dino.identity()).runtime.batch_size == 16  # the default where it is accepted
     with pytest.raises(ValueError, match="family"):
         spec_from_record({**dino.identity(), "family": None})
+
+
+@pytest.mark.parametrize(
+    ("family", "blocks", "channels"), [("mobilenet_v2", 11, 64), ("efficientnet_lite0", 4, 80)]
+)
+def test_dense_blocks_takes_an_earlier_stage_at_the_stride_patch_size_names(family, blocks, channels):
+    """options.dense_blocks (the demo's teachers): the features after N blocks, stride-16 tokens, pooled
+    summary; a patch_size that is not the stage's stride, or N out of range, is one clear error."""
+    spec = preset_spec(family).model_copy(update={"options": {"dense_blocks": blocks}, "patch_size": 16})
+    teacher = create_teacher(spec)
+    out = teacher(photo_batch())
+    assert out.dense.shape == (2, 14, 14, channels) and out.summary.shape == (2, channels)
+    torch.testing.assert_close(out.summary, out.dense.mean(dim=(1, 2)))
+    final = create_teacher(preset_spec(family))(photo_batch())
+    assert final.dense.shape[-1] == 1280  # the option is what changed the stage
+    assert fingerprint(spec) != fingerprint(preset_spec(family).model_copy(update={"patch_size": 16}))
+    with pytest.raises(
+        ValueError, match=r"after 11 blocks are at stride 16, but patch_size is 32; set patch_size: 16"
+    ):
+        create_teacher(preset_spec("mobilenet_v2").model_copy(update={"options": {"dense_blocks": 11}}))
+    with pytest.raises(ValueError, match=r"options.dense_blocks must be an int in 1\.\."):
+        create_teacher(spec.model_copy(update={"options": {"dense_blocks": 0}}))
