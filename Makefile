@@ -4,8 +4,9 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 STORE ?= ./store
 RUN ?= ./runs/demo
+CLAIMS ?= ./runs/claims
 
-.PHONY: install demo test test-slow test-faults test-all lint bench bench-gpu recipe-tiny clean
+.PHONY: install demo claims test test-slow test-faults test-all lint bench bench-gpu recipe-tiny clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +26,15 @@ demo: install   ## cache the built-in photos with the two real teachers, distill
 	$(BIN)/radio-dist distill --store $(STORE) --out $(RUN) --set train.epochs=24 \
 		--set 'train.resolutions={"low":[128,160,192,224,256]}' --set train.threads=2
 	$(BIN)/radio-dist eval $(RUN) --store $(STORE) --images 16 --resolutions 128,224,320 --pictures $(RUN)/pictures
+
+# The method's claims as controlled experiments on the demo's store (README "The method's claims, measured").
+claims: install   ## the four A/B experiments at laptop scale, tables in $(CLAIMS)/*.md (~15 min)
+	$(BIN)/radio-dist cache-teachers --config jobs/configs/cache_demo.yaml --store $(CLAIMS)/store
+	$(BIN)/radio-dist cache-teachers --config jobs/configs/cache_demo.yaml --store $(CLAIMS)/store2 \
+		--set 'pipeline.partitions={"low":224,"high":448}'
+	for e in summary-loss shift together; do \
+		$(BIN)/radio-dist experiment $$e --store $(CLAIMS)/store --out $(CLAIMS) || exit 1; done
+	$(BIN)/radio-dist experiment resolutions --store $(CLAIMS)/store2 --out $(CLAIMS)
 
 # The C-RADIOv4 recipe (jobs/configs/cradio_v4_*.yaml) at toy size on this machine's CPUs: its three jobs in
 # order, each with the `--set` lines of jobs/configs/tiny/ (real architectures and resolutions, tiny widths).

@@ -27,7 +27,7 @@ from typing import Annotated
 
 import typer
 
-from radio_dist.cli import bench, cache, failing, featsharp, plan, store, submit, train
+from radio_dist.cli import bench, cache, experiment, failing, featsharp, plan, store, submit, train
 from radio_dist.config import DEBUG_ENV
 
 app = typer.Typer(
@@ -61,6 +61,7 @@ store_app.command("audit")(store.store_audit_cmd)
 app.command("distill")(train.distill_cmd)
 app.command("eval")(train.eval_cmd)
 app.command("probe")(train.probe_cmd)
+app.command("experiment")(experiment.experiment_cmd)
 featsharp_app.command("train")(featsharp.featsharp_train_cmd)
 featsharp_app.command("eval")(featsharp.featsharp_eval_cmd)
 bench_app.command("cache")(bench.bench_cache_cmd)

@@ -28,6 +28,7 @@ from radio_dist.store.records import StoreMeta
 from radio_dist.store.writer import ShardWriter
 
 ProgressFn = Callable[[str, dict[str, Any]], None]
+Transform = Callable[[str, str, torch.Tensor], "torch.Tensor | None"]
 
 
 @dataclass
@@ -70,8 +71,12 @@ def recode_store(
     codecs: dict[tuple[str, str], str],
     workers: int = 2,
     progress: ProgressFn | None = None,
+    transform: Transform | None = None,
 ) -> RecodeSummary:
-    """Write DST from SRC with ``codecs`` ((teacher, partition) -> codec); resumable (see the module doc)."""
+    """Write DST from SRC with ``codecs`` ((teacher, partition) -> codec); resumable (see the module doc).
+
+    ``transform(teacher, partition, dense)`` (PHI-S space, float) may return other targets for DST — a
+    controlled experiment's derived store (``radio-dist experiment shift``); None keeps them."""
     t0 = time.perf_counter()
     if src.url == dst.url:
         raise StoreError(f"store recode: SRC and DST are the same store ({src.url}); name a new DST")
@@ -94,7 +99,7 @@ def recode_store(
             progress("todo", {"shards": len(shards), "todo": len(todo), "skipped": summary.skipped})
 
         def one(shard: _SourceShard) -> tuple[int, int, int]:
-            return _recode_shard(src, dst, meta, codecs, shard)
+            return _recode_shard(src, dst, meta, codecs, shard, transform)
 
         compactor = Compactor(dst, defer_delete=True)  # dst's parts stay until the end, as in a caching job
         with ThreadPoolExecutor(max(1, workers)) as pool:
@@ -172,6 +177,7 @@ def _recode_shard(
     meta: StoreMeta,
     codecs: dict[tuple[str, str], str],
     source: _SourceShard,
+    transform: Transform | None = None,
 ) -> tuple[int, int, int]:
     shard = source.shard
     old_fid = load_fidelity(source.fidelity)
@@ -201,7 +207,9 @@ def _recode_shard(
         if problem:
             raise StoreError(f"{src.url}: shard {shard}, {name}: {problem}; run `radio-dist store verify`")
         b_src += arr.nbytes + (scale.nbytes if scale is not None else 0)
-        if new.name == old.name:  # unchanged: the codes as they are, with the fidelity they were written with
+        if (
+            new.name == old.name and transform is None
+        ):  # unchanged: the codes as they are, as they were measured
             out[name] = arr
             if scale is not None:
                 out[scale_key(t, p)] = scale
@@ -212,6 +220,8 @@ def _recode_shard(
             ref = old.decode(
                 torch.from_numpy(arr), None if scale is None else torch.from_numpy(scale)
             ).float()
+            changed = transform(t, p, ref) if transform is not None else None
+            ref = ref if changed is None else changed.float()
             codes, new_scale = new.encode(ref)
             fidelity[(t, p)] = (new.name, old.name, Fidelity.measure(ref, new.decode(codes, new_scale)))
             out[name] = codes.numpy()

@@ -27,6 +27,11 @@ class ViewsPerEpoch(str, Enum):
     one = "one"
 
 
+class SummaryLoss(str, Enum):
+    balanced = "balanced"  # Θ²/Disp: each teacher's summary loss in units of its angular spread (C-RADIOv4)
+    angular = "angular"  # Θ²: every teacher alike, whatever its spread (the baseline it replaced)
+
+
 class TrainConfig(StrictModel):
     """The optimisation and the method's switches (each ingredient can be turned off)."""
 
@@ -53,7 +58,12 @@ class TrainConfig(StrictModel):
         1, ge=0, description="Shift equivariance: max student shift in whole patches (0 = off)."
     )
     spatial_weight: float = Field(1.0, ge=0, description="Weight of the PHI-S-space dense loss.")
-    summary_weight: float = Field(1.0, ge=0, description="Weight of the balanced summary loss Θ²/Disp.")
+    summary_weight: float = Field(1.0, ge=0, description="Weight of the summary loss.")
+    summary_loss: SummaryLoss = Field(
+        SummaryLoss.balanced,
+        description="balanced: Θ²/Disp per teacher (C-RADIOv4); angular: plain Θ² (`radio-dist experiment "
+        "summary-loss` compares them)",
+    )
     mesa_weight: float = Field(
         0.1, ge=0, description="Weight of shift-equivariant MESA (0 = off, no EMA model)."
     )

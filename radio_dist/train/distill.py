@@ -397,7 +397,12 @@ def run_distill(
     )
     plan = prepare_run(cfg)
     for t, d in plan.dispersion.items():
-        if d is not None and d < L.DISPERSION_FLOOR and cfg.train.summary_weight > 0:
+        if (
+            d is not None
+            and d < L.DISPERSION_FLOOR
+            and cfg.train.summary_weight > 0
+            and cfg.train.summary_loss == "balanced"
+        ):
             print(
                 f"note: teacher {t}'s summaries barely vary (angular dispersion {d:.2g}); its balanced summary "
                 f"loss divides by {L.DISPERSION_FLOOR} instead (a random-init or degenerate teacher?)",

@@ -108,7 +108,7 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.cosine_similarity(a.double(), b.double(), dim=-1)
 
 
-def _to_grid(dense: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+def to_grid(dense: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
     if tuple(dense.shape[1:3]) == hw:
         return dense
     x = dense.permute(0, 3, 1, 2)
@@ -263,7 +263,7 @@ def _score_mean(
     ref: Any,
 ) -> None:
     b = ref.dense.shape[0]
-    dense = _to_grid(mean[0][None].expand(b, -1, -1, -1), (int(ref.dense.shape[1]), int(ref.dense.shape[2])))
+    dense = to_grid(mean[0][None].expand(b, -1, -1, -1), (int(ref.dense.shape[1]), int(ref.dense.shape[2])))
     ref_phis = torch.as_tensor(phis.forward(ref.dense), dtype=torch.float32)
     key = ("mean", "mean", teacher, px)
     sums.setdefault((*key, "dense_cos"), []).extend(_cos(dense, ref_phis).mean(dim=(1, 2)).tolist())
@@ -288,7 +288,7 @@ def _score(
     """Add one batch's per-image cosines: dense in PHI-S space (centred, whitened: a constant guess scores
     ~0) and in teacher space (raw, dominated by the features' mean), summary in teacher space."""
     out = student(images)[teacher]
-    dense = _to_grid(out["dense"], (int(ref.dense.shape[1]), int(ref.dense.shape[2])))  # type: ignore[arg-type]
+    dense = to_grid(out["dense"], (int(ref.dense.shape[1]), int(ref.dense.shape[2])))  # type: ignore[arg-type]
     phis = student.phis[teacher]
     ref_phis = torch.as_tensor(phis.forward(ref.dense), dtype=torch.float32)
     sums.setdefault((*key, "dense_cos"), []).extend(_cos(dense, ref_phis).mean(dim=(1, 2)).tolist())

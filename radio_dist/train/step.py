@@ -223,7 +223,7 @@ def student_losses(
         total = total + cfg.spatial_weight * ls
         ys = batch.summary.get(t)
         if summary_pred is not None and ys is not None and cfg.summary_weight > 0:
-            disp = L.effective_dispersion(plan.dispersion.get(t))
+            disp = L.effective_dispersion(plan.dispersion.get(t)) if cfg.summary_loss == "balanced" else 1.0
             la = L.balanced_summary_loss(summary_pred, ys.float(), disp)
             parts[f"{t}/summary"] = float(la.detach())
             total = total + cfg.summary_weight * la

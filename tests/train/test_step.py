@@ -447,3 +447,28 @@ def test_compiled_ddp_replicas_stay_identical_with_damp_in_place(store_url):
         assert p.exitcode == 0
     for k in got[0]:
         np.testing.assert_array_equal(got[0][k], got[1][k], err_msg=k)
+
+
+def test_angular_summary_loss_is_the_balanced_one_times_each_teachers_dispersion(store_url):
+    """`train.summary_loss: angular` (the baseline of `radio-dist experiment summary-loss`) drops the 1/Disp."""
+    from radio_dist.train.step import student_losses
+
+    parts = {}
+    for kind in ("balanced", "angular"):
+        train = TrainConfig(summary_loss=kind, mesa_weight=0.0, damp_sigma=0.0, max_shift=0)
+        plan, bs = batches(store_url, 4, train)
+        st = StudentState(SPEC, plan.heads, train, CPU)  # same seed: same weights
+        images = to_images(bs[0].images, 32)
+        parts[kind] = student_losses(st, images, bs[0], plan, train, np.random.default_rng(0), 0.0, CPU)[1]
+    checked = 0
+    for t, disp in plan.dispersion.items():
+        if f"{t}/summary" in parts["balanced"]:
+            d = L.effective_dispersion(disp)
+            assert d != 1.0  # the test means something: the two losses differ for this teacher
+            assert parts["angular"][f"{t}/summary"] == pytest.approx(parts["balanced"][f"{t}/summary"] * d)
+            checked += 1
+    assert checked >= 1
+    assert (
+        parts["angular"][f"{next(iter(plan.dispersion))}/spatial"]
+        == parts["balanced"][f"{next(iter(plan.dispersion))}/spatial"]
+    )
