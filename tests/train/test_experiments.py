@@ -129,7 +129,7 @@ def test_shift_and_summary_loss_experiments_write_their_tables(ray_local, tmp_pa
     assert run_cache(demo_cache(url, 32)).ok == 32
     out = tmp_path / "exp"
     shift = run_experiment("shift", url, str(out), steps=8, images=6)
-    shares = {a: r["pattern_share"]["cradio"] for a, r in shift["arms"].items()}
+    shares = {a: r["pattern_share"]["vit_tiny"] for a, r in shift["arms"].items()}
     assert all(np.isfinite(v) for v in shares.values())
     assert (out / "shift.md").read_text().startswith("**shift**")
     assert json.loads((out / "shift.json").read_text())["rows"][0][0] == "cached targets"
