@@ -258,10 +258,27 @@ def run_experiment(
         arm_store = str(root / "store-pattern") if arm.pattern else store.url
         train, partitions = _arm_settings(name, dict(meta.partitions))
         cfg = arm_config(arm_store, str(root / arm.name), arm, steps, seed, train, partitions)
-        done = all((root / arm.name / "students" / s / "config.json").is_file() for s in arm.students)
-        if not done:
+        record = root / arm.name / "arm.json"  # what the arm was trained as, written once it is exported
+        want = {
+            "store": arm_store,
+            "steps": steps,
+            "seed": seed,
+            "train": arm.train,
+            "students": arm.students,
+        }
+        want = json.loads(json.dumps(want))
+        if record.is_file():
+            had = json.loads(record.read_text())
+            if had != want:
+                changed = sorted(k for k in want if had.get(k) != want[k])
+                raise ValueError(
+                    f"{root / arm.name} holds arm {arm.name} trained with other settings ({', '.join(changed)}: "
+                    f"{', '.join(f'{had.get(k)} -> {want[k]}' for k in changed)}); pass another --out or remove it"
+                )
+        else:
             say(f"arm {arm.name}: {steps} steps, students {', '.join(arm.students)}")
-            (train_run or run_distill)(cfg)
+            (train_run or run_distill)(cfg)  # resumes a run interrupted under OUT/NAME/ARM
+            record.write_text(json.dumps(want, indent=1))
         students = load_students([str(root / arm.name / "students" / s) for s in arm.students])
         res_list = RESOLUTIONS if name == "resolutions" else [min(meta.partitions.values())]
         say(f"arm {arm.name}: evaluating on held-out photos at {', '.join(map(str, res_list))} px")

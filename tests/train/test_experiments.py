@@ -141,5 +141,7 @@ def test_shift_and_summary_loss_experiments_write_their_tables(ray_local, tmp_pa
     assert (
         out / "summary-loss" / "angular" / "students" / "cradio" / "config.json"
     ).stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match=r"trained with other settings \(steps: 8 -> 9\)"):
+        run_experiment("summary-loss", url, str(out), steps=9, images=6)  # nothing trained or overwritten
     with pytest.raises(StoreError, match="needs two"):
         run_experiment("resolutions", url, str(out), steps=8)
