@@ -207,9 +207,8 @@ def _recode_shard(
         if problem:
             raise StoreError(f"{src.url}: shard {shard}, {name}: {problem}; run `radio-dist store verify`")
         b_src += arr.nbytes + (scale.nbytes if scale is not None else 0)
-        if (
-            new.name == old.name and transform is None
-        ):  # unchanged: the codes as they are, as they were measured
+        # unchanged: the codes as they are, with the fidelity they were written with
+        if new.name == old.name and transform is None:
             out[name] = arr
             if scale is not None:
                 out[scale_key(t, p)] = scale
