@@ -28,7 +28,7 @@ demo: install   ## cache the built-in photos with the two real teachers, distill
 	$(BIN)/radio-dist eval $(RUN) --store $(STORE) --images 16 --resolutions 128,224,320 --pictures $(RUN)/pictures
 
 # The method's claims as controlled experiments on the demo's store (README "The method's claims, measured").
-claims: install   ## the four A/B experiments at laptop scale, tables in $(CLAIMS)/*.md (~15 min)
+claims: install   ## the four A/B experiments at laptop scale, tables in $(CLAIMS)/*.md (~20 min)
 	$(BIN)/radio-dist cache-teachers --config jobs/configs/cache_demo.yaml --store $(CLAIMS)/store
 	$(BIN)/radio-dist cache-teachers --config jobs/configs/cache_demo.yaml --store $(CLAIMS)/store2 \
 		--set 'pipeline.partitions={"low":224,"high":448}'
