@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -253,10 +253,17 @@ def run_experiment(
         )
     if any(a.pattern for a in exp.arms):
         pattern = pattern_store(store, str(root / "store-pattern"), teacher, say)
+    train, partitions = _arm_settings(name, dict(meta.partitions))  # what every arm of the experiment shares
+    res_list = RESOLUTIONS if name == "resolutions" else [min(meta.partitions.values())]
+    ecfg = EvalConfig(
+        source=SourceConfig(photos=SamplePhotos.eval, views=images),
+        images=images,
+        resolutions=res_list,
+        batch_size=2 if name == "resolutions" else 8,
+    )
     results: dict[str, dict[str, Any]] = {}
     for arm in exp.arms:
         arm_store = str(root / "store-pattern") if arm.pattern else store.url
-        train, partitions = _arm_settings(name, dict(meta.partitions))
         cfg = arm_config(arm_store, str(root / arm.name), arm, steps, seed, train, partitions)
         record = root / arm.name / "arm.json"  # what the arm was trained as, written once it is exported
         want = {
@@ -280,14 +287,7 @@ def run_experiment(
             (train_run or run_distill)(cfg)  # resumes a run interrupted under OUT/NAME/ARM
             record.write_text(json.dumps(want, indent=1))
         students = load_students([str(root / arm.name / "students" / s) for s in arm.students])
-        res_list = RESOLUTIONS if name == "resolutions" else [min(meta.partitions.values())]
         say(f"arm {arm.name}: evaluating on held-out photos at {', '.join(map(str, res_list))} px")
-        ecfg = EvalConfig(
-            source=SourceConfig(photos=SamplePhotos.eval, views=images),
-            images=images,
-            resolutions=res_list,
-            batch_size=2 if name == "resolutions" else 8,
-        )
         result = evaluate(store, students, ecfg)
         if pattern is not None:
             result["pattern_share"] = pattern_share(store, students, teacher, pattern, images)
@@ -401,7 +401,3 @@ def _report(
         "rows": rows,
         "markdown": "\n".join(lines) + "\n",
     }
-
-
-def experiment_names() -> Sequence[str]:
-    return list(EXPERIMENTS)
