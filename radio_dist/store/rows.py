@@ -4,12 +4,16 @@ A training batch takes a few rows from each of several shards of a shuffle windo
 gathering rows copied every byte three times (the read, the chunks joined into one array, the rows taken into
 the batch), and the reader delivered 0.2–0.4 of a raw read of the same bytes. Here:
 
-- ``LocalRows`` (a local file system): one ``os.preadv`` per row, at its offset in its chunk file, into its
-  place in the caller's buffer — the kernel's copy out of the page cache is the only one, and no shard is held
-  in memory. Tried and measured slower on the demo's shapes (nf4, 1024 samples, one thread): each shard's
-  arrays read whole with one ``readinto`` per chunk file and rows then gathered (9–12k samples/s against
-  15–18k: a second copy into fresh memory), and the chunk files mapped (``mmap``: populating the page tables
-  ran at ~1 GB/s, once per epoch).
+- ``LocalRows`` (a local file system): rows straight into their places in the caller's buffers with
+  ``os.preadv`` — the kernel's copy out of the page cache is the only one, and no shard is held in memory.
+  ``read_many`` takes several batches' rows of an array at once (the training reader gives it a shuffle
+  window's batches): rows that lie next to each other in a chunk file are one call with a buffer per row, so a
+  window read together is about one call per chunk file. One call per row was what bounded the reader at the
+  demo's ~100 kB rows (the kernel's cost per call and Python's around it: replaying the merged calls alone ran
+  at the speed of reading the files whole). Rows up to ``SMALL_ROW_BYTES`` (scales, summaries) whose chunk is
+  mostly wanted are read a chunk at a time and gathered with one copy per batch. Tried and measured slower:
+  each shard's arrays read whole then gathered (a second copy of every byte into fresh memory), and the chunk
+  files mapped (``mmap``: populating the page tables ran at ~1 GB/s, once per epoch).
 - ``FetchedRows`` (object stores, any other fsspec URL): the shard's chunk files fetched whole and concurrently
   (one request per chunk file: the writer's ``chunk_bytes`` sets the request size) into its arrays, rows then
   gathered from them as above. Arrays in a layout other than the one this store writes
@@ -42,6 +46,14 @@ from radio_dist.store.chunks import (
     plain_layout,
 )
 from radio_dist.store.errors import StoreError
+
+# rows at most this large are read a chunk at a time and then gathered, when most of the chunk is wanted
+SMALL_ROW_BYTES = 16 << 10
+
+try:  # buffers one readv-family call may take (Linux: 1024)
+    IOV_MAX = max(1, min(1024, int(os.sysconf("SC_IOV_MAX"))))
+except (AttributeError, ValueError, OSError):
+    IOV_MAX = 16
 
 
 @dataclass(frozen=True)
@@ -77,6 +89,12 @@ class ShardRowReader(ABC):
     def read_into(self, name: str, index: Sequence[int] | np.ndarray, out: np.ndarray) -> None:
         """``out[k] = name[index[k]]`` (``out``: C-contiguous, the array's row shape and dtype)."""
 
+    def read_many(self, name: str, requests: Sequence[tuple[Sequence[int] | np.ndarray, np.ndarray]]) -> None:
+        """``read_into`` for each ``(index, out)`` — several batches' rows of one array at once, so a reader
+        that can merge reads of neighbouring rows (``LocalRows``) sees them all."""
+        for index, out in requests:
+            self.read_into(name, index, out)
+
     def read(self, name: str) -> np.ndarray:
         """The whole array (a writable array of its own)."""
         a = self.arrays[name]
@@ -100,7 +118,10 @@ class ShardRowReader(ABC):
     def _check_out(self, a: ArrayRows, index: Sequence[int] | np.ndarray, out: np.ndarray) -> list[int]:
         """The rows as ints, once ``out`` is checked: C-contiguous, ``[len(index), *row shape]`` of the array's
         dtype — or, for rows of one axis (encoded views), rows at least as wide (the rest is left as it is)."""
-        idx = index.tolist() if isinstance(index, np.ndarray) else [int(i) for i in index]
+        if isinstance(index, list):
+            idx = index
+        else:
+            idx = index.tolist() if isinstance(index, np.ndarray) else [int(i) for i in index]
         fits = out.shape == (len(idx), *a.shape[1:]) or (
             len(a.shape) == 2 and out.ndim == 2 and out.shape[0] == len(idx) and out.shape[1] >= a.shape[1]
         )
@@ -159,27 +180,71 @@ class LocalRows(ShardRowReader):
             return fd
 
     def read_into(self, name: str, index: Sequence[int] | np.ndarray, out: np.ndarray) -> None:
+        self.read_many(name, [(index, out)])
+
+    def read_many(self, name: str, requests: Sequence[tuple[Sequence[int] | np.ndarray, np.ndarray]]) -> None:
+        """Every requested row straight into its place, rows that lie next to each other in a chunk file in
+        one ``os.preadv`` (one buffer per row, up to the system's limit of buffers per call): a batch read
+        alone is mostly a read per row, a shuffle window's batches read together mostly a read per chunk file
+        (measured: the kernel's cost per call, not the bytes, bounded the reader at the demo's ~100 kB rows)."""
         a = self.arrays[name]
-        idx = self._check_out(a, index, out)
         assert a.layout is not None
-        per_chunk, row_bytes = a.layout.rows, a.row_bytes
+        per_chunk, row_bytes, fill = a.layout.rows, a.row_bytes, a.layout.fill
         fds = self._fds_of(a)
-        rows = out.reshape(len(idx), -1).view(np.uint8) if len(idx) else out
-        wide = out.shape[1:] != a.shape[1:]  # wider rows (encoded views): each row into the start of its own
-        if wide:
-            rows = rows[:, :row_bytes]
+        asked = [(idx, out) for idx, out in ((self._check_out(a, i, o), o) for i, o in requests) if idx]
+        if row_bytes <= SMALL_ROW_BYTES and all(out.shape[1:] == a.shape[1:] for _, out in asked):
+            chunks = sorted({r // per_chunk for idx, _ in asked for r in idx})
+            if 2 * row_bytes * sum(len(idx) for idx, _ in asked) >= len(chunks) * a.chunk_bytes:
+                self._gather(a, fds, chunks, asked)
+                return
+        rows_of: list[int] = []
+        slots: list[memoryview] = []
+        for idx, out in asked:
+            # each row's place as a slice of one flat view (wider rows, of encoded views: the start of its own)
+            whole, width = out.reshape(-1).view(np.uint8).data, out.nbytes // len(idx)
+            rows_of.extend(idx)
+            slots.extend(whole[k : k + row_bytes] for k in range(0, len(idx) * width, width))
+        n = len(rows_of)
+        order = sorted(range(n), key=rows_of.__getitem__)  # stable: a row asked for twice keeps its order
         pread = os.preadv
-        # one read per row, straight into place: the loop is the reader's hot path (a batch of 32 demo samples
-        # is ~160 of them), so it does nothing else
-        for k, row in enumerate(idx):
-            chunk, first = divmod(row, per_chunk)
-            fd = fds[chunk]
-            if fd is None:
-                (out[k, : a.shape[1]] if wide else out[k])[...] = a.layout.fill
-            elif pread(fd, [rows[k].data], first * row_bytes) != row_bytes:  # the file shrank since opened
-                raise StoreError(
-                    f"{self._where(name)}: chunk {chunk} gave too few bytes at row {row}; run `radio-dist store verify`"
+        i = 0
+        while i < n:  # the reader's hot path: a run of consecutive rows of one chunk file, then one read
+            row = rows_of[order[i]]
+            c, first = divmod(row, per_chunk)
+            j, stop = i + 1, min(n, i + IOV_MAX, i + per_chunk - first)
+            while j < stop and rows_of[order[j]] == row + j - i:
+                j += 1
+            fd = fds[c]
+            if fd is None:  # a chunk Zarr did not write (all fill value)
+                for k in order[i:j]:
+                    np.frombuffer(slots[k], a.dtype)[...] = fill
+            elif pread(fd, [slots[k] for k in order[i:j]], first * row_bytes) != (j - i) * row_bytes:
+                raise StoreError(  # the file shrank since it was opened
+                    f"{self._where(name)}: chunk {c} gave too few bytes at row {row}; run `radio-dist store verify`"
                 )
+            i = j
+
+    def _gather(
+        self,
+        a: ArrayRows,
+        fds: list[int | None],
+        chunks: list[int],
+        asked: list[tuple[list[int], np.ndarray]],
+    ) -> None:
+        """Small rows most of whose chunk is asked for: each chunk read whole (one buffer), then each request's
+        rows gathered from it in one copy — a buffer per row cost more than copying its bytes twice."""
+        whole, raw = LoadedRows._buffer(a)
+        for c in chunks:
+            part = raw[c * a.chunk_bytes : (c + 1) * a.chunk_bytes]
+            fd = fds[c]
+            if fd is None:  # a chunk Zarr did not write (all fill value)
+                part.view(a.dtype)[...] = a.layout.fill if a.layout is not None else 0
+            elif os.preadv(fd, [part.data], 0) != a.chunk_bytes:
+                raise StoreError(
+                    f"{self._where(a.name)}: chunk {c} gave too few bytes; run `radio-dist store verify`"
+                )
+        for idx, out in asked:
+            np.take(whole, idx, axis=0, out=out)
 
     def _fds_of(self, a: ArrayRows) -> list[int | None]:
         got = self._by_array.get(a.name)

@@ -116,6 +116,46 @@ def test_stream_yields_the_planned_rows_with_their_data(synthetic, start):
             np.testing.assert_array_equal(smry, got[array_key("t2", "low", "summary")][s.index])
 
 
+def test_a_windows_batches_read_together_equal_batches_read_one_by_one(synthetic, monkeypatch):
+    """Steps are read in groups that never cross a shuffle window (read_together_mb), and a group's batches
+    are the batches read one at a time, array for array, with fewer reads of the chunk files (os.preadv
+    wrapped to count calls; it still reads)."""
+    import os
+
+    import radio_dist.store.rows as rows_module
+
+    store, _ = synthetic
+    shards = committed_shards(store)
+    plan = epoch_plan(shards, 1, seed=4, num_workers=1, batch_size=3, shuffle_shards=2)[0]
+    calls = Counter()
+    real = os.preadv
+
+    def counted(fd, buffers, offset):
+        calls[mode] += 1
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(rows_module.os, "preadv", counted)
+    got = {}
+    for mode, mb in (("alone", 0), ("together", 256)):
+        stream = ShardStream(
+            store, plan, ["t1", "t2"], ["low"], lambda s: "low", ReaderConfig(read_together_mb=mb)
+        )
+        units = stream.units()
+        assert [s for u in units for s in u] == list(range(plan.steps))
+        window = [plan.samples.window_of(s * plan.batch_size) for s in range(plan.steps)]
+        for u in units:  # one window's steps (by their first sample), one step each when read alone
+            assert len({window[s] for s in u}) == 1 and (mb or len(u) == 1)
+        got[mode] = list(stream)
+    assert len(stream.units()) == len(plan.windows) < plan.steps
+    assert calls["together"] < calls["alone"]
+    for a, b in zip(got["alone"], got["together"], strict=True):
+        assert a.step == b.step and a.ids == b.ids and a.ids
+        np.testing.assert_array_equal(a.images, b.images)
+        for t in ("t1", "t2"):
+            np.testing.assert_array_equal(a.dense[t], b.dense[t])
+            np.testing.assert_array_equal(a.summary[t], b.summary[t])
+
+
 def test_stream_gives_empty_batches_when_a_worker_runs_out(synthetic):
     store, _ = synthetic
     shards = committed_shards(store)
