@@ -15,13 +15,23 @@ module, the store, the sources and the teacher registry: nothing of training.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any, cast
 
 import numpy as np
 import torch
 
 from radio_dist.phis import Moments, PhiS
-from radio_dist.sources import ImageError, SourceConfig, canonical_view, decode_image, image_id, read_bytes
+from radio_dist.sources import (
+    DecodedImage,
+    ImageError,
+    SourceConfig,
+    canonical_view,
+    decode_image,
+    image_id,
+    parse_view,
+    read_bytes,
+)
 from radio_dist.store import FeatureStore, ShardWriter, StoreConfig, array_key, image_key
 from radio_dist.store.codecs import NBINS, Fidelity, TargetCodec, get_codec
 from radio_dist.store.manifest import scale_key
@@ -54,15 +64,52 @@ def unreadable_id(uri: str) -> str:
     return "u" + image_id(uri.encode(), "unreadable")[1:]
 
 
+def _reads_once(storage_options: dict[str, Any]) -> Callable[[str], bytes]:
+    """``read_bytes`` that reads each uri once (an error is raised again for each of its rows): a batch holds
+    the K augmented views of a file as K rows (``source.augment``)."""
+    got: dict[str, bytes | Exception] = {}
+
+    def read(uri: str) -> bytes:
+        if uri not in got:
+            try:
+                got[uri] = read_bytes(uri, storage_options)
+            except Exception as e:
+                got[uri] = e
+        data = got[uri]
+        if isinstance(data, Exception):
+            raise data
+        return data
+
+    return read
+
+
+def _smallest_view(views: list[str]) -> str:
+    """The view whose crop has the shortest side (as a fraction of the image's shorter side): decoding a file
+    once for all its views (JPEG draft scaling) must keep enough pixels for that one. Invalid views are
+    skipped (their rows fail on their own)."""
+    best, side = "", 2.0
+    for v in views:
+        try:
+            x0, y0, x1, y1 = parse_view(v) if v else (0.0, 0.0, 1.0, 1.0)
+        except ImageError:
+            continue
+        if min(x1 - x0, y1 - y0) < side:
+            best, side = v, min(x1 - x0, y1 - y0)
+    return best
+
+
 class IdStage:
     def __init__(self, storage_options: dict[str, Any]) -> None:
         self.storage_options = storage_options
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids, errors = [], []
+        read = _reads_once(
+            self.storage_options
+        )  # a file's augmented views (source.augment) are rows in a row
         for uri, view in zip(batch["uri"], batch["view"], strict=True):
             try:
-                ids.append(image_id(read_bytes(str(uri), self.storage_options), str(view)))
+                ids.append(image_id(read(str(uri)), str(view)))
                 errors.append("")
             except ImageError as e:
                 ids.append(unreadable_id(str(uri)))
@@ -88,6 +135,29 @@ class DecodeStage:
         status, error, width, height, mode, geometry = [], [], [], [], [], []
         images = {p: np.zeros((n, s, s, 3), np.uint8) for p, s in self.partitions.items()}
         encoded: dict[str, list[bytes]] = {p: [b""] * n for p in self.partitions}
+        # each file read and decoded once for all its rows (augmented views): decoded (JPEG: draft-scaled) for
+        # the view that needs the most pixels, so every other view of it is cut from at least as many
+        read = _reads_once(self.source.storage_options)
+        views_of: dict[str, list[str]] = {}
+        for uri, view, err in zip(batch["uri"], batch["view"], batch["error"], strict=True):
+            if not str(err):
+                views_of.setdefault(str(uri), []).append(str(view))
+        decoded: dict[str, DecodedImage | Exception] = {}
+
+        def decode(uri: str, data: bytes) -> DecodedImage:
+            if uri not in decoded:
+                try:
+                    draft = (_smallest_view(views_of[uri]), max(self.partitions.values()))
+                    decoded[uri] = decode_image(
+                        data, uri, self.source.min_side, self.source.max_pixels, draft_for=draft
+                    )
+                except Exception as e:
+                    decoded[uri] = e
+            img = decoded[uri]
+            if isinstance(img, Exception):
+                raise img
+            return img
+
         for i in range(n):
             uri, view, iid, err = (
                 str(batch["uri"][i]),
@@ -100,18 +170,12 @@ class DecodeStage:
             geo: dict[str, Any] = {}
             if not err:
                 try:
-                    data = read_bytes(uri, self.source.storage_options)
+                    data = read(uri)
                     if image_id(data, view) != iid:
                         raise ImageError(
                             f"{uri}: content changed while caching (id mismatch); re-run the job"
                         )
-                    img = decode_image(
-                        data,
-                        uri,
-                        self.source.min_side,
-                        self.source.max_pixels,
-                        draft_for=(view, max(self.partitions.values())),
-                    )
+                    img = decode(uri, data)
                     w, h, m = img.width, img.height, img.mode
                     for p, size in self.partitions.items():
                         images[p][i], geo[p] = canonical_view(
