@@ -20,6 +20,7 @@ from radio_dist.phis import Moments, fit_phis
 from radio_dist.store import FeatureStore, OutputShapes, ShardWriter, TeacherRecord, array_key, image_key
 from radio_dist.store.codecs import Fidelity, get_codec
 from radio_dist.store.manifest import scale_key
+from radio_dist.store.views import get_view_codec, pack_rows
 
 DEMO_TEACHERS: dict[str, tuple[int, int, int | None]] = {
     "effnet_lite0": (7, 1280, 1280),
@@ -37,6 +38,7 @@ def write_random_store(
     codec: str = "fp16",
     storage_options: dict[str, Any] | None = None,
     views_per_image: int = 1,
+    view_codec: str = "raw",
 ) -> dict[str, list[str]]:
     """A real Zarr/Parquet store with random targets (no teacher runs) — same layout and bytes as a cached one.
 
@@ -44,7 +46,8 @@ def write_random_store(
     ``px`` is the view size of one partition ``low`` or a mapping partition -> px (each partition's grid
     scales with its size, as a teacher's does); ``codec`` stores every teacher's targets (with their fidelity,
     as a caching job records it); ``storage_options``: fsspec's, for a store on S3; ``views_per_image``: that
-    many consecutive rows are views of one image (one ``source``, as ``source.augment.views`` caches them).
+    many consecutive rows are views of one image (one ``source``, as ``source.augment.views`` caches them);
+    ``view_codec``: how the views are stored (``pipeline.view_codec``: encoded views as packed rows).
     Returns {shard: ok ids in array order}.
     """
     partitions = {"low": px} if isinstance(px, int) else dict(px)
@@ -62,7 +65,9 @@ def write_random_store(
             )
             for t in teachers
         },
+        view_codec=view_codec,
     )
+    views = get_view_codec(view_codec)
     rng = np.random.default_rng(seed)
     for t, (_, dim, sdim) in teachers.items():
         phis = fit_phis(Moments.from_features(rng.standard_normal((max(400, 2 * dim), dim)) * 2 + 1))
@@ -97,7 +102,10 @@ def write_random_store(
         r = np.random.default_rng(seed * 1000 + s)
         with ShardWriter(store, ids) as w:
             for p, s_px in partitions.items():
-                w.add_array(image_key(p), r.integers(0, 255, (len(ok), s_px, s_px, 3), dtype=np.uint8))
+                pixels = r.integers(0, 255, (len(ok), s_px, s_px, 3), dtype=np.uint8)
+                w.add_array(
+                    image_key(p), pack_rows([views.encode(v) for v in pixels]) if views.encoded else pixels
+                )
                 for t, (_, dim, sdim) in teachers.items():
                     g = grids[t][p]
                     dense = torch.from_numpy(r.standard_normal((len(ok), g, g, dim), dtype=np.float32))

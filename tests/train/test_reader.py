@@ -156,6 +156,32 @@ def test_a_windows_batches_read_together_equal_batches_read_one_by_one(synthetic
             np.testing.assert_array_equal(a.summary[t], b.summary[t])
 
 
+def test_encoded_views_are_decoded_for_every_batch_of_a_group(tmp_path):
+    """A store whose views are stored as JPEG (pipeline.view_codec): each batch of a window read together gets
+    its views decoded (on the decoding threads), equal to decoding the stored rows one by one."""
+    from radio_dist.store.views import get_view_codec, views_of
+    from radio_dist.testing import write_random_store
+
+    url = str(tmp_path / "jpeg")
+    write_random_store(url, [6, 7, 5], {"t": (2, 8, None)}, 32, view_codec="jpeg-90")
+    store = FeatureStore(url)
+    shards = committed_shards(store)
+    plan = epoch_plan(shards, 0, seed=1, num_workers=1, batch_size=4, shuffle_shards=2)[0]
+    stream = ShardStream(store, plan, ["t"], ["low"], lambda s: "low", ReaderConfig(read_threads=2))
+    assert min(len(u) for u in stream.units()) > 1  # batches read together
+    stored = {sh.shard: store.read_shard(sh.shard, ["images/low"])["images/low"] for sh in shards}
+    seen = 0
+    for b in stream:
+        assert b.images.shape == (len(b), 32, 32, 3) and b.images.dtype == np.uint8
+        by_id = {s.id: s for s in plan.batch(b.step)}
+        for i, sid in enumerate(b.ids):
+            s = by_id[sid]
+            want = views_of(get_view_codec("jpeg-90"), stored[s.shard][s.index : s.index + 1], 32)[0]
+            np.testing.assert_array_equal(b.images[i], want)
+            seen += 1
+    assert seen == len(plan.samples) == 18
+
+
 def test_stream_gives_empty_batches_when_a_worker_runs_out(synthetic):
     store, _ = synthetic
     shards = committed_shards(store)
