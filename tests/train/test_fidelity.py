@@ -124,10 +124,10 @@ def test_short_run_learns_and_holds_across_resolutions(ray_local, tmp_path):
 @pytest.mark.timeout(900)
 def test_four_cached_views_per_photo_against_one(ray_local, tmp_path):
     """Augmentation replay for dense targets: the sample photos (train set) cached by the demo's teachers (their
-    stride-16 stages) with 4 views each (the whole photo and 3
-    seeded crops/flips, each with its own targets) and trained with `train.views: one` — a new view of every
-    photo each epoch — against the same photos cached once (their whole-photo rows), the same steps. Every
-    photo is trained on once per epoch either way (the sample audit); the figures are printed for the docs."""
+    stride-16 stages) with 4 views each (the whole photo and 3 seeded crops/flips, each with its own targets)
+    and trained with `train.views: one` — a new view of every photo each epoch — against the same photos cached
+    once (their whole-photo rows), the same steps. Every photo is trained on once per epoch either way (the
+    sample audit); the figures are printed for the docs."""
     from radio_dist.train.audit import sample_audit
 
     url = str(tmp_path / "k4")
