@@ -156,6 +156,42 @@ def test_a_windows_batches_read_together_equal_batches_read_one_by_one(synthetic
             np.testing.assert_array_equal(a.summary[t], b.summary[t])
 
 
+def test_groups_with_two_partitions_and_rows_left_out_read_the_right_rows(tmp_path):
+    """A window's batches read together when steps alternate between two partitions and the plan leaves rows
+    out (a selection, as `train.views: one` makes): each batch holds exactly its planned rows, at its step's
+    partition, equal to the shard's arrays — the merged reads skip what other steps or the selection do not
+    want."""
+    from radio_dist.testing import write_synthetic_store
+
+    url = str(tmp_path / "two")
+    write_synthetic_store(url, [9, 12, 7], px={"low": 32, "high": 48})
+    store = FeatureStore(url)
+    shards = committed_shards(store)
+    keep = np.random.default_rng(5).random(sum(len(s.ids) for s in shards)) < 0.6
+    plan = epoch_plan(shards, 0, seed=3, num_workers=1, batch_size=3, shuffle_shards=3, select=keep)[0]
+    part = lambda step: ("low", "high")[step % 2]  # noqa: E731
+    stream = ShardStream(store, plan, ["t1", "t2"], ["low", "high"], part, ReaderConfig())
+    assert len(stream.units()) == 1  # one window: every step read together
+    arrays = {sh.shard: store.read_shard(sh.shard) for sh in shards}
+    seen = []
+    for b in stream:
+        p = part(b.step)
+        assert b.partition == p and b.images.shape[1] == {"low": 32, "high": 48}[p]
+        planned = {s.id: s for s in plan.batch(b.step)}
+        assert sorted(b.ids) == sorted(planned)
+        for i, sid in enumerate(b.ids):
+            s = planned[sid]
+            np.testing.assert_array_equal(b.images[i], arrays[s.shard][f"images/{p}"][s.index])
+            np.testing.assert_array_equal(
+                b.dense["t2"][i], arrays[s.shard][array_key("t2", p, "dense")][s.index]
+            )
+            np.testing.assert_array_equal(
+                b.summary["t1"][i], arrays[s.shard][array_key("t1", p, "summary")][s.index]
+            )
+        seen.extend(b.ids)
+    assert len(seen) == len(set(seen)) == int(keep.sum())
+
+
 def test_encoded_views_are_decoded_for_every_batch_of_a_group(tmp_path):
     """A store whose views are stored as JPEG (pipeline.view_codec): each batch of a window read together gets
     its views decoded (on the decoding threads), equal to decoding the stored rows one by one."""
