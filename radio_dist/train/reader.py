@@ -575,14 +575,16 @@ class ShardStream:
             for p in self.partitions
         )
         most = max(1, (self.cfg.read_together_mb << 20) // max(1, widest * bs))
-        n = len(plan.samples)
+        starts = np.arange(self.start_step, plan.steps, dtype=np.int64) * bs
+        # the window of each step's first sample (-1: an empty batch past the worker's last sample)
+        window = np.where(
+            starts < len(plan.samples), np.searchsorted(plan.samples.bounds, starts, side="right") - 1, -1
+        ).tolist()
         groups: list[range] = []
         first = self.start_step
-        for step in range(self.start_step + 1, plan.steps + 1):
-            ends = step == plan.steps or step - first >= most
-            if not ends and step * bs < n and (step - 1) * bs < n:
-                ends = plan.samples.window_of(step * bs) != plan.samples.window_of((step - 1) * bs)
-            if ends:
+        for k in range(1, len(window) + 1):
+            step = self.start_step + k
+            if k == len(window) or step - first >= most or window[k] != window[k - 1]:
                 groups.append(range(first, step))
                 first = step
         return groups
@@ -676,9 +678,8 @@ class ShardStream:
             names = self.array_names([p])
             bufs: dict[str, np.ndarray] = {}
             for name in names:
-                if (
-                    name == view and self.view_codec.encoded
-                ):  # packed encoded rows, as wide as the widest shard's
+                if name == view and self.view_codec.encoded:
+                    # packed encoded rows, as wide as the widest shard's
                     width = max(
                         (readers[sh].arrays[name].shape[1] for sh, _, _ in groups), default=LENGTH_BYTES
                     )
