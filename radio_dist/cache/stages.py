@@ -15,8 +15,8 @@ module, the store, the sources and the teacher registry: nothing of training.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from typing import Any, cast
+from collections import Counter
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
@@ -64,23 +64,47 @@ def unreadable_id(uri: str) -> str:
     return "u" + image_id(uri.encode(), "unreadable")[1:]
 
 
-def _reads_once(storage_options: dict[str, Any]) -> Callable[[str], bytes]:
-    """``read_bytes`` that reads each uri once (an error is raised again for each of its rows): a batch holds
-    the K augmented views of a file as K rows (``source.augment``)."""
-    got: dict[str, bytes | Exception] = {}
+T = TypeVar("T")
 
-    def read(uri: str) -> bytes:
-        if uri not in got:
+
+class _PerFile:
+    """A batch's files, each read (and decoded) once for all its rows — ``source.augment`` makes K rows of a
+    file, one after another — and let go of after its last row (``done``), so a batch of large photos never
+    holds more than its files in flight. An error is raised again for each of the file's rows."""
+
+    def __init__(self, uris: list[str], storage_options: dict[str, Any]) -> None:
+        self.left = Counter(uris)
+        self.storage_options = storage_options
+        self.data: dict[str, bytes | Exception] = {}
+        self.images: dict[str, DecodedImage | Exception] = {}
+
+    def read(self, uri: str) -> bytes:
+        if uri not in self.data:
             try:
-                got[uri] = read_bytes(uri, storage_options)
+                self.data[uri] = read_bytes(uri, self.storage_options)
             except Exception as e:
-                got[uri] = e
-        data = got[uri]
-        if isinstance(data, Exception):
-            raise data
-        return data
+                self.data[uri] = e
+        return _or_raise(self.data[uri])
 
-    return read
+    def image(self, uri: str, data: bytes, source: SourceConfig, draft_for: tuple[str, int]) -> DecodedImage:
+        if uri not in self.images:
+            try:
+                self.images[uri] = decode_image(data, uri, source.min_side, source.max_pixels, draft_for)
+            except Exception as e:
+                self.images[uri] = e
+        return _or_raise(self.images[uri])
+
+    def done(self, uri: str) -> None:
+        self.left[uri] -= 1
+        if self.left[uri] <= 0:
+            self.data.pop(uri, None)
+            self.images.pop(uri, None)
+
+
+def _or_raise(got: T | Exception) -> T:
+    if isinstance(got, Exception):
+        raise got
+    return got
 
 
 def _smallest_view(views: list[str]) -> str:
@@ -104,12 +128,10 @@ class IdStage:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids, errors = [], []
-        read = _reads_once(
-            self.storage_options
-        )  # a file's augmented views (source.augment) are rows in a row
+        files = _PerFile([str(u) for u in batch["uri"]], self.storage_options)
         for uri, view in zip(batch["uri"], batch["view"], strict=True):
             try:
-                ids.append(image_id(read(str(uri)), str(view)))
+                ids.append(image_id(files.read(str(uri)), str(view)))
                 errors.append("")
             except ImageError as e:
                 ids.append(unreadable_id(str(uri)))
@@ -117,6 +139,8 @@ class IdStage:
             except Exception as e:  # a reader bug must not kill the run: record it on the row
                 ids.append(unreadable_id(str(uri)))
                 errors.append(f"{uri}: unexpected {type(e).__name__} while reading: {e}")
+            finally:
+                files.done(str(uri))
         return {"uri": batch["uri"], "view": batch["view"], "id": np.array(ids), "error": np.array(errors)}
 
 
@@ -137,27 +161,12 @@ class DecodeStage:
         encoded: dict[str, list[bytes]] = {p: [b""] * n for p in self.partitions}
         # each file read and decoded once for all its rows (augmented views): decoded (JPEG: draft-scaled) for
         # the view that needs the most pixels, so every other view of it is cut from at least as many
-        read = _reads_once(self.source.storage_options)
         views_of: dict[str, list[str]] = {}
         for uri, view, err in zip(batch["uri"], batch["view"], batch["error"], strict=True):
             if not str(err):
                 views_of.setdefault(str(uri), []).append(str(view))
-        decoded: dict[str, DecodedImage | Exception] = {}
-
-        def decode(uri: str, data: bytes) -> DecodedImage:
-            if uri not in decoded:
-                try:
-                    draft = (_smallest_view(views_of[uri]), max(self.partitions.values()))
-                    decoded[uri] = decode_image(
-                        data, uri, self.source.min_side, self.source.max_pixels, draft_for=draft
-                    )
-                except Exception as e:
-                    decoded[uri] = e
-            img = decoded[uri]
-            if isinstance(img, Exception):
-                raise img
-            return img
-
+        files = _PerFile([u for u, vs in views_of.items() for _ in vs], self.source.storage_options)
+        px = max(self.partitions.values())
         for i in range(n):
             uri, view, iid, err = (
                 str(batch["uri"][i]),
@@ -170,12 +179,12 @@ class DecodeStage:
             geo: dict[str, Any] = {}
             if not err:
                 try:
-                    data = read(uri)
+                    data = files.read(uri)
                     if image_id(data, view) != iid:
                         raise ImageError(
                             f"{uri}: content changed while caching (id mismatch); re-run the job"
                         )
-                    img = decode(uri, data)
+                    img = files.image(uri, data, self.source, (_smallest_view(views_of[uri]), px))
                     w, h, m = img.width, img.height, img.mode
                     for p, size in self.partitions.items():
                         images[p][i], geo[p] = canonical_view(
@@ -187,6 +196,8 @@ class DecodeStage:
                     err = str(e)
                 except Exception as e:  # a decoder bug must not kill the run: record it on the row
                     err = f"{uri}: unexpected {type(e).__name__} while decoding: {e}"
+                finally:
+                    files.done(uri)
             status.append("error" if err else "ok")
             error.append(err)
             width.append(w)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from PIL import Image
 
 import radio_dist.cache.stages as stages
@@ -89,3 +90,26 @@ def test_each_file_is_read_and_decoded_once_for_all_its_augmented_views(tmp_path
                 assert min((x1 - x0) * w, (y1 - y0) * h) >= 160 - 1
             if fmt == "jpg":
                 assert shared.image.size[0] < 1600  # drafted: the decode was scaled down
+
+
+def test_a_file_is_let_go_after_its_last_row(tmp_path):
+    """The per-batch cache holds a file's bytes and decoded image only while rows of it remain: a batch of
+    large photos (one row each, no augmentation) holds one at a time, as before the cache."""
+    folder = photo_folder(tmp_path, "png")
+    a, b = f"{folder}/coffee.png", f"{folder}/astronaut.png"
+    files = stages._PerFile([a, a, b], {})
+    cfg = SourceConfig(kind="folder", path=folder)
+    data = files.read(a)
+    assert files.image(a, data, cfg, ("", 96)) is files.image(a, files.read(a), cfg, ("", 96))
+    files.done(a)
+    assert a in files.data and a in files.images  # one row of it left
+    files.done(a)
+    assert a not in files.data and a not in files.images
+    files.read(b)
+    files.done(b)
+    assert not files.data and not files.images
+    missing = stages._PerFile([f"{folder}/gone.png"] * 2, {})
+    with pytest.raises(Exception, match="gone.png") as first:
+        missing.read(f"{folder}/gone.png")
+    with pytest.raises(type(first.value)):  # the same error for each of its rows, read once
+        missing.read(f"{folder}/gone.png")
