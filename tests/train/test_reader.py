@@ -159,8 +159,8 @@ def test_a_windows_batches_read_together_equal_batches_read_one_by_one(synthetic
 def test_groups_with_two_partitions_and_rows_left_out_read_the_right_rows(tmp_path):
     """A window's batches read together when steps alternate between two partitions and the plan leaves rows
     out (a selection, as `train.views: one` makes): each batch holds exactly its planned rows, at its step's
-    partition, equal to the shard's arrays — the merged reads skip what other steps or the selection do not
-    want."""
+    partition, equal to the shard's arrays — also where other steps' partition and the selection leave holes
+    in the runs of rows that the merged reads take."""
     from radio_dist.testing import write_synthetic_store
 
     url = str(tmp_path / "two")
