@@ -299,6 +299,12 @@ def run_experiment(
     return report
 
 
+def _floor(mean: dict[str, Any], teacher: str, res: int, metric: str) -> float | None:
+    """The store-mean predictor's figure (``evaluate``'s ``mean_predictor``), as ``_metric`` gives a student's."""
+    v = mean.get(teacher, {}).get(str(res), {}).get(metric)
+    return None if v is None else float(v)
+
+
 def _fmt(v: float | None, digits: int = 3) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
 
@@ -335,7 +341,7 @@ def _report(
                     _fmt(sb),
                     _fmt(sa),
                     _fmt(None if sb is None or sa is None else sb - sa, 3),
-                    _fmt(mean.get(t, {}).get(str(r), {}).get("summary_cos")),
+                    _fmt(_floor(mean, t, r, "summary_cos")),
                     _fmt(_metric(b, st, t, r, "dense_cos")),
                     _fmt(_metric(a, st, t, r, "dense_cos")),
                 ]
@@ -352,7 +358,7 @@ def _report(
                     str(arm.train["max_shift"]),
                     _fmt(res["pattern_share"][st]),
                     _fmt(_metric(res, st, teacher, r, "dense_cos")),
-                    _fmt(mean.get(teacher, {}).get(str(r), {}).get("dense_cos")),
+                    _fmt(_floor(mean, teacher, r, "dense_cos")),
                 ]
             )
     elif exp.name == "resolutions":
@@ -384,7 +390,7 @@ def _report(
                         _fmt(al),
                         _fmt(to),
                         _fmt(None if al is None or to is None else to - al),
-                        _fmt(mean.get(t, {}).get(str(r), {}).get(metric)),
+                        _fmt(_floor(mean, t, r, metric)),
                     ]
                 )
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

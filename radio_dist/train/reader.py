@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import math
 import threading
 import time
 from collections import deque
@@ -568,10 +569,7 @@ class ShardStream:
         plan, bs = self.plan, self.plan.batch_size
         # bytes of a batch at the widest partition read: what a group of steps may hold at most
         widest = max(
-            sum(
-                int(np.prod(self.shapes[n], dtype=np.int64)) * self.dtypes[n].itemsize
-                for n in self.array_names([p])
-            )
+            sum(math.prod(self.shapes[n]) * self.dtypes[n].itemsize for n in self.array_names([p]))
             for p in self.partitions
         )
         most = max(1, (self.cfg.read_together_mb << 20) // max(1, widest * bs))
