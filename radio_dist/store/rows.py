@@ -245,8 +245,8 @@ class LocalRows(ShardRowReader):
                 raise StoreError(
                     f"{self._where(a.name)}: chunk {c} gave too few bytes; run `radio-dist store verify`"
                 )
-        for idx, out in asked:
-            np.take(whole, idx, axis=0, out=out)
+        for idx, out in asked:  # rows checked above; mode="raise" would copy each result through a buffer
+            np.take(whole, idx, axis=0, out=out, mode="clip")
 
     def _fds_of(self, a: ArrayRows) -> list[int | None]:
         got = self._by_array.get(a.name)
@@ -370,7 +370,7 @@ def open_rows(
     (default: fsspec's). ``direct=False``: load a local shard's arrays whole as on an object store (what the
     row-by-row reads are measured against). (``FeatureStore.open_rows`` fills these in.)"""
     try:
-        found = consolidated_arrays(fs.cat_file(f"{base}/zarr.json"))
+        found = consolidated_arrays(fs.cat_file(f"{base}/zarr.json"), None if names is None else set(names))
     except FileNotFoundError as e:
         raise StoreError(f"{where} cannot be opened ({e}); run `radio-dist store verify`") from e
     group: zarr.Group | None = None

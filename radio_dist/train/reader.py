@@ -52,13 +52,17 @@ class ReaderConfig(StrictModel):
         description="Windows of shards opened ahead of the one in use (on an object store: fetched ahead).",
     )
     prefetch_batches: int = Field(
-        4, ge=1, description="Batches read into their buffers ahead of the step that trains on them."
+        4,
+        ge=1,
+        description="Batches read into their buffers ahead of the step that trains on them (and at least two "
+        "groups read together, below).",
     )
     read_together_mb: int = Field(
-        256,
+        128,
         ge=0,
         description="A shuffle window's batches are read together, up to this many MB of them at once, so rows "
-        "that lie next to each other in a chunk file are one read (0: each batch alone).",
+        "that lie next to each other in a chunk file are one read (0: each batch alone). A worker holds up to "
+        "three such groups: two being read, one being trained on.",
     )
     read_threads: int = Field(
         4,
@@ -410,6 +414,9 @@ class Batch:
         return len(self.ids)
 
 
+# groups of steps read at once at least: one group's planning (Python) runs while another's rows are read
+AHEAD_GROUPS = 2
+
 Alloc = Callable[[tuple[int, ...], np.dtype], np.ndarray]
 
 
@@ -605,8 +612,8 @@ class ShardStream:
         pending: deque[tuple[range, Future[list[Batch]]]] = deque()
         it = iter(self.units())
 
-        def fill() -> None:  # groups read ahead until prefetch_batches steps are on their way
-            while sum(len(r) for r, _ in pending) < self.cfg.prefetch_batches:
+        def fill() -> None:  # groups read ahead until prefetch_batches steps and two groups are on their way
+            while len(pending) < AHEAD_GROUPS or sum(len(r) for r, _ in pending) < self.cfg.prefetch_batches:
                 steps = next(it, None)
                 if steps is None:
                     return

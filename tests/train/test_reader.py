@@ -156,6 +156,37 @@ def test_a_windows_batches_read_together_equal_batches_read_one_by_one(synthetic
             np.testing.assert_array_equal(a.summary[t], b.summary[t])
 
 
+def test_two_groups_of_steps_are_read_at_once(synthetic, monkeypatch):
+    """The next group of steps is read while the one before it still is (prefetch_batches smaller than a group
+    would otherwise leave one group in flight and the reading threads' Python in series with the reads):
+    the first group's read waits until a second has started (``_read_steps`` wrapped; it still reads)."""
+    import threading
+
+    store, _ = synthetic
+    plan = epoch_plan(committed_shards(store), 0, seed=2, num_workers=1, batch_size=2, shuffle_shards=1)[0]
+    second = threading.Event()
+    started = []
+    real = ShardStream._read_steps
+
+    def read(self, steps, *args):
+        started.append(steps)
+        if len(started) == 1:
+            assert second.wait(10), "no second group was read while the first was"
+        else:
+            second.set()
+        return real(self, steps, *args)
+
+    monkeypatch.setattr(ShardStream, "_read_steps", read)
+    stream = ShardStream(
+        store, plan, ["t1", "t2"], ["low"], lambda s: "low", ReaderConfig(prefetch_batches=1, read_threads=2)
+    )
+    units = stream.units()
+    assert len(units) >= 2 and len(units[0]) >= 2  # groups of several steps, more than prefetch_batches
+    got = [b.step for b in stream]
+    assert got == list(range(plan.steps))
+    assert started[:2] == units[:2]
+
+
 def test_groups_with_two_partitions_and_rows_left_out_read_the_right_rows(tmp_path):
     """A window's batches read together when steps alternate between two partitions and the plan leaves rows
     out (a selection, as `train.views: one` makes): each batch holds exactly its planned rows, at its step's
