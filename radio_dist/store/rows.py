@@ -26,6 +26,7 @@ shard, the array and the chunk before any of its rows reaches a batch.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import threading
@@ -124,13 +125,14 @@ class ShardRowReader(ABC):
             idx = index
         else:
             idx = index.tolist() if isinstance(index, np.ndarray) else [int(i) for i in index]
-        fits = out.shape == (len(idx), *a.shape[1:]) or (
-            len(a.shape) == 2 and out.ndim == 2 and out.shape[0] == len(idx) and out.shape[1] >= a.shape[1]
+        shape = out.shape  # (checked for every request of every read: kept to a few comparisons)
+        fits = shape[0] == len(idx) and (
+            shape[1:] == a.shape[1:] or (len(a.shape) == 2 and len(shape) == 2 and shape[1] >= a.shape[1])
         )
-        if not fits or out.dtype != a.dtype or not out.flags.c_contiguous:
+        if not fits or out.dtype != a.dtype or not out.flags.c_contiguous or not out.flags.writeable:
             raise ValueError(
                 f"{a.name}: buffer {out.shape} {out.dtype} does not fit {len(idx)} rows of "
-                f"{a.shape[1:]} {a.dtype}"
+                f"{a.shape[1:]} {a.dtype} (a C-contiguous, writable buffer of that shape and dtype is needed)"
             )
         if idx and (min(idx) < 0 or max(idx) >= a.shape[0]):
             raise IndexError(f"{self._where(a.name)}: rows {min(idx)}..{max(idx)} of {a.shape[0]}")
@@ -142,44 +144,34 @@ class LocalRows(ShardRowReader):
 
     def __init__(self, where: str, arrays: dict[str, ArrayRows], length: int) -> None:
         super().__init__(where, arrays, length)
-        self._fds: dict[tuple[str, int], int | None] = {}
-        self._by_array: dict[str, list[int | None]] = {}
+        self._by_array: dict[str, list[int | None]] = {}  # array -> its chunk files (None: not written)
         self._lock = threading.Lock()
         try:
             for a in arrays.values():  # sizes first: a truncated chunk is named before any row is read
-                for i in range(len(a.paths)):
-                    self._fd(a, i)
+                fds = self._by_array[a.name] = []
+                for i, path in enumerate(a.paths):
+                    fds.append(self._open(a, i, path))
         except BaseException:
             self.close()  # the files opened before the bad one
             raise
 
-    def _fd(self, a: ArrayRows, chunk: int) -> int | None:
-        key = (a.name, chunk)
-        fd = self._fds.get(key, -1)
-        if fd != -1:
-            return fd
-        with self._lock:
-            if key in self._fds:
-                return self._fds[key]
-            path = a.paths[chunk]
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:
-                fd = None  # Zarr does not write a chunk that is all fill value
-            except PermissionError:
-                raise  # the machine's problem, not the store's: told as such
-            except OSError as e:
-                raise StoreError(f"{self._where(a.name)}: reading {path} failed: {e!r}") from e
-            if fd is not None:
-                size = os.fstat(fd).st_size
-                if size != a.chunk_bytes:
-                    os.close(fd)
-                    raise StoreError(
-                        f"{self._where(a.name)}: chunk {chunk} holds {size} bytes, {a.chunk_bytes} expected; "
-                        "run `radio-dist store verify`"
-                    )
-            self._fds[key] = fd
-            return fd
+    def _open(self, a: ArrayRows, chunk: int, path: str) -> int | None:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None  # Zarr does not write a chunk that is all fill value
+        except PermissionError:
+            raise  # the machine's problem, not the store's: told as such
+        except OSError as e:
+            raise StoreError(f"{self._where(a.name)}: reading {path} failed: {e!r}") from e
+        size = os.fstat(fd).st_size
+        if size != a.chunk_bytes:
+            os.close(fd)
+            raise StoreError(
+                f"{self._where(a.name)}: chunk {chunk} holds {size} bytes, {a.chunk_bytes} expected; "
+                "run `radio-dist store verify`"
+            )
+        return fd
 
     def read_into(self, name: str, index: Sequence[int] | np.ndarray, out: np.ndarray) -> None:
         self.read_many(name, [(index, out)])
@@ -251,16 +243,15 @@ class LocalRows(ShardRowReader):
     def _fds_of(self, a: ArrayRows) -> list[int | None]:
         got = self._by_array.get(a.name)
         if got is None:
-            got = [self._fd(a, i) for i in range(len(a.paths))]
-            self._by_array[a.name] = got
+            raise StoreError(f"{self._where(a.name)}: read after the shard was closed")
         return got
 
     def close(self) -> None:
         with self._lock:
-            for fd in self._fds.values():
-                if fd is not None:
-                    os.close(fd)
-            self._fds.clear()
+            for fds in self._by_array.values():
+                for fd in fds:
+                    if fd is not None:
+                        os.close(fd)
             self._by_array.clear()
 
 
@@ -352,6 +343,15 @@ class FetchedRows(LoadedRows):
                     raise StoreError(f"{self._where(k)}: {e}; run `radio-dist store verify`") from e
 
 
+@functools.lru_cache(maxsize=16)
+def _parsed(
+    doc: bytes, names: frozenset[str] | None
+) -> dict[str, tuple[tuple[int, ...], np.dtype, PlainLayout | None]] | None:
+    """``consolidated_arrays``, remembered: a store's shards of one length hold the same ``zarr.json`` byte
+    for byte, and parsing it was a fifth of opening a local shard. (Callers do not change what it returns.)"""
+    return consolidated_arrays(doc, names)
+
+
 def open_rows(
     open_group: Callable[[], zarr.Group],
     where: str,
@@ -370,7 +370,7 @@ def open_rows(
     (default: fsspec's). ``direct=False``: load a local shard's arrays whole as on an object store (what the
     row-by-row reads are measured against). (``FeatureStore.open_rows`` fills these in.)"""
     try:
-        found = consolidated_arrays(fs.cat_file(f"{base}/zarr.json"), None if names is None else set(names))
+        found = _parsed(fs.cat_file(f"{base}/zarr.json"), None if names is None else frozenset(names))
     except FileNotFoundError as e:
         raise StoreError(f"{where} cannot be opened ({e}); run `radio-dist store verify`") from e
     group: zarr.Group | None = None

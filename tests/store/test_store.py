@@ -334,10 +334,17 @@ class TestLocalStore(StoreConformance):
             rows.read_into(dense_key, [5, 4], one)  # one batch alone: consecutive rows still one read
             np.testing.assert_array_equal(one, v[[5, 4]])
             assert calls == ([1] if small_rows else [2])
+            # a buffer the reader may not write is refused before any read
+            one.flags.writeable = False
+            with pytest.raises(ValueError, match="writable"):
+                rows.read_into(dense_key, [5, 4], one)
+            one = np.empty_like(one)
             # a chunk file that shrank after it was opened is an error naming it, not a short batch
             os.truncate(store.path("shards", shard, dense_key, "c", "2", "0", "0", "0"), 100)
             with pytest.raises(StoreError, match=f"array {dense_key}: chunk 2 gave too few bytes"):
                 rows.read_into(dense_key, [5, 4], one)
+        with pytest.raises(StoreError, match="closed"):  # its files are let go: no read opens them again
+            rows.read_into(dense_key, [0], one[:1])
 
 
 class TestS3Store(StoreConformance):
