@@ -5,13 +5,14 @@ gathering rows copied every byte three times (the read, the chunks joined into o
 the batch), and the reader delivered 0.2–0.4 of a raw read of the same bytes. Here:
 
 - ``LocalRows`` (a local file system): rows straight into their places in the caller's buffers with
-  ``os.preadv`` — the kernel's copy out of the page cache is the only one, and no shard is held in memory.
-  ``read_many`` takes several batches' rows of an array at once (the training reader gives it a shuffle
-  window's batches): rows that lie next to each other in a chunk file are one call with a buffer per row, so a
-  window read together is about one call per chunk file. One call per row was what bounded the reader at the
-  demo's ~100 kB rows (the kernel's cost per call and Python's around it: replaying the merged calls alone ran
-  at the speed of reading the files whole). Rows up to ``SMALL_ROW_BYTES`` (scales, summaries) whose chunk is
-  mostly wanted are read a chunk at a time and gathered with one copy per batch. Tried and measured slower:
+  ``preadv`` — the kernel's copy out of the page cache is the only one, and no shard is held in memory.
+  ``read_batches`` takes several batches' rows of an array at once (the training reader gives it a shuffle
+  window's batches, described by index arrays and a ``Dest``): rows that lie next to each other in a chunk file
+  are one call with a buffer per row, so a window read together is about one call per chunk file. One call per
+  row was what bounded the reader at the demo's ~100 kB rows (the kernel's cost per call and Python's around
+  it: replaying the merged calls alone ran at the speed of reading the files whole). The buffers of a call are
+  one array of iovecs built with numpy and given to the C library's ``preadv`` (ctypes), so no Python object
+  is made per row; ``os.preadv`` with a slice per row where that is not available. Tried and measured slower:
   each shard's arrays read whole then gathered (a second copy of every byte into fresh memory), and the chunk
   files mapped (``mmap``: populating the page tables ran at ~1 GB/s, once per epoch).
 - ``FetchedRows`` (object stores, any other fsspec URL): the shard's chunk files fetched whole and concurrently
@@ -26,6 +27,8 @@ shard, the array and the chunk before any of its rows reaches a batch.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import functools
 import math
 import os
@@ -49,13 +52,43 @@ from radio_dist.store.chunks import (
 )
 from radio_dist.store.errors import StoreError
 
-# rows at most this large are read a chunk at a time and then gathered, when most of the chunk is wanted
-SMALL_ROW_BYTES = 16 << 10
-
 try:  # buffers one readv-family call may take (Linux: 1024)
     IOV_MAX = max(1, min(1024, int(os.sysconf("SC_IOV_MAX"))))
 except (AttributeError, ValueError, OSError):
     IOV_MAX = 16
+
+
+def _libc_preadv() -> Any:
+    """The C library's ``preadv`` through ctypes (which lets go of the GIL while it reads), taking an array of
+    ``struct iovec`` that numpy builds for all of a call's rows at once; ``os.preadv`` wants a buffer object
+    per row, and making those (with the Python around them) was most of the reader's own time at the demo's
+    row sizes. None where it is not there or ``off_t`` may not be 64 bits (then ``os.preadv`` reads)."""
+    if ctypes.sizeof(ctypes.c_void_p) != 8 or not hasattr(os, "preadv"):
+        return None
+    try:
+        f = ctypes.CDLL(None, use_errno=True).preadv
+    except (OSError, AttributeError):
+        return None
+    f.restype = ctypes.c_ssize_t
+    f.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64)
+    return f
+
+
+_PREADV = _libc_preadv()
+IOVEC = np.dtype([("base", np.uintp), ("len", np.uintp)])  # struct iovec {void *iov_base; size_t iov_len;}
+VECTORED = _PREADV is not None  # read through the C library's preadv (tests turn it off for the other path)
+
+
+def preadv_iov(fd: int, iov: int, count: int, offset: int) -> int:
+    """``preadv(fd, iov, count, offset)`` over ``count`` iovecs at address ``iov``: the bytes read (EINTR
+    retried, any other failure an ``OSError``)."""
+    while True:
+        got = _PREADV(fd, iov, count, offset)
+        if got >= 0:
+            return int(got)
+        err = ctypes.get_errno()
+        if err != errno.EINTR:
+            raise OSError(err, os.strerror(err))
 
 
 @dataclass(frozen=True)
@@ -82,6 +115,51 @@ class ArrayRows:
         return cls(name, shape, dtype, layout, paths, row_bytes, layout.rows * row_bytes)
 
 
+class Dest:
+    """Buffers rows are read into, checked once: ``outs[b][slot]`` is row ``slot`` of buffer ``b``. The buffers
+    are C-contiguous and writable, of one dtype and one row shape (a training reader's batches of one array)."""
+
+    def __init__(self, outs: Sequence[np.ndarray]) -> None:
+        if not outs:
+            raise ValueError("no buffers to read into")
+        first = outs[0]
+        self.outs = list(outs)
+        self.dtype, self.row_shape = first.dtype, tuple(first.shape[1:])
+        for out in self.outs:
+            if (
+                out.ndim == 0
+                or tuple(out.shape[1:]) != self.row_shape
+                or out.dtype != self.dtype
+                or not out.flags.c_contiguous
+                or not out.flags.writeable
+            ):
+                raise ValueError(
+                    f"buffer {out.shape} {out.dtype} is not a C-contiguous, writable buffer of rows "
+                    f"{self.row_shape} {self.dtype} like the others"
+                )
+        self.lens = np.array([len(o) for o in self.outs], np.int64)
+        self.stride = math.prod(self.row_shape) * self.dtype.itemsize  # bytes from one row to the next
+        self._bases: np.ndarray | None = None
+        self._flat: list[memoryview] | None = None
+
+    def bases(self) -> np.ndarray:
+        """Each buffer's address (uint64; only the C library's preadv wants them)."""
+        if self._bases is None:
+            self._bases = np.array([o.ctypes.data for o in self.outs], np.uint64)
+        return self._bases
+
+    def flat(self) -> list[memoryview]:
+        """Each buffer as bytes (``os.preadv`` wants a buffer object per row: slices of these)."""
+        if self._flat is None:
+            self._flat = [memoryview(o.reshape(-1).view(np.uint8)) for o in self.outs]
+        return self._flat
+
+    def row(self, b: int, slot: int, shape: tuple[int, ...]) -> np.ndarray:
+        """Row ``slot`` of buffer ``b``, cut to an array's row ``shape`` where rows are wider (encoded views)."""
+        r = self.outs[b][slot]
+        return r if r.shape == shape else r[: shape[0]]
+
+
 class ShardRowReader(ABC):
     """Rows of some arrays of one shard, read into the caller's buffers. Thread-safe; close when done."""
 
@@ -89,14 +167,63 @@ class ShardRowReader(ABC):
         self.where, self.arrays, self.length = where, arrays, length  # where: "URL: shard S", for errors
 
     @abstractmethod
-    def read_into(self, name: str, index: Sequence[int] | np.ndarray, out: np.ndarray) -> None:
-        """``out[k] = name[index[k]]`` (``out``: C-contiguous, the array's row shape and dtype)."""
+    def _read(self, a: ArrayRows, rows: np.ndarray, batch: np.ndarray, slot: np.ndarray, dest: Dest) -> None:
+        """``read_batches`` once its arguments are checked."""
+
+    def read_batches(
+        self, name: str, rows: np.ndarray, batch: np.ndarray, slot: np.ndarray, dest: Dest
+    ) -> None:
+        """``dest.outs[batch[k]][slot[k]] = name[rows[k]]`` for every k: one array's rows of this shard for
+        several batches at once (int arrays of one length). ``dest``'s rows have the array's row shape and
+        dtype — or, for rows of one axis (encoded views), are at least as wide (the rest is left as it is)."""
+        a = self.arrays[name]
+        fits = dest.row_shape == a.shape[1:] or (
+            len(a.shape) == 2 and len(dest.row_shape) == 1 and dest.row_shape[0] >= a.shape[1]
+        )
+        if not fits or dest.dtype != a.dtype:
+            raise ValueError(
+                f"{a.name}: buffers of rows {dest.row_shape} {dest.dtype} do not fit rows of "
+                f"{a.shape[1:]} {a.dtype} (a C-contiguous, writable buffer of that shape and dtype is needed)"
+            )
+        rows = np.asarray(rows, np.int64).reshape(-1)
+        batch = np.asarray(batch, np.int64).reshape(-1)
+        slot = np.asarray(slot, np.int64).reshape(-1)
+        if not len(rows) == len(batch) == len(slot):
+            raise ValueError(f"{a.name}: {len(rows)} rows, {len(batch)} batches, {len(slot)} slots")
+        if not len(rows):
+            return
+        if rows.min() < 0 or rows.max() >= a.shape[0]:
+            raise IndexError(f"{self._where(a.name)}: rows {rows.min()}..{rows.max()} of {a.shape[0]}")
+        if batch.min() < 0 or batch.max() >= len(dest.outs):
+            raise IndexError(f"{a.name}: buffers {batch.min()}..{batch.max()} of {len(dest.outs)}")
+        if slot.min() < 0 or (slot >= dest.lens[batch]).any():
+            raise IndexError(f"{a.name}: a slot past the end of its buffer")
+        self._read(a, rows, batch, slot, dest)
 
     def read_many(self, name: str, requests: Sequence[tuple[Sequence[int] | np.ndarray, np.ndarray]]) -> None:
-        """``read_into`` for each ``(index, out)`` — several batches' rows of one array at once, so a reader
-        that can merge reads of neighbouring rows (``LocalRows``) sees them all."""
+        """``out[k] = name[index[k]]`` for each ``(index, out)`` (``out``: C-contiguous, ``[len(index), *row
+        shape]`` of the array's dtype, or wider rows of one axis) — several batches' rows at once."""
+        by_shape: dict[tuple[int, ...], list[tuple[np.ndarray, np.ndarray]]] = {}
         for index, out in requests:
-            self.read_into(name, index, out)
+            idx = np.asarray(index, np.int64).reshape(-1)
+            if out.ndim == 0 or out.shape[0] != len(idx):
+                a = self.arrays[name]
+                raise ValueError(
+                    f"{name}: buffer {out.shape} {out.dtype} does not fit {len(idx)} rows of {a.shape[1:]} "
+                    f"{a.dtype} (a C-contiguous, writable buffer of that shape and dtype is needed)"
+                )
+            if len(idx):
+                by_shape.setdefault(tuple(out.shape[1:]), []).append((idx, out))
+        for asked in by_shape.values():
+            dest = Dest([out for _, out in asked])
+            rows = np.concatenate([idx for idx, _ in asked])
+            batch = np.repeat(np.arange(len(asked)), [len(idx) for idx, _ in asked])
+            slot = np.concatenate([np.arange(len(idx)) for idx, _ in asked])
+            self.read_batches(name, rows, batch, slot, dest)
+
+    def read_into(self, name: str, index: Sequence[int] | np.ndarray, out: np.ndarray) -> None:
+        """``out[k] = name[index[k]]`` (``out``: C-contiguous, the array's row shape and dtype)."""
+        self.read_many(name, [(index, out)])
 
     def read(self, name: str) -> np.ndarray:
         """The whole array (a writable array of its own)."""
@@ -118,29 +245,9 @@ class ShardRowReader(ABC):
     def _where(self, name: str) -> str:
         return f"{self.where}, array {name}"
 
-    def _check_out(self, a: ArrayRows, index: Sequence[int] | np.ndarray, out: np.ndarray) -> list[int]:
-        """The rows as ints, once ``out`` is checked: C-contiguous, ``[len(index), *row shape]`` of the array's
-        dtype — or, for rows of one axis (encoded views), rows at least as wide (the rest is left as it is)."""
-        if isinstance(index, list):
-            idx = index
-        else:
-            idx = index.tolist() if isinstance(index, np.ndarray) else [int(i) for i in index]
-        shape = out.shape  # (checked for every request of every read: kept to a few comparisons)
-        fits = shape[0] == len(idx) and (
-            shape[1:] == a.shape[1:] or (len(a.shape) == 2 and len(shape) == 2 and shape[1] >= a.shape[1])
-        )
-        if not fits or out.dtype != a.dtype or not out.flags.c_contiguous or not out.flags.writeable:
-            raise ValueError(
-                f"{a.name}: buffer {out.shape} {out.dtype} does not fit {len(idx)} rows of "
-                f"{a.shape[1:]} {a.dtype} (a C-contiguous, writable buffer of that shape and dtype is needed)"
-            )
-        if idx and (min(idx) < 0 or max(idx) >= a.shape[0]):
-            raise IndexError(f"{self._where(a.name)}: rows {min(idx)}..{max(idx)} of {a.shape[0]}")
-        return idx
-
 
 class LocalRows(ShardRowReader):
-    """A local shard's plain arrays, read with ``os.preadv`` straight into place (chunk files opened once)."""
+    """A local shard's plain arrays, read with ``preadv`` straight into place (chunk files opened once)."""
 
     def __init__(self, where: str, arrays: dict[str, ArrayRows], length: int) -> None:
         super().__init__(where, arrays, length)
@@ -173,78 +280,59 @@ class LocalRows(ShardRowReader):
             )
         return fd
 
-    def read_into(self, name: str, index: Sequence[int] | np.ndarray, out: np.ndarray) -> None:
-        self.read_many(name, [(index, out)])
-
-    def read_many(self, name: str, requests: Sequence[tuple[Sequence[int] | np.ndarray, np.ndarray]]) -> None:
-        """Every requested row straight into its place, rows that lie next to each other in a chunk file in
-        one ``os.preadv`` (one buffer per row, up to the system's limit of buffers per call): a batch read
-        alone is mostly a read per row, a shuffle window's batches read together mostly a read per chunk file
-        (measured: the kernel's cost per call, not the bytes, bounded the reader at the demo's ~100 kB rows)."""
-        a = self.arrays[name]
+    def _read(self, a: ArrayRows, rows: np.ndarray, batch: np.ndarray, slot: np.ndarray, dest: Dest) -> None:
+        """Rows sorted, and each run of consecutive rows of a chunk file one ``preadv`` with a buffer per row
+        (up to the system's limit of buffers per call): a shuffle window's batches read together are about
+        one call per chunk file (measured: the kernel's cost per call, not the bytes, bounded the reader at
+        the demo's ~100 kB rows when it read a row a call). Through the C library, the buffers are one array
+        of iovecs that numpy builds; ``os.preadv`` (elsewhere) takes a slice of a buffer per row."""
         assert a.layout is not None
-        per_chunk, row_bytes, fill = a.layout.rows, a.row_bytes, a.layout.fill
-        fds = self._fds_of(a)
-        asked = [(idx, out) for idx, out in ((self._check_out(a, i, o), o) for i, o in requests) if idx]
-        if row_bytes <= SMALL_ROW_BYTES and all(out.shape[1:] == a.shape[1:] for _, out in asked):
-            chunks = sorted({r // per_chunk for idx, _ in asked for r in idx})
-            if 2 * row_bytes * sum(len(idx) for idx, _ in asked) >= len(chunks) * a.chunk_bytes:
-                self._gather(a, fds, chunks, asked)
-                return
-        rows_of: list[int] = []
-        slots: list[memoryview] = []
-        for idx, out in asked:
-            # each row's place as a slice of one flat view (wider rows, of encoded views: the start of its own)
-            whole, width = out.reshape(-1).view(np.uint8).data, out.nbytes // len(idx)
-            rows_of.extend(idx)
-            slots.extend(whole[k : k + row_bytes] for k in range(0, len(idx) * width, width))
-        n = len(rows_of)
-        order = sorted(range(n), key=rows_of.__getitem__)  # stable: a row asked for twice keeps its order
-        pread = os.preadv
-        i = 0
-        while i < n:  # the reader's hot path: a run of consecutive rows of one chunk file, then one read
-            row = rows_of[order[i]]
-            c, first = divmod(row, per_chunk)
-            j, stop = i + 1, min(n, i + IOV_MAX, i + per_chunk - first)
-            while j < stop and rows_of[order[j]] == row + j - i:
-                j += 1
-            fd = fds[c]
-            if fd is None:  # a chunk Zarr did not write (all fill value)
-                for k in order[i:j]:
-                    np.frombuffer(slots[k], a.dtype)[...] = fill
-            elif pread(fd, [slots[k] for k in order[i:j]], first * row_bytes) != (j - i) * row_bytes:
-                raise StoreError(  # the file shrank since it was opened
-                    f"{self._where(name)}: chunk {c} gave too few bytes at row {row}; run `radio-dist store verify`"
-                )
-            i = j
-
-    def _gather(
-        self,
-        a: ArrayRows,
-        fds: list[int | None],
-        chunks: list[int],
-        asked: list[tuple[list[int], np.ndarray]],
-    ) -> None:
-        """Small rows most of whose chunk is asked for: each chunk read whole (one buffer), then each request's
-        rows gathered from it in one copy — a buffer per row cost more than copying its bytes twice."""
-        whole, raw = LoadedRows._buffer(a)
-        for c in chunks:
-            part = raw[c * a.chunk_bytes : (c + 1) * a.chunk_bytes]
-            fd = fds[c]
-            if fd is None:  # a chunk Zarr did not write (all fill value)
-                part.view(a.dtype)[...] = a.layout.fill if a.layout is not None else 0
-            elif os.preadv(fd, [part.data], 0) != a.chunk_bytes:
-                raise StoreError(
-                    f"{self._where(a.name)}: chunk {c} gave too few bytes; run `radio-dist store verify`"
-                )
-        for idx, out in asked:  # rows checked above; mode="raise" would copy each result through a buffer
-            np.take(whole, idx, axis=0, out=out, mode="clip")
-
-    def _fds_of(self, a: ArrayRows) -> list[int | None]:
-        got = self._by_array.get(a.name)
-        if got is None:
+        fds = self._by_array.get(a.name)
+        if fds is None:
             raise StoreError(f"{self._where(a.name)}: read after the shard was closed")
-        return got
+        per_chunk, row_bytes, n = a.layout.rows, a.row_bytes, len(rows)
+        order = np.argsort(rows, kind="stable")  # stable: a row asked for twice keeps its order
+        r = rows[order]
+        chunk = r // per_chunk
+        cut = np.ones(n, bool)
+        cut[1:] = (r[1:] != r[:-1] + 1) | (chunk[1:] != chunk[:-1])
+        first = np.flatnonzero(cut)
+        b_of, s_of = batch[order], slot[order]
+        if VECTORED:
+            iov = np.empty(n, IOVEC)
+            iov["base"] = dest.bases()[b_of] + s_of.astype(np.uint64) * np.uint64(dest.stride)
+            iov["len"] = row_bytes
+            at, size = iov.ctypes.data, IOVEC.itemsize
+        else:
+            flat, stride = dest.flat(), dest.stride
+            slots = [
+                flat[b][s * stride : s * stride + row_bytes]
+                for b, s in zip(b_of.tolist(), s_of.tolist(), strict=True)
+            ]
+        ends = [*first[1:].tolist(), n]
+        for i, j, c, row in zip(first.tolist(), ends, chunk[first].tolist(), r[first].tolist(), strict=True):
+            fd = fds[c]
+            if fd is None:  # a chunk Zarr did not write (all fill value)
+                for b, s in zip(b_of[i:j].tolist(), s_of[i:j].tolist(), strict=True):
+                    dest.row(b, s, a.shape[1:])[...] = a.layout.fill
+                continue
+            offset = (row - c * per_chunk) * row_bytes
+            while i < j:  # the reader's hot path: one call per run of rows
+                m = min(j - i, IOV_MAX)
+                try:
+                    got = (
+                        preadv_iov(fd, at + i * size, m, offset)
+                        if VECTORED
+                        else os.preadv(fd, slots[i : i + m], offset)
+                    )
+                except OSError as e:
+                    raise StoreError(f"{self._where(a.name)}: reading chunk {c} failed: {e!r}") from e
+                if got != m * row_bytes:
+                    raise StoreError(  # the file shrank since it was opened
+                        f"{self._where(a.name)}: chunk {c} gave too few bytes at row {row}; "
+                        "run `radio-dist store verify`"
+                    )
+                i, offset, row = i + m, offset + m * row_bytes, row + m
 
     def close(self) -> None:
         with self._lock:
@@ -257,7 +345,7 @@ class LocalRows(ShardRowReader):
 
 class LoadedRows(ShardRowReader):
     """A shard's arrays held whole (each chunk copied once into place), rows gathered from them with one
-    vectorized copy per array and shard of a batch. Subclasses fill ``_whole``."""
+    vectorized copy per array, shard and batch. Subclasses fill ``_whole``."""
 
     def __init__(self, where: str, arrays: dict[str, ArrayRows], length: int) -> None:
         super().__init__(where, arrays, length)
@@ -278,13 +366,27 @@ class LoadedRows(ShardRowReader):
                 "run `radio-dist store verify`"
             )
 
-    def read_into(self, name: str, index: Sequence[int] | np.ndarray, out: np.ndarray) -> None:
-        a = self.arrays[name]
-        idx = self._check_out(a, index, out)
-        if out.shape[1:] == a.shape[1:]:
-            np.take(self._whole[name], idx, axis=0, out=out)
-        else:  # wider rows (encoded views): each row into the start of its own
-            out[:, : a.shape[1]] = self._whole[name][idx]
+    def _read(self, a: ArrayRows, rows: np.ndarray, batch: np.ndarray, slot: np.ndarray, dest: Dest) -> None:
+        whole = self._whole.get(a.name)
+        if whole is None:
+            raise StoreError(f"{self._where(a.name)}: read after the shard was closed")
+        order = np.argsort(batch, kind="stable")
+        b_sorted = batch[order]
+        cuts = [0, *(np.flatnonzero(np.diff(b_sorted)) + 1).tolist(), len(order)]
+        for g in range(len(cuts) - 1):
+            sel = order[cuts[g] : cuts[g + 1]]
+            out, at = dest.outs[int(b_sorted[cuts[g]])], slot[sel]
+            first = int(at[0])
+            if (
+                dest.row_shape != a.shape[1:]
+            ):  # wider rows (encoded views): each row into the start of its own
+                out[at, : a.shape[1]] = whole[rows[sel]]
+            elif (
+                at == np.arange(first, first + len(at))
+            ).all():  # a run of slots (a training batch): one copy
+                np.take(whole, rows[sel], axis=0, out=out[first : first + len(at)], mode="clip")
+            else:
+                out[at] = whole[rows[sel]]
 
     def close(self) -> None:
         self._whole.clear()

@@ -36,7 +36,7 @@ from radio_dist.config import StrictModel
 from radio_dist.store import FeatureStore, StoreError, array_key, image_key
 from radio_dist.store.codecs import TargetCodec
 from radio_dist.store.manifest import gc_paused, scale_key
-from radio_dist.store.rows import ShardRowReader
+from radio_dist.store.rows import Dest, ShardRowReader
 from radio_dist.store.views import LENGTH_BYTES, decode_rows
 
 
@@ -646,79 +646,97 @@ class ShardStream:
     def _read_steps(
         self, steps: range, windows: _Windows, decoders: ThreadPoolExecutor | None = None
     ) -> list[Batch]:
-        """The batches of ``steps``, every array's rows of a shard read in one ``read_many`` for all of them;
-        encoded views decoded on ``decoders`` (a batch each) when given, else here."""
-        plan = self.plan
-        wanted: dict[str, dict[str, list[tuple[np.ndarray, np.ndarray]]]] = {}  # shard -> array -> requests
-        readers: dict[str, ShardRowReader] = {}
-        made = []
+        """The batches of ``steps``: planned together with numpy, then each array's rows of a shard read for all
+        of them at once (``read_batches``); encoded views decoded on ``decoders`` (a batch each) when given,
+        else here."""
+        plan, bs = self.plan, self.plan.batch_size
         names_of = plan.samples.shard_names
+        lo = steps.start * bs
+        pos, shard, row = plan.samples.rows(lo, steps.stop * bs)
+        n = len(pos)
+        k = np.arange(n, dtype=np.int64) // bs  # each sample's step, counted from the group's first
+        # Rows are grouped by shard inside each batch, shards in the order they first appear in it (the batch's
+        # membership is the plan's; order within a batch does not matter to a mean loss), so each shard's rows of
+        # a batch sit together. Sorting by the first place of each (step, shard) pair keeps the batches in place.
+        pair = k * len(names_of) + shard
+        _, at_first, which = np.unique(pair, return_index=True, return_inverse=True)
+        order = np.lexsort((np.arange(n), at_first[which.reshape(-1)]))
+        pos, shard, row = pos[order], shard[order], row[order]
+        ids = plan.samples.ids_at(pos)
+        parts = []  # the partition of each step, checked
         for step in steps:
             p = self.partition_of_step(step)
             if p not in self.partitions:
                 raise ValueError(
                     f"step {step}: partition {p!r} is not read by this stream ({self.partitions})"
                 )
-            first = step * plan.batch_size
-            pos, shard, row = plan.samples.rows(first, first + plan.batch_size)
-            # Rows are grouped by shard inside the batch, shards in the order they first appear (the batch's
-            # membership is the plan's; order within a batch does not matter to a mean loss), so each (shard,
-            # array) is one request of its rows.
-            found, at_first, which = np.unique(shard, return_index=True, return_inverse=True)
-            rank = np.empty(len(found), np.int64)
-            rank[np.argsort(at_first)] = np.arange(len(found))
-            order = np.argsort(rank[which.reshape(-1)], kind="stable")
-            pos, shard, row = pos[order], shard[order], row[order]
-            ids = plan.samples.ids_at(pos)
-            cuts = [0, *(np.flatnonzero(np.diff(shard)) + 1).tolist(), len(pos)] if len(pos) else [0]
-            groups = []  # (shard, its rows as ints, where its rows start in the batch)
-            for g in range(len(cuts) - 1):
-                j = int(shard[cuts[g]])
-                sh = names_of[j]
-                if sh not in readers:
-                    k = int(at_first[np.searchsorted(found, j)])
-                    readers[sh] = windows.rows(plan.samples.window_of(first + k), sh)
-                groups.append((sh, row[cuts[g] : cuts[g + 1]].tolist(), cuts[g]))
+            parts.append(p)
+        readers: dict[int, ShardRowReader] = {}  # shard number -> its reader
+        found, at = np.unique(shard, return_index=True)
+        for j, i in zip(found.tolist(), at.tolist(), strict=True):  # a shard's samples lie in one window
+            readers[j] = windows.rows(plan.samples.window_of(lo + int(order[i])), names_of[j])
+        sizes = [max(0, min(bs, n - i * bs)) for i in range(len(steps))]
+        bufs: list[dict[str, np.ndarray]] = [{} for _ in steps]
+        for p in dict.fromkeys(parts):
+            mine = [i for i, q in enumerate(parts) if q == p]  # this partition's steps, in order
             view = image_key(p)
-            names = self.array_names([p])
-            bufs: dict[str, np.ndarray] = {}
-            for name in names:
-                if name == view and self.view_codec.encoded:
-                    # packed encoded rows, as wide as the widest shard's
-                    width = max(
-                        (readers[sh].arrays[name].shape[1] for sh, _, _ in groups), default=LENGTH_BYTES
-                    )
-                    bufs[name] = np.empty((len(ids), width), np.uint8)
+            for name in self.array_names([p]):
+                if (
+                    name == view and self.view_codec.encoded
+                ):  # packed encoded rows, as wide as the widest shard's
+                    width = max((r.arrays[name].shape[1] for r in readers.values()), default=LENGTH_BYTES)
+                    outs = [np.empty((sizes[i], width), np.uint8) for i in mine]
                 else:
-                    bufs[name] = self.alloc((len(ids), *self.shapes[name]), self.dtypes[name])
-            for sh, idx, at in groups:
-                mine = wanted.setdefault(sh, {})
-                for name in names:
-                    mine.setdefault(name, []).append((idx, bufs[name][at : at + len(idx)]))
-            made.append((step, p, ids, bufs, groups))
-        for sh, arrays in wanted.items():
-            for name, requests in arrays.items():
-                readers[sh].read_many(name, requests)
+                    outs = [self.alloc((sizes[i], *self.shapes[name]), self.dtypes[name]) for i in mine]
+                for i, out in zip(mine, outs, strict=True):
+                    bufs[i][name] = out
+            if not n:
+                continue
+            index = np.full(len(steps), -1, np.int64)
+            index[mine] = np.arange(len(mine))
+            take = index[k] >= 0  # samples of this partition's steps (k: in batch order, as sorted above)
+            if not take.all():
+                chosen = np.flatnonzero(take)
+            else:
+                chosen = np.arange(n)
+            by_shard = chosen[np.argsort(shard[chosen], kind="stable")]
+            cuts = [0, *(np.flatnonzero(np.diff(shard[by_shard])) + 1).tolist(), len(by_shard)]
+            dests = {name: Dest([bufs[i][name] for i in mine]) for name in self.array_names([p])}
+            for g in range(len(cuts) - 1):
+                sel = by_shard[cuts[g] : cuts[g + 1]]
+                if not len(sel):
+                    continue
+                reader = readers[int(shard[sel[0]])]
+                batch, slot = index[k[sel]], sel - k[sel] * bs
+                for name, dest in dests.items():
+                    reader.read_batches(name, row[sel], batch, slot, dest)
         decoded: list[Any] = []
-        for _, p, ids, bufs, groups in made:
+        for i, p in enumerate(parts):
             view = image_key(p)
             if not self.view_codec.encoded:
-                decoded.append(bufs[view])
+                decoded.append(bufs[i][view])
                 continue
-            labels = [f"{readers[sh].where}, {view} row {i}" for sh, idx, _ in groups for i in idx]
-            out = self.alloc((len(ids), *self.shapes[view]), np.dtype(np.uint8))
-            args = (self.view_codec, bufs[view], self.shapes[view][0], out, labels)
+            cut = slice(i * bs, i * bs + sizes[i])
+            labels = [
+                f"{readers[j].where}, {view} row {r}"
+                for j, r in zip(shard[cut].tolist(), row[cut].tolist(), strict=True)
+            ]
+            out = self.alloc((sizes[i], *self.shapes[view]), np.dtype(np.uint8))
+            args = (self.view_codec, bufs[i][view], self.shapes[view][0], out, labels)
             decoded.append(decoders.submit(decode_rows, *args) if decoders else decode_rows(*args))
         batches = []
-        for (step, p, ids, bufs, _), images in zip(made, decoded, strict=True):
+        for i, (step, p, images) in enumerate(zip(steps, parts, decoded, strict=True)):
             if isinstance(images, Future):
                 images = images.result()
-            dense = {t: bufs[array_key(t, p, "dense")] for t in self.teachers}
-            scales = {t: bufs[scale_key(t, p)] for t in self.teachers if self.codecs[(t, p)].has_scale}
+            b = bufs[i]
+            dense = {t: b[array_key(t, p, "dense")] for t in self.teachers}
+            scales = {t: b[scale_key(t, p)] for t in self.teachers if self.codecs[(t, p)].has_scale}
             summary: dict[str, np.ndarray | None] = {
-                t: bufs[array_key(t, p, "summary")] if self.summary_keys[(t, p)] else None
-                for t in self.teachers
+                t: b[array_key(t, p, "summary")] if self.summary_keys[(t, p)] else None for t in self.teachers
             }
             codecs = {t: self.codecs[(t, p)] for t in self.teachers}
-            batches.append(Batch(plan.epoch, step, ids, images, dense, summary, p, 0.0, {}, scales, codecs))
+            batch_ids = ids[i * bs : i * bs + sizes[i]]
+            batches.append(
+                Batch(plan.epoch, step, batch_ids, images, dense, summary, p, 0.0, {}, scales, codecs)
+            )
         return batches

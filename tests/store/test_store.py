@@ -299,26 +299,37 @@ class TestLocalStore(StoreConformance):
     def expected_reader(self):
         return {False: "FetchedRows", True: "LocalRows"}  # whole arrays, or row by row into place
 
-    @pytest.mark.parametrize("small_rows", [0, 1 << 14])
-    def test_several_batches_rows_merge_into_one_read_per_run(self, store, monkeypatch, small_rows):
+    @pytest.mark.parametrize("vectored", [True, False])
+    def test_several_batches_rows_merge_into_one_read_per_run(self, store, monkeypatch, vectored):
         """read_many: three batches' rows of one array (shuffled, one row twice, rows on both sides of chunk
         edges, a chunk Zarr never wrote) land where each batch wants them, equal to the array as written, with
-        one read per run of consecutive rows in a chunk file — or, for rows up to SMALL_ROW_BYTES most of whose
-        chunk is wanted, one read per chunk file. Reads are counted by wrapping os.preadv (a spy that still
-        reads: the data checks go through the real call)."""
+        one read per run of consecutive rows in a chunk file — through the C library's preadv (iovecs built
+        with numpy) and through os.preadv (a buffer per row). Reads are counted by wrapping each (a spy that
+        still reads: the data checks go through the real call)."""
         import radio_dist.store.rows as rows_module
 
-        monkeypatch.setattr(rows_module, "SMALL_ROW_BYTES", small_rows)
+        if vectored and not rows_module.VECTORED:
+            pytest.skip("this platform's C library has no preadv for ctypes")
+        monkeypatch.setattr(rows_module, "VECTORED", vectored)
         shard, arrays = self.chunked_shard(store, seed=9)
         dense_key = array_key("t1", "low", "dense")  # 7 rows, 2 a chunk: chunks 0 1 2 3, chunk 1 not written
         calls: list[int] = []
-        real = os.preadv
+        if vectored:
+            real_iov = rows_module.preadv_iov
 
-        def counted(fd, buffers, offset):
-            calls.append(len(buffers))
-            return real(fd, buffers, offset)
+            def counted_iov(fd, iov, count, offset):
+                calls.append(count)
+                return real_iov(fd, iov, count, offset)
 
-        monkeypatch.setattr(rows_module.os, "preadv", counted)
+            monkeypatch.setattr(rows_module, "preadv_iov", counted_iov)
+        else:
+            real = os.preadv
+
+            def counted(fd, buffers, offset):
+                calls.append(len(buffers))
+                return real(fd, buffers, offset)
+
+            monkeypatch.setattr(rows_module.os, "preadv", counted)
         batches = [[5, 0, 3], [1, 6], [4, 2, 1]]
         v = arrays[dense_key]
         with store.open_rows(shard, [dense_key]) as rows:
@@ -328,12 +339,12 @@ class TestLocalStore(StoreConformance):
             for b, o in zip(batches, outs, strict=True):
                 np.testing.assert_array_equal(o, v[b])
             # chunk 0: rows 0 1 (and 1 again: a second run); chunk 1 is fill; chunk 2: rows 4 5; chunk 3: row 6
-            assert calls == ([1, 1, 1] if small_rows else [2, 1, 2, 1])
+            assert calls == [2, 1, 2, 1]
             calls.clear()
             one = np.empty((2, *v.shape[1:]), v.dtype)
             rows.read_into(dense_key, [5, 4], one)  # one batch alone: consecutive rows still one read
             np.testing.assert_array_equal(one, v[[5, 4]])
-            assert calls == ([1] if small_rows else [2])
+            assert calls == [2]
             # a buffer the reader may not write is refused before any read
             one.flags.writeable = False
             with pytest.raises(ValueError, match="writable"):

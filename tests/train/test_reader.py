@@ -118,8 +118,8 @@ def test_stream_yields_the_planned_rows_with_their_data(synthetic, start):
 
 def test_a_windows_batches_read_together_equal_batches_read_one_by_one(synthetic, monkeypatch):
     """Steps are read in groups that never cross a shuffle window (read_together_mb), and a group's batches
-    are the batches read one at a time, array for array, with fewer reads of the chunk files (os.preadv
-    wrapped to count calls; it still reads)."""
+    are the batches read one at a time, array for array, with fewer reads of the chunk files (the reading
+    call wrapped to count calls; it still reads)."""
     import os
 
     import radio_dist.store.rows as rows_module
@@ -128,13 +128,18 @@ def test_a_windows_batches_read_together_equal_batches_read_one_by_one(synthetic
     shards = committed_shards(store)
     plan = epoch_plan(shards, 1, seed=4, num_workers=1, batch_size=3, shuffle_shards=2)[0]
     calls = Counter()
-    real = os.preadv
+    real, real_iov = os.preadv, rows_module.preadv_iov
 
     def counted(fd, buffers, offset):
         calls[mode] += 1
         return real(fd, buffers, offset)
 
+    def counted_iov(fd, iov, count, offset):
+        calls[mode] += 1
+        return real_iov(fd, iov, count, offset)
+
     monkeypatch.setattr(rows_module.os, "preadv", counted)
+    monkeypatch.setattr(rows_module, "preadv_iov", counted_iov)
     got = {}
     for mode, mb in (("alone", 0), ("together", 256)):
         stream = ShardStream(
