@@ -151,7 +151,7 @@ class Dest:
     def flat(self) -> list[memoryview]:
         """Each buffer as bytes (``os.preadv`` wants a buffer object per row: slices of these)."""
         if self._flat is None:
-            self._flat = [memoryview(o.reshape(-1).view(np.uint8)) for o in self.outs]
+            self._flat = [o.reshape(-1).view(np.uint8).data for o in self.outs]
         return self._flat
 
     def row(self, b: int, slot: int, shape: tuple[int, ...]) -> np.ndarray:

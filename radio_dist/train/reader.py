@@ -654,7 +654,9 @@ class ShardStream:
         lo = steps.start * bs
         pos, shard, row = plan.samples.rows(lo, steps.stop * bs)
         n = len(pos)
-        k = np.arange(n, dtype=np.int64) // bs  # each sample's step, counted from the group's first
+        k = (
+            np.arange(n, dtype=np.int64) // bs
+        )  # the step (from the group's first) of each place; sorting keeps it
         # Rows are grouped by shard inside each batch, shards in the order they first appear in it (the batch's
         # membership is the plan's; order within a batch does not matter to a mean loss), so each shard's rows of
         # a batch sit together. Sorting by the first place of each (step, shard) pair keeps the batches in place.
@@ -681,9 +683,8 @@ class ShardStream:
             mine = [i for i, q in enumerate(parts) if q == p]  # this partition's steps, in order
             view = image_key(p)
             for name in self.array_names([p]):
-                if (
-                    name == view and self.view_codec.encoded
-                ):  # packed encoded rows, as wide as the widest shard's
+                if name == view and self.view_codec.encoded:
+                    # packed encoded rows, as wide as the widest shard's of the group
                     width = max((r.arrays[name].shape[1] for r in readers.values()), default=LENGTH_BYTES)
                     outs = [np.empty((sizes[i], width), np.uint8) for i in mine]
                 else:
@@ -692,13 +693,11 @@ class ShardStream:
                     bufs[i][name] = out
             if not n:
                 continue
-            index = np.full(len(steps), -1, np.int64)
+            index = np.full(
+                len(steps), -1, np.int64
+            )  # step of the group -> its buffer among this partition's
             index[mine] = np.arange(len(mine))
-            take = index[k] >= 0  # samples of this partition's steps (k: in batch order, as sorted above)
-            if not take.all():
-                chosen = np.flatnonzero(take)
-            else:
-                chosen = np.arange(n)
+            chosen = np.flatnonzero(index[k] >= 0)  # places (sorted order) in this partition's batches
             by_shard = chosen[np.argsort(shard[chosen], kind="stable")]
             cuts = [0, *(np.flatnonzero(np.diff(shard[by_shard])) + 1).tolist(), len(by_shard)]
             dests = {name: Dest([bufs[i][name] for i in mine]) for name in self.array_names([p])}
@@ -707,7 +706,7 @@ class ShardStream:
                 if not len(sel):
                     continue
                 reader = readers[int(shard[sel[0]])]
-                batch, slot = index[k[sel]], sel - k[sel] * bs
+                batch, slot = index[k[sel]], sel - k[sel] * bs  # which buffer, which row of it
                 for name, dest in dests.items():
                     reader.read_batches(name, row[sel], batch, slot, dest)
         decoded: list[Any] = []

@@ -31,6 +31,7 @@ from radio_dist.store import (
 )
 from radio_dist.store.chunks import plain_layout
 from radio_dist.store.lock import LOCK_REL
+from radio_dist.store.rows import Dest
 
 
 class StoreConformance:
@@ -344,6 +345,17 @@ class TestLocalStore(StoreConformance):
             one = np.empty((2, *v.shape[1:]), v.dtype)
             rows.read_into(dense_key, [5, 4], one)  # one batch alone: consecutive rows still one read
             np.testing.assert_array_equal(one, v[[5, 4]])
+            assert calls == [2]
+            # indexes that point outside the rows or the buffers are refused before any read
+            dest = Dest([one])
+            for rows_, batch_, slot_ in (
+                ([7], [0], [0]),
+                ([0], [1], [0]),
+                ([0], [0], [2]),
+                ([0, 1], [0], [0]),
+            ):
+                with pytest.raises((IndexError, ValueError)):
+                    rows.read_batches(dense_key, np.array(rows_), np.array(batch_), np.array(slot_), dest)
             assert calls == [2]
             # a buffer the reader may not write is refused before any read
             one.flags.writeable = False
